@@ -1,0 +1,224 @@
+"""Tiny, format-faithful copies of each supported dataset, written into a tmp folder at test time.
+
+Each ``write_<source>(root)`` creates the release layout with a handful of rows that reproduce
+the source's real quirks (named in the comments) and returns the dataset folder. Images are
+8×8 PNG/JPEG files made with PIL; nothing binary is committed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import datasets
+from PIL import Image
+
+
+def image_bytes(color: tuple[int, int, int] = (120, 60, 30), fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_image(path: Path, color: tuple[int, int, int] = (120, 60, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    path.write_bytes(image_bytes(color, fmt))
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _slake_row(qid, folder, question, answer, kind, lang="en", **extra):
+    row = {"img_id": int(folder[5:]), "img_name": f"{folder}/source.jpg", "question": question,
+           "answer": answer, "q_lang": lang, "location": "Lung", "modality": "CT", "answer_type": kind,
+           "base_type": "vqa", "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": qid}
+    row.update(extra)
+    return row
+
+
+def write_slake(root: Path, hf_names: bool = False) -> Path:
+    """SLAKE: en+zh rows, CLOSED non-yes/no answers, one empty answer, image xmlab1 in train AND test."""
+    for i in range(3):
+        folder = root / "imgs" / f"xmlab{i}"
+        write_image(folder / "source.jpg", (40 * i, 80, 120))
+        write_image(folder / "mask.png", (255, 255, 255))
+        write_json(folder / "detection.json", [{"Lung": [10, 10, 20, 20]}])
+    write_json(root / "train.json", [
+        _slake_row(1, "xmlab0", "Is this a CT image?", "Yes", "CLOSED"),
+        _slake_row(2, "xmlab0", "这是CT图像吗?", "是", "CLOSED", lang="zh"),
+        _slake_row(3, "xmlab0", "Which organ is abnormal, heart or lung?", "Lung", "CLOSED"),
+        _slake_row(4, "xmlab1", "What organ is shown?", "Liver", "OPEN"),
+        _slake_row(5, "xmlab1", "Where is the lesion?", "", "OPEN"),  # the empty answer
+        _slake_row(6, "xmlab1", "Is the lesion on the left or right?", "Left", "CLOSED", difficulty="easy"),
+    ])
+    write_json(root / ("validation.json" if hf_names else "validate.json"), [
+        _slake_row(7, "xmlab2", "Which sequence is this, T1 or T2?", "T2", "CLOSED"),
+    ])
+    write_json(root / "test.json", [
+        _slake_row(8, "xmlab1", "Does the picture contain the liver?", "No", "CLOSED"),  # shares xmlab1
+        _slake_row(9, "xmlab2", "图中有肝脏吗?", "有", "CLOSED", lang="zh"),
+    ])
+    return root
+
+
+def write_rocov2(root: Path) -> Path:
+    """ROCOv2: {split}_captions.csv, {split}_concepts.csv (CUIs joined by ';'), cui_mapping.csv."""
+    ids = {"train": ["ROCOv2_2023_train_000001", "ROCOv2_2023_train_000002"],
+           "valid": ["ROCOv2_2023_valid_000001"], "test": ["ROCOv2_2023_test_000001"]}
+    for split, names in ids.items():
+        write_csv(root / f"{split}_captions.csv", ["ID", "Caption"],
+                  [[n, f"Axial CT of the abdomen ({n[-1]}) showing a mass."] for n in names])
+        write_csv(root / f"{split}_concepts.csv", ["ID", "CUIs"], [[n, "C0040405;C0000726"] for n in names])
+        for n in names:
+            write_image(root / split / f"{n}.jpg")
+    write_csv(root / "cui_mapping.csv", ["CUI", "Canonical name"],
+              [["C0040405", "X-Ray Computed Tomography"], ["C0000726", "Abdomen"]])
+    return root
+
+
+def write_medpix(root: Path) -> Path:
+    """MedPix 2.0: TAC (CT) / MRI lists, capitalised keys with spaces, Age as a string."""
+    case = {"Title": "Bladder Diverticulum", "History": "73-year-old male with hematuria", "Exam": "N/A",
+            "Findings": "Bladder with thickened wall.", "Differential Diagnosis": "Diverticulum",
+            "Case Diagnosis": "Bladder Diverticulum", "Diagnosis By": "Imaging"}
+    topic = {"Title": "Bladder Diverticulum", "Disease Discussion": "Outlet obstruction.",
+             "ACR Code": "8.-1", "Category": "Congenital"}
+    write_json(root / "Case_topic.json", [
+        {"U_id": "MPX1009", "TAC": ["MPX1009_synpic1"], "MRI": ["MPX1009_synpic2"], "Case": case, "Topic": topic},
+        {"U_id": "MPX2000", "TAC": ["MPX2000_synpic3"], "MRI": [], "Case": {**case, "Findings": "Kidney cyst."},
+         "Topic": topic},
+    ])
+
+    def desc(uid, image, kind, caption):
+        return {"Type": kind, "U_id": uid, "image": image, "Location": "Genitourinary",
+                "Location Category": "Reproductive and Urinary System",
+                "Description": {"ACR Codes": "8.-1", "Age": "45", "Caption": caption, "Figure Part": None,
+                                "Modality": "CT - noncontrast", "Plane": "Axial", "Sex": "male"}}
+    write_json(root / "Descriptions.json", [
+        desc("MPX1009", "MPX1009_synpic1", "CT", "The prostate is enlarged."),
+        desc("MPX1009", "MPX1009_synpic2", "MR", "T2 bright bladder diverticulum."),
+        desc("MPX2000", "MPX2000_synpic3", "CT", ""),  # empty caption: falls back to the findings
+    ])
+    for name in ("MPX1009_synpic1", "MPX1009_synpic2", "MPX2000_synpic3"):
+        write_image(root / "images" / f"{name}.png")
+    return root
+
+
+def _parquet(path: Path, columns: dict, image_col: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = {k: datasets.Value("string") for k in columns}
+    feats[image_col] = datasets.Image()
+    if "ans_len" in columns:
+        feats["ans_len"] = datasets.Value("int32")
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(feats))
+    ds.to_parquet(str(path))
+    return path
+
+
+def write_medpix_shortqa(root: Path) -> Path:
+    """MEDPIX-ShortQA HF copy: the image lives in a column named ``image_id``; splits Train/Valid/Test."""
+    img = {"bytes": image_bytes((10, 200, 10)), "path": None}
+    _parquet(root / "data" / "Train-00000-of-00001.parquet", {
+        "image_id": [img, img], "case_id": ["MPX1009", "MPX1009"],
+        "question": ["What modality is shown?", "Is there a mass?"], "answer": ["CT", "Yes"],
+        "ans_len": [1, 1], "mode": ["short", "short"], "split": ["Train", "Train"]}, "image_id")
+    _parquet(root / "data" / "Valid-00000-of-00001.parquet", {
+        "image_id": [{"bytes": image_bytes((1, 2, 3)), "path": None}], "case_id": ["MPX2000"],
+        "question": ["Which organ?"], "answer": ["Kidney"], "ans_len": [1], "mode": ["short"],
+        "split": ["Valid"]}, "image_id")
+    return root
+
+
+def write_roco_qa(root: Path) -> Path:
+    """ROCO-QA HF copy: splits named ``Vaild`` and ``Test``."""
+    for split, color in (("Vaild", (5, 5, 5)), ("Test", (9, 9, 9))):
+        _parquet(root / "data" / f"{split}-00000-of-00001.parquet", {
+            "image": [{"bytes": image_bytes(color), "path": f"PMC_{split}.jpg"}],
+            "question": [f"What does the {split} image show?"], "answer": ["A fracture"]}, "image")
+    return root
+
+
+_PMC_HEADER = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
+
+
+def write_pmc_vqa(root: Path) -> Path:
+    """PMC-VQA v1 (choices "A:CT", the ``Anwser`` spelling) and v2 (letter answers, padded choices)."""
+    write_csv(root / "train.csv", _PMC_HEADER, [
+        ["PMC100_F1.jpg", "What imaging is used?", "CT", "A:CT", "B:MRI", "C:PET", "D:US", "A"]])
+    write_csv(root / "test.csv", ["Figure_path", "Question", "Anwser", "Choice A", "Choice B", "Choice C", "Choice D"],
+              [["PMC200_F2.jpg", "Which organ?", "B:Liver", "A:Lung", "B:Liver", "C:Heart", "D:Brain"]])
+    write_csv(root / "train_2.csv", _PMC_HEADER[:7], [
+        ["PMC300_F3.jpg", "Which plane?", "C", " A:  Axial  ", " B: Sagittal ", " C:  Coronal   view ", " D: Oblique"]])
+    write_csv(root / "test_2.csv", _PMC_HEADER[:7], [
+        ["PMC400_F4.jpg", "Which side?", "A", " A: Left ", " B: Right ", " C: Both ", " D: None "]])
+    for name in ("PMC100_F1.jpg", "PMC200_F2.jpg", "PMC300_F3.jpg", "PMC400_F4.jpg"):
+        write_image(root / "figures" / name)
+    return root
+
+
+def write_vqa_rad(root: Path) -> Path:
+    """VQA-RAD: integer answers, "CLOSED " with a trailing space, mixed-case yes/no, test_* phrase types."""
+    def row(qid, image, q, a, kind, phrase="freeform"):
+        return {"qid": qid, "image_name": image, "image_case_url": "https://medpix/x", "image_organ": "HEAD",
+                "answer": a, "answer_type": kind, "question_type": "PRES", "question": q,
+                "qid_linked_id": "x", "phrase_type": phrase, "question_rephrase": "NULL",
+                "question_relation": "NULL", "question_frame": "NULL", "evaluation": "given"}
+    write_json(root / "VQA_RAD Dataset Public.json", [
+        row(1, "synpic100.jpg", "How many lesions are there?", 4, "OPEN"),
+        row(2, "synpic100.jpg", "Is there a mass?", "YES", "CLOSED "),
+        row(3, "synpic200.jpg", "Is the scan normal?", "No", "CLOSED", "test_freeform"),
+        row(4, "synpic200.jpg", "Where is the lesion?", "Left Temporal Lobe", "OPEN", "test_para"),
+    ])
+    for name in ("synpic100.jpg", "synpic200.jpg"):
+        write_image(root / "VQA_RAD Image Folder" / name)
+    return root
+
+
+def write_llava_med(root: Path) -> Path:
+    """LLaVA-Med: instruct JSON (``conversatons`` misspelling, <image> at start or end), eval JSONL."""
+    write_json(root / "llava_med_instruct_10.json", [
+        {"id": "a1", "image": "34754592_F1.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown in the image?"},
+            {"from": "gpt", "value": "A chest CT with a nodule."},
+            {"from": "human", "value": "Where is the nodule?"},
+            {"from": "gpt", "value": "In the right upper lobe."}]},
+        {"id": "a2", "image": "34754592_F2.jpg", "conversatons": [
+            {"from": "human", "value": "Which modality is this?\n<image>"},
+            {"from": "gpt", "value": "MRI."}]},
+    ])
+    lines = [{"question_id": 7, "image": "34754592_F1.jpg", "text": "Describe the finding.",
+              "gpt4_answer": "A nodule.", "type": "detailed"},
+             {"question_id": 8, "image": "11111111_F3.jpg", "text": "Is there effusion?", "answer": "no"}]
+    (root / "llava_med_eval_qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    for name in ("34754592_F1.jpg", "34754592_F2.jpg", "11111111_F3.jpg"):
+        write_image(root / "images" / name)
+    return root
+
+
+def write_cxr_paraphrase(root: Path) -> Path:
+    """Paraphrase CSV: several wordings per question, an extra unknown column (``view``)."""
+    header = ["study_id", "image_path", "question", "answer", "question_variant", "view"]
+    rows = []
+    for study in ("s1", "s2"):
+        for v, q in enumerate(("Is there an effusion?", "Do you see pleural fluid?", "Any effusion present?")):
+            rows.append([study, f"files/{study}.png", q, "Yes" if study == "s1" else "No", v, "PA"])
+    write_csv(root / "paraphrases_test.csv", header, rows)
+    for study in ("s1", "s2"):
+        write_image(root / "files" / f"{study}.png")
+    return root

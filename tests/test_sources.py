@@ -1,0 +1,219 @@
+"""Each dataset loader turns a format-faithful fixture into unified records, one test per quirk."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import fixtures_sources as fx
+import pytest
+
+from medvlm.data_curation import load_source
+from medvlm.data_curation.loading import UnknownSourceError
+from medvlm.data_curation.splits import leakage_report
+from medvlm.records import FEATURES, validate_record
+
+
+def _load(name, root, tmp_path, **kw):
+    res = load_source(name, root, image_cache_dir=tmp_path / "cache", **kw)
+    assert res.dataset.features == FEATURES
+    for rec in res.dataset:
+        validate_record(rec)
+    return res
+
+
+def _by_id(ds):
+    return {r["id"]: r for r in ds}
+
+
+# SLAKE ---------------------------------------------------------------------------------------
+
+
+def test_slake_english_default_and_no_skip_for_language(tmp_path):
+    res = _load("slake", fx.write_slake(tmp_path / "slake"), tmp_path)
+    metas = [json.loads(m) for m in res.dataset["meta"]]
+    assert {m["q_lang"] for m in metas} == {"en"}
+    assert all("language" not in s["reason"] for s in res.skipped)
+    both = _load("slake", tmp_path / "slake", tmp_path, lang="all")
+    assert len(both.dataset) == len(res.dataset) + 2  # the two Chinese rows
+
+
+def test_slake_closed_answers_beyond_yes_no(tmp_path):
+    recs = _by_id(_load("slake", fx.write_slake(tmp_path / "s"), tmp_path, split="train").dataset)
+    assert recs["slake-train-1"]["answer"] == "yes" and recs["slake-train-1"]["answer_type"] == "closed"
+    assert recs["slake-train-3"]["answer"] == "Lung" and recs["slake-train-3"]["answer_type"] == "closed"
+    assert recs["slake-train-6"]["answer"] == "Left"
+
+
+def test_slake_empty_answer_is_skipped_and_recorded(tmp_path):
+    res = _load("slake", fx.write_slake(tmp_path / "s"), tmp_path)
+    assert res.skipped == [{"source": "slake", "file": "train.json", "row": 4, "reason": "empty answer"}]
+
+
+def test_slake_mask_roi_group_and_split_file_names(tmp_path):
+    for hf in (False, True):
+        root = fx.write_slake(tmp_path / f"s{hf}", hf_names=hf)
+        recs = _by_id(_load("slake", root, tmp_path).dataset)
+        rec = recs["slake-validation-7"]
+        assert rec["split"] == "validation" and rec["group_id"] == "xmlab2"
+        assert rec["roi"].endswith("imgs/xmlab2/mask.png") and rec["image"].endswith("xmlab2/source.jpg")
+        assert rec["modality"] == "CT" and rec["body_part"] == "Lung"
+
+
+def test_slake_unknown_column_kept_in_meta_and_warned_once(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        res = _load("slake", fx.write_slake(tmp_path / "s"), tmp_path)
+    rec = _by_id(res.dataset)["slake-train-6"]
+    assert json.loads(rec["meta"])["extra"] == {"difficulty": "easy"}
+    assert sum("difficulty" in w for w in res.warnings) == 1
+    assert sum("difficulty" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_slake_official_splits_share_an_image(tmp_path):
+    res = _load("slake", fx.write_slake(tmp_path / "s"), tmp_path)
+    report = leakage_report(res.dataset)
+    assert report["image"]["shared"] == 1 and report["group_id"]["shared"] == 1
+    assert report["group_id"]["pairs"] == {"test|train": 1}
+    assert report["group_id"]["examples"] == ["xmlab1"]
+
+
+# ROCOv2 / MedPix -----------------------------------------------------------------------------
+
+
+def test_rocov2_captions_with_concepts(tmp_path):
+    res = _load("rocov2", fx.write_rocov2(tmp_path / "roco"), tmp_path, prompt="Caption this.")
+    assert sorted(set(res.dataset["split"])) == ["test", "train", "validation"]
+    rec = _by_id(res.dataset)["rocov2-ROCOv2_2023_train_000001"]
+    meta = json.loads(rec["meta"])
+    assert rec["question"] == "Caption this." and rec["answer_type"] == "open"
+    assert rec["answer"].startswith("Axial CT") and rec["modality"] == "CT"
+    assert meta["cuis"] == ["C0040405", "C0000726"]
+    assert meta["concepts"] == ["X-Ray Computed Tomography", "Abdomen"]
+    assert rec["image"].endswith("train/ROCOv2_2023_train_000001.jpg")
+
+
+def test_medpix_tac_mri_lists_and_case_text(tmp_path):
+    res = _load("medpix", fx.write_medpix(tmp_path / "mp"), tmp_path)
+    recs = _by_id(res.dataset)
+    assert len(recs) == 3 and not res.skipped
+    assert recs["medpix-MPX1009_synpic1"]["modality"] == "CT"
+    assert recs["medpix-MPX1009_synpic2"]["modality"] == "MRI"
+    meta = json.loads(recs["medpix-MPX1009_synpic1"]["meta"])
+    assert meta["age"] == 45 and meta["diagnosis"] == "Bladder Diverticulum"
+    assert meta["history"].startswith("73-year-old")
+    fallback = recs["medpix-MPX2000_synpic3"]
+    assert fallback["answer"] == "Kidney cyst." and json.loads(fallback["meta"])["answer_from"] == "findings"
+    assert fallback["group_id"] == "MPX2000" and fallback["split"] == ""
+    with pytest.raises(ValueError, match="no official split"):
+        load_source("medpix", tmp_path / "mp", split="train")
+
+
+# HF-format sets ------------------------------------------------------------------------------
+
+
+def test_medpix_shortqa_image_in_image_id_column_is_cached_once(tmp_path):
+    res = _load("medpix_shortqa", fx.write_medpix_shortqa(tmp_path / "sq"), tmp_path)
+    recs = _by_id(res.dataset)
+    train = [r for r in recs.values() if r["split"] == "train"]
+    assert len(train) == 2 and train[0]["image"] == train[1]["image"]  # same bytes, one file
+    assert train[0]["image"].startswith(str(tmp_path / "cache"))
+    assert {r["answer_type"] for r in train} == {"open", "closed"}
+    assert train[0]["group_id"] == "MPX1009"
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert [r["split"] for r in recs.values() if r["answer"] == "Kidney"] == ["validation"]
+
+
+def test_roco_qa_vaild_split_maps_to_validation(tmp_path):
+    root = fx.write_roco_qa(tmp_path / "rq")
+    res = _load("roco_qa", root, tmp_path)
+    assert sorted(res.dataset["split"]) == ["test", "validation"]
+    only = _load("roco_qa", root, tmp_path, split="Vaild")
+    assert only.dataset["split"] == ["validation"] and only.dataset["group_id"] == ["PMC_Vaild"]
+
+
+# PMC-VQA -------------------------------------------------------------------------------------
+
+
+def test_pmc_vqa_v1_letter_prefixed_choices_and_anwser_spelling(tmp_path):
+    recs = _by_id(_load("pmc_vqa", fx.write_pmc_vqa(tmp_path / "p"), tmp_path, version="1").dataset)
+    train, test = recs["pmc_vqa-v1-train-0"], recs["pmc_vqa-v1-test-0"]
+    assert train["choices"] == ["CT", "MRI", "PET", "US"] and train["answer"] == "CT"
+    assert test["answer"] == "Liver" and test["answer_type"] == "closed"  # from the "Anwser" column
+    assert train["group_id"] == "PMC100"
+
+
+def test_pmc_vqa_v2_letter_answers_and_padded_choices(tmp_path):
+    recs = _by_id(_load("pmc_vqa", fx.write_pmc_vqa(tmp_path / "p"), tmp_path).dataset)
+    rec = recs["pmc_vqa-v2-train-0"]
+    assert rec["choices"] == ["Axial", "Sagittal", "Coronal view", "Oblique"]
+    assert rec["answer"] == "Coronal view" and json.loads(rec["meta"])["answer_letter"] == "C"
+    assert recs["pmc_vqa-v2-test-0"]["answer"] == "Left"
+
+
+# VQA-RAD -------------------------------------------------------------------------------------
+
+
+def test_vqa_rad_integer_answers_trailing_spaces_and_case(tmp_path):
+    res = _load("vqa_rad", fx.write_vqa_rad(tmp_path / "v"), tmp_path)
+    recs = _by_id(res.dataset)
+    assert recs["vqa_rad-1"]["answer"] == "4" and recs["vqa_rad-1"]["answer_type"] == "open"
+    assert recs["vqa_rad-2"]["answer"] == "yes" and recs["vqa_rad-2"]["answer_type"] == "closed"
+    assert recs["vqa_rad-3"]["answer"] == "no" and recs["vqa_rad-3"]["split"] == "test"
+    assert recs["vqa_rad-4"]["answer"] == "Left Temporal Lobe"  # open answers keep their case
+    assert recs["vqa_rad-1"]["body_part"] == "head" and not res.warnings
+
+
+# LLaVA-Med -----------------------------------------------------------------------------------
+
+
+def test_llava_med_turn_pairs_image_token_and_misspelt_key(tmp_path):
+    res = _load("llava_med", fx.write_llava_med(tmp_path / "l"), tmp_path, split="train")
+    recs = _by_id(res.dataset)
+    assert set(recs) == {"llava_med-a1-0", "llava_med-a1-1", "llava_med-a2-0"}
+    assert recs["llava_med-a1-0"]["question"] == "What is shown in the image?"
+    assert recs["llava_med-a2-0"]["question"] == "Which modality is this?"  # from "conversatons"
+    assert recs["llava_med-a1-1"]["answer"] == "In the right upper lobe."
+    assert {r["group_id"] for r in recs.values()} == {"34754592"}
+
+
+def test_llava_med_eval_jsonl_answer_fields(tmp_path):
+    res = _load("llava_med", fx.write_llava_med(tmp_path / "l"), tmp_path, split="test")
+    by_q = {json.loads(r["meta"])["question_id"]: r for r in res.dataset}
+    assert by_q[7]["answer"] == "A nodule." and by_q[8]["answer"] == "no"
+    assert by_q[8]["answer_type"] == "closed" and set(res.dataset["split"]) == {"test"}
+
+
+# CXR paraphrases -----------------------------------------------------------------------------
+
+
+def test_cxr_paraphrase_groups_by_study_with_paraphrase_key(tmp_path):
+    res = _load("cxr_paraphrase", fx.write_cxr_paraphrase(tmp_path / "c"), tmp_path)
+    assert sorted(set(res.dataset["group_id"])) == ["s1", "s2"]
+    metas = [json.loads(m) for m in res.dataset["meta"]]
+    keys = {m["paraphrase_group"] for m in metas}
+    assert len(keys) == 2  # three wordings each of two questions
+    assert sorted({m["question_variant"] for m in metas}) == ["0", "1", "2"]
+    assert metas[0]["extra"] == {"view": "PA"} and len(res.warnings) == 1
+
+
+# Registry ------------------------------------------------------------------------------------
+
+
+def test_unknown_source_did_you_mean():
+    with pytest.raises(UnknownSourceError, match=r"Did you mean 'slake'\?.*Available:"):
+        load_source("slak", "/nonexistent")
+
+
+def test_unknown_option_did_you_mean(tmp_path):
+    with pytest.raises(TypeError, match="Did you mean 'lang'"):
+        load_source("slake", fx.write_slake(tmp_path / "s"), lang_="en")
+
+
+def test_phantom_entry_is_lazy(tmp_path):
+    phantom = pytest.importorskip("medvlm.data_curation.phantom")
+    if not hasattr(phantom, "load_phantom_source"):
+        pytest.skip("medvlm.data_curation.phantom.load_phantom_source not written yet")
+    res = load_source("phantom", str(tmp_path / "phantom"), split="train", n_patients=10)
+    assert len(res.dataset) > 0 and set(res.dataset["split"]) == {"train"}
+    assert all(s.startswith("phantom") for s in res.dataset["source"]) and res.skipped == []
+    assert res.dataset.features == FEATURES
