@@ -158,6 +158,15 @@ def test_intrinsic_dimension_on_synthetic_manifolds(method, name, make, expected
     assert intrinsic_dimension(make(), method=method, k=10) == pytest.approx(expected, abs=tol)
 
 
+@pytest.mark.parametrize("method", ["twonn", "mle"])
+def test_intrinsic_dimension_invariant_to_isometric_embedding(method):
+    # 5-D input takes the KD-tree path, its 40-D rotation the brute-force path: distances are equal.
+    X = gaussian(400, 5, seed=12)
+    Q, _ = np.linalg.qr(rng(13).normal(size=(40, 40)))
+    high = X @ Q[:5]
+    assert intrinsic_dimension(high, method=method) == pytest.approx(intrinsic_dimension(X, method=method), rel=1e-6)
+
+
 def test_intrinsic_dimension_drops_duplicates(caplog):
     X = _plane_in_50d(500)
     with_dups = np.concatenate([X, X[:50]])
