@@ -110,7 +110,7 @@ def linearity_score(X: Any, Y: Any, centered: bool = False) -> float:
 
     X: (n, d_x), Y: (n, d_y), the same n tokens at two layers. Returns a float in [0, 1]:
 
-        X~ = Xc / ||Xc||_F,  Y~ = Yc / ||Yc||_F,  A = argmin_A ||X~ A - Y~||_F  (numpy lstsq),
+        X~ = Xc / ||Xc||_F,  Y~ = Yc / ||Yc||_F,  A = argmin_A ||X~ A - Y~||_F  (least squares),
         score = 1 - ||X~ A - Y~||_F^2
 
     centered=True: Xc, Yc are X, Y minus their column means (the paper's centre-then-normalise
