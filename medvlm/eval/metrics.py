@@ -13,8 +13,8 @@ is better and how items aggregate:
 Closed questions (one point each, 0 or 1), all computed from the same predictions:
 
 * ``accuracy``: ours. Multiple choice (``choices`` present) compares the chosen option (a letter,
-  see :func:`~medvlm.eval.normalize.parse_choice_letter`, else the nearest option text by
-  ``difflib`` ratio of normalised strings); a yes/no reference compares ``yes_no`` readings;
+  see :func:`~medvlm.eval.normalize.parse_choice_letter`, else the nearest option text, see
+  :func:`nearest_choice`); a yes/no reference compares ``yes_no`` readings;
   otherwise normalised exact match.
 * ``exact_match``: lmms-eval style, ``normalize_answer(pred) == normalize_answer(ref)``.
 * ``substring``: LLaVA-Med style (Li et al. 2023), the normalised reference is a *character*
@@ -203,17 +203,18 @@ def summarize(metric: Metric, items: Sequence[Any], **kwargs: Any) -> dict[str, 
 
 
 def nearest_choice(text: str, choices: Sequence[str]) -> int | None:
-    """Index of the option whose normalised text is most similar to ``text`` (difflib ratio).
+    """Index of the option closest to ``text``: highest token F1, ties broken by ``difflib`` ratio.
 
-    Ties go to the first option; an empty answer matches nothing (``None``).
+    Token F1 (bag of normalised words) handles reordering ("kidney on the right" vs "Right
+    kidney"); the character ratio handles typos ("spleeen"). Remaining ties go to the first
+    option; an empty answer matches nothing (``None``).
     """
     norm = normalize_answer(text)
     if not norm or not choices:
         return None
-    scores = [
-        difflib.SequenceMatcher(None, norm, normalize_answer(strip_option_label(c))).ratio() for c in choices
-    ]
-    return int(np.argmax(scores))
+    options = [normalize_answer(strip_option_label(c)) for c in choices]
+    scores = [(token_f1(norm, o, {}), difflib.SequenceMatcher(None, norm, o).ratio()) for o in options]
+    return max(range(len(options)), key=lambda i: (scores[i], -i))
 
 
 def choice_index(text: str, choices: Sequence[str]) -> int | None:
