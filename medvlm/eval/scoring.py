@@ -152,6 +152,9 @@ def score_records(
     boot = {"n_resamples": bootstrap, "seed": seed, "confidence": confidence}
     clean, skipped_now, counts = prepare_records(records, max_prediction_chars=max_prediction_chars)
     all_skipped = [dict(s) for s in skipped] + skipped_now
+    if not clean:
+        logger.warning("no record could be scored (%d given, %d skipped): every score is null",
+                       len(records), len(all_skipped))
 
     by_type: dict[str, tuple[list[dict], dict]] = {}
     result: dict[str, Any] = {}
