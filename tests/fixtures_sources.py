@@ -222,3 +222,27 @@ def write_cxr_paraphrase(root: Path) -> Path:
     for study in ("s1", "s2"):
         write_image(root / "files" / f"{study}.png")
     return root
+
+
+def write_rocov2_hf(root: Path) -> Path:
+    """ROCOv2's HF copy: parquet ``image, image_id, caption, cui`` (a list of CUIs)."""
+    path = root / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string"),
+                               "caption": datasets.Value("string"),
+                               "cui": datasets.Sequence(datasets.Value("string"))})
+    datasets.Dataset.from_dict({
+        "image": [{"bytes": image_bytes((3, 3, 3)), "path": "ROCOv2_2023_train_000009.jpg"}],
+        "image_id": ["ROCOv2_2023_train_000009"], "caption": ["Chest MRI."], "cui": [["C0024485"]],
+    }, features=feats).to_parquet(str(path))
+    return root
+
+
+def write_vqa_rad_hf(root: Path) -> Path:
+    """VQA-RAD's HF copy: parquet ``image, question, answer`` in train/test files, no answer_type."""
+    img = {"bytes": image_bytes((7, 7, 7)), "path": None}
+    for split in ("train", "test"):
+        _parquet(root / "data" / f"{split}-00000-of-00001.parquet", {
+            "image": [img, img], "question": ["Is there a mass?", "Where is it?"],
+            "answer": ["Yes", "left lobe"]}, "image")
+    return root

@@ -150,6 +150,16 @@ def test_pmc_vqa_v2_letter_answers_and_padded_choices(tmp_path):
     assert recs["pmc_vqa-v2-test-0"]["answer"] == "Left"
 
 
+def test_hf_copies_of_release_sources(tmp_path):
+    roco = _by_id(_load("rocov2", fx.write_rocov2_hf(tmp_path / "rh"), tmp_path).dataset)
+    rec = roco["rocov2-ROCOv2_2023_train_000009"]
+    assert rec["modality"] == "MRI" and json.loads(rec["meta"])["cuis"] == ["C0024485"]
+    rad = _load("vqa_rad", fx.write_vqa_rad_hf(tmp_path / "vh"), tmp_path).dataset
+    assert sorted(rad["split"]) == ["test", "test", "train", "train"]
+    assert sorted(set(rad["answer"])) == ["left lobe", "yes"]
+    assert len(set(rad["group_id"])) == 1  # same image bytes, one group
+
+
 # VQA-RAD -------------------------------------------------------------------------------------
 
 

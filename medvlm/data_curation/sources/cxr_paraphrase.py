@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from medvlm.data_curation.sources._common import Context, Draft, Skip, closed_or_open, iter_csv, split_of_file
+from medvlm.data_curation.sources._common import (
+    Context,
+    Draft,
+    Skip,
+    closed_or_open,
+    iter_csv,
+    normalise_split,
+    split_of_file,
+)
 
 OPTIONS = {"files": None}
 GROUP_COLUMNS = ("paraphrase_group", "question_group", "base_question_id")
@@ -36,7 +44,7 @@ def iter_records(ctx: Context) -> Iterator[Draft | Skip]:
         file = ctx.rel(path)
         for idx, row in iter_csv(path):
             split = (row.get("split") or "").strip()
-            split = split.lower() if split else file_split
+            split = normalise_split(split) if split else file_split
             if not ctx.wants(split):
                 continue
             study = (row.get("study_id") or "").strip()
