@@ -235,5 +235,8 @@ def load_source(
             ds = ds.select(keep).flatten_indices()
     if skipped:
         logger.warning("%s: skipped %d rows (see LoadResult.skipped); first: %s", name, len(skipped), skipped[0])
+        if not len(ds) and all(s["reason"].startswith("image file not found") for s in skipped):
+            logger.error("%s: no image was found under %s; extract the image archive (e.g. imgs.zip, "
+                         "images.zip) inside the dataset folder", name, text)
     logger.info("%s: %d records loaded from %s", name, len(ds), text)
     return LoadResult(dataset=ds, skipped=skipped, warnings=ctx.warnings)
