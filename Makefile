@@ -1,0 +1,36 @@
+# medvlm: the two commands of the README are `make demo` and `make test`.
+# Every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-dev demo test lint bench clean
+
+# torch first: on a machine without torch this takes the CPU build 2.13.0 (a plain `torch`
+# requirement would pull a multi-GB CUDA build); an existing torch (e.g. a GPU user's CUDA
+# build) is kept, since the project only asks for torch>=2.4.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install -e .
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[dev]"
+
+# The whole flow on the embedded default (phantom data, tiny PaliGemma), on a CPU, offline.
+demo: install
+	bash recipes/demo.sh
+
+test: install-dev
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check medvlm recipes data_curation eval diagnostics benchmarks tests
+
+bench: install
+	$(PYTHON) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,61 @@
+"""Evaluate a model on unified records: generate, save raw predictions, score.
+
+Used by the stage recipes (final test-split evaluation), the per-checkpoint callback and
+``eval/run_eval.py``. Predictions stream to JSONL (one line per record, the file opened once);
+``metrics.json`` is written after, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medvlm.eval.generate import generate_answers
+from medvlm.eval.scoring import score_records
+from medvlm.models.base import ModelFamily
+from medvlm.training.data import PreparedExamples
+from medvlm.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+#: Record fields copied into each prediction line, for slicing.
+SLICE_FIELDS = ("answer_type", "modality", "body_part", "source", "split")
+
+
+def prediction_rows(records, answers: list[str]) -> list[dict]:
+    rows = []
+    for rec, pred in zip(records, answers):
+        meta = json.loads(rec.get("meta") or "{}")
+        row = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "prediction": pred,
+               "choices": list(rec.get("choices") or [])}
+        row.update({k: rec.get(k, "") for k in SLICE_FIELDS})
+        if "qtype" in meta:
+            row["qtype"] = meta["qtype"]
+        rows.append(row)
+    return rows
+
+
+def evaluate_examples(
+    model, processor, family: ModelFamily, records, examples: PreparedExamples, out_dir: str | Path | None,
+    *, batch_size: int = 32, max_new_tokens: int = 12, name: str = "predictions", bootstrap: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """Greedy answers for ``examples``, scored; writes ``{name}.jsonl`` into ``out_dir`` if given."""
+    images = [examples.images[i] for i in examples.image_index]
+    answers = generate_answers(model, processor, family, images, examples.questions, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress)
+    rows = prediction_rows(records, answers)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{name}.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out / f"{name}.jsonl")
+    return score_records(rows, bootstrap=bootstrap, slice_by=("qtype", "modality", "body_part"))
+
+
+def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
+    return atomic_write_json(Path(out_dir) / "metrics.json", metrics)

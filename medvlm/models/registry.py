@@ -1,0 +1,106 @@
+"""Families by name, and loading a model with its processor from a hub id or a local folder."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor, ProcessorMixin
+
+from medvlm.models.base import ModelFamily
+from medvlm.models.llava import LlavaFamily
+from medvlm.models.paligemma import PaliGemmaFamily
+
+logger = logging.getLogger(__name__)
+
+#: The one place families are registered: model_type (config.json) → family.
+FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family adapter for a name or a config ``model_type``; did-you-mean on a typo."""
+    if name not in FAMILIES:
+        close = difflib.get_close_matches(name, list(FAMILIES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown model family {name!r}.{hint} Available: {sorted(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def detect_family(model_name_or_path: str) -> ModelFamily:
+    cfg = AutoConfig.from_pretrained(model_name_or_path)
+    return get_family(cfg.model_type)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: ProcessorMixin
+    family: ModelFamily
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """``demo:<family>`` names the embedded tiny base model (built and cached on first use)."""
+    if model_name_or_path.startswith("demo:"):
+        from medvlm.models.tiny import ensure_base_model
+
+        return str(ensure_base_model(model_name_or_path.split(":", 1)[1]))
+    return model_name_or_path
+
+
+def quantization_config(bits: int | None, dtype: torch.dtype):
+    """A bitsandbytes config for QLoRA (4-bit NF4 with double quantisation, or 8-bit)."""
+    if not bits:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization bits must be 4, 8 or empty, got {bits!r}")
+
+
+def device_map_for(quantized: bool) -> dict | None:
+    """Never ``"auto"`` under several processes: each rank holds a whole replica (DDP). Quantised
+    weights must be placed at load time, on this process's device."""
+    if not quantized:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        return {"": local_rank}
+    return {"": "cpu"}
+
+
+def load_model_and_processor(
+    model_name_or_path: str,
+    *,
+    dtype: str = "float32",
+    quantization_bits: int | None = None,
+    attn_implementation: str | None = "eager",
+) -> LoadedModel:
+    """Load a PaliGemma or LLaVA-style model and its processor.
+
+    ``attn_implementation="eager"`` is the default because diagnostics need attention weights
+    (sdpa returns none); pass ``"sdpa"`` for faster training when no diagnostics run.
+    """
+    path = resolve_model_path(model_name_or_path)
+    if os.path.sep in path and not Path(path).exists():
+        raise FileNotFoundError(f"model folder {path} does not exist; pass a hub id or an existing folder")
+    family = detect_family(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    qconfig = quantization_config(quantization_bits, torch_dtype)
+    model = family.model_class.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation,
+        quantization_config=qconfig, device_map=device_map_for(qconfig is not None),
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    return LoadedModel(model, processor, family)

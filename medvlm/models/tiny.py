@@ -1,0 +1,197 @@
+"""The embedded tiny models: real transformers classes, a tokenizer built here, a short base pre-training.
+
+``ensure_base_model("paligemma" | "llava")`` returns a folder holding a tiny
+``PaliGemmaForConditionalGeneration`` or ``LlavaForConditionalGeneration`` with its processor,
+after a short *full-parameter* pre-training on phantom captions, so that the LoRA stages adapt a
+model that already sees. The folder is cached under ``$MEDVLM_HOME/base/`` keyed by the hash of
+:class:`TinyConfig` (and the phantom generator version): change a field and it is rebuilt.
+
+The tokenizer is a byte-level BPE trained on the phantom corpus: any text encodes (unknown
+words fall back to bytes), and the vocabulary stays small (~1k tokens, plus PaliGemma's
+1,152 location/segmentation tokens that its processor adds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    GemmaConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    TrainingArguments,
+)
+
+from medvlm.data_curation.phantom import GENERATOR_VERSION, PhantomConfig, load_phantom
+from medvlm.utils.io import medvlm_home, sha256_json, write_manifest
+
+logger = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+
+#: A LLaVA-1.5-style template ("USER: <image>\n... ASSISTANT: ...") whose assistant turn starts at
+#: a token boundary, so the prompt is a token prefix of the full conversation.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ ' ' }}"
+    "{% else %}ASSISTANT:{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}"
+    "{% endif %}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass
+class TinyConfig:
+    """Sizes and pre-training of a tiny family model. Every field enters the cache key."""
+
+    family: str = "paligemma"
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    vocab_size: int = 800
+    pretrain_steps: int = 600
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 2e-3
+    seed: int = 0
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def key(self) -> str:
+        return sha256_json({**asdict(self), "generator": GENERATOR_VERSION})[:16]
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>", padding_side="right",
+                                   extra_special_tokens={"image_token": "<image>"})
+
+
+def phantom_corpus(cfg: PhantomConfig) -> list[str]:
+    texts: list[str] = []
+    for kind in ("qa", "captions", "cases"):
+        ds = load_phantom(cfg, kind=kind)
+        texts += list(ds["question"]) + list(ds["answer"])
+    texts += ["USER: ASSISTANT: answer en caption en", "0123456789 .,;:!?()-'\"/"]
+    return texts
+
+
+def build_tiny(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast):
+    """(model, processor) with random weights, from configs."""
+    torch.manual_seed(cfg.seed)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    grid = (cfg.image_size // cfg.patch_size) ** 2
+    if cfg.family == "paligemma":
+        image_processor = SiglipImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor.image_seq_length = grid
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        vocab = len(processor.tokenizer)
+        vision = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                                    num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                                    image_size=cfg.image_size, patch_size=cfg.patch_size, vision_use_head=False)
+        text = GemmaConfig(hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
+                           num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                           num_key_value_heads=cfg.text_heads, head_dim=cfg.text_hidden // cfg.text_heads,
+                           vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                                 vocab_size=vocab, projection_dim=cfg.text_hidden, hidden_size=cfg.text_hidden)
+        model = PaliGemmaForConditionalGeneration(config)
+    elif cfg.family == "llava":
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size}, crop_size=size,
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   patch_size=cfg.patch_size, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+        vocab = len(tokenizer)
+        vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                                  num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                                  image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                  projection_dim=cfg.vision_hidden)
+        text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
+                           num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                           num_key_value_heads=cfg.text_heads, vocab_size=vocab,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id, max_position_embeddings=512)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+                             vision_feature_select_strategy="default", vision_feature_layer=-1,
+                             projector_hidden_act="gelu")
+        model = LlavaForConditionalGeneration(config)
+    else:
+        raise ValueError(f"no tiny model for family {cfg.family!r}; expected 'paligemma' or 'llava'")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
+    """Full-parameter captioning on the phantom train split (the base 'already sees')."""
+    from medvlm.models.registry import get_family
+    from medvlm.training.collator import VLMCollator
+    from medvlm.training.data import prepare_examples
+    from medvlm.training.trainer import MedVLMTrainer
+
+    family = get_family(cfg.family)
+    records = load_phantom(cfg.phantom, kind="captions", split="train")
+    examples = prepare_examples(records, processor)
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=cfg.pretrain_steps, per_device_train_batch_size=cfg.pretrain_batch_size,
+        learning_rate=cfg.pretrain_lr, warmup_steps=max(1, cfg.pretrain_steps // 20), lr_scheduler_type="cosine",
+        weight_decay=0.0, logging_steps=50, save_strategy="no", report_to=[], seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=None,
+    )
+    trainer = MedVLMTrainer(model=model, args=args, train_dataset=examples,
+                            data_collator=VLMCollator(family, processor))
+    result = trainer.train()
+    return {"loss": result.training_loss, "steps": result.global_step, **result.metrics}
+
+
+def ensure_base_model(family: str = "paligemma", cfg: TinyConfig | None = None,
+                      root: str | Path | None = None) -> Path:
+    """The cached tiny base model folder for ``family``; built (a few minutes on a CPU) if missing."""
+    cfg = cfg or TinyConfig(family=family)
+    folder = Path(root) if root else medvlm_home() / "base" / f"{cfg.family}-{cfg.key()}"
+    if (folder / "manifest.json").exists():
+        return folder
+    logger.info("building the tiny %s base model in %s (cached for later runs)", cfg.family, folder)
+    tokenizer = build_tokenizer(phantom_corpus(cfg.phantom), cfg.vocab_size)
+    model, processor = build_tiny(cfg, tokenizer)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stats = pretrain(model, processor, cfg, tmp / "pretrain")
+    shutil.rmtree(tmp / "pretrain", ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    processor.save_pretrained(str(tmp))
+    (tmp / "tiny_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    write_manifest(tmp, kind="tiny-base", family=cfg.family, key=cfg.key(), pretrain=stats,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,88 @@
+"""Training data in memory: images decoded and resized once, lengths known, phases kept.
+
+The image processor resizes (and crops) each image once here, without rescaling or normalising;
+the collator then only rescales and normalises, which is cheap. Decoding and resizing PNG/JPEG
+on every step is what makes naive VLM fine-tuning input-bound on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image {path} does not exist; check the dataset's image paths "
+                                "(they are resolved relative to the dataset root by the loaders)")
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+def resize_only(processor, images: list[Image.Image]) -> np.ndarray:
+    """Run the processor's resize/crop without rescale/normalise → uint8 [n, H, W, 3]."""
+    out = processor.image_processor(images, do_rescale=False, do_normalize=False,
+                                    return_tensors="np")["pixel_values"]
+    arr = np.asarray(out)
+    if arr.shape[1] == 3:  # channels first → last
+        arr = arr.transpose(0, 2, 3, 1)
+    return np.clip(arr.round(), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class PreparedExamples(torch.utils.data.Dataset):
+    """Examples ready for the collator: ``image`` (uint8 HxWx3), ``question``, ``answer``."""
+
+    images: np.ndarray          # [n_unique_images, H, W, 3] uint8
+    image_index: np.ndarray     # [n] index into images
+    questions: list[str]
+    answers: list[str]
+    ids: list[str]
+    phases: np.ndarray          # [n] int, 0 .. n_phases-1 (annealing order)
+    lengths: np.ndarray         # [n] approximate token counts (for length grouping)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[self.image_index[i]], "question": self.questions[i],
+                "answer": self.answers[i], "id": self.ids[i]}
+
+
+def prepare_examples(records: Sequence[dict] | "datasets.Dataset", processor,  # noqa: F821
+                     blank_images: bool = False, batch: int = 64) -> PreparedExamples:
+    """Decode and resize each distinct image once; tokenised lengths for grouping."""
+    paths = list(records["image"]) if hasattr(records, "column_names") else [r["image"] for r in records]
+    questions = list(records["question"]) if hasattr(records, "column_names") else [r["question"] for r in records]
+    answers = list(records["answer"]) if hasattr(records, "column_names") else [r["answer"] for r in records]
+    ids = list(records["id"]) if hasattr(records, "column_names") else [r["id"] for r in records]
+    if hasattr(records, "column_names"):
+        phases = list(records["phase"]) if "phase" in records.column_names else [0] * len(paths)
+    else:
+        phases = [r.get("phase", 0) for r in records]
+    unique = list(dict.fromkeys(paths))
+    index = {p: i for i, p in enumerate(unique)}
+    chunks = []
+    for start in tqdm(range(0, len(unique), batch), desc="images", disable=None):
+        chunk = [open_image(p) for p in unique[start:start + batch]]
+        chunks.append(resize_only(processor, chunk))
+    images = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
+    if blank_images:  # the "does it look?" control: every image is the same mid-grey
+        images = np.full_like(images, 128)
+    tok = processor.tokenizer
+    lengths = np.array([len(x) + len(y) for x, y in zip(
+        tok(questions, add_special_tokens=False)["input_ids"],
+        tok(answers, add_special_tokens=False)["input_ids"])], dtype=np.int64)
+    return PreparedExamples(images, np.array([index[p] for p in paths], dtype=np.int64), questions,
+                            answers, ids, np.asarray(phases, dtype=np.int64), lengths)

@@ -1,0 +1,170 @@
+"""One training stage: data → model (+LoRA) → train → adapter → test-split evaluation → manifest.
+
+The run folder (``output_dir``) ends up holding::
+
+    config.yaml            the merged config that made the run
+    checkpoint-N/          Trainer checkpoints (adapter, optimizer, scheduler, RNG, metrics.json)
+    adapter/               the final adapter (safetensors) + medvlm_adapter.json
+    trainer_state.json     loss curve and log history
+    predictions.jsonl      raw test-split predictions;  predictions_blank.jsonl  the blank-image control
+    metrics.json           the final evaluation
+    manifest.json          versions, data hash, seed, counts — written last: a run without it is unfinished
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from medvlm.config import ConfigError, to_yaml
+from medvlm.data_curation.phantom import PhantomConfig, load_phantom
+from medvlm.models.registry import load_model_and_processor
+from medvlm.training.arguments import DataArguments, LoraArguments, ModelArguments, StageArguments
+from medvlm.training.callbacks import CheckpointEvalCallback
+from medvlm.training.collator import VLMCollator
+from medvlm.training.data import prepare_examples
+from medvlm.training.lora import attach_lora, log_trainable
+from medvlm.training.trainer import MedVLMTrainer
+from medvlm.utils.io import atomic_write_json, atomic_write_text, hash_rows, write_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def load_records(source: str, split: str, question_types, data_args: DataArguments,
+                 run_dir: Path) -> datasets.Dataset:
+    """Unified records for one split from 'phantom', a saved dataset folder, or a mix YAML."""
+    if source == "phantom":
+        cfg = PhantomConfig(n_patients=data_args.phantom_patients, seed=data_args.phantom_seed)
+        return load_phantom(cfg, kind="qa", split=split, qtypes=question_types or None)
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        from medvlm.data_curation.mixing import build_mix
+
+        path = build_mix(path, run_dir / "mix")
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {source} does not exist; use 'phantom', a folder written by "
+                                "data_curation/build_mix.py or Dataset.save_to_disk, or a mix YAML")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset {source} has splits {list(ds)}, not {split!r}")
+        return ds[split]
+    if "split" in ds.column_names and split in set(ds["split"]):
+        return ds.filter(lambda s: s == split, input_columns="split")
+    return ds
+
+
+def check_run_dir(out: Path, resume: bool) -> str | None:
+    """A finished run is never overwritten; an unfinished one is resumed only when asked."""
+    if (out / "manifest.json").exists() and not resume:
+        raise ConfigError(f"{out} already holds a finished run (manifest.json); choose another output_dir "
+                          "or delete the folder")
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if resume:
+        if last is None:
+            raise ConfigError(f"resume: true, but {out} holds no checkpoint-N folder to resume from; "
+                              "drop --resume to start the run")
+        return last
+    if last is not None:
+        raise ConfigError(f"{out} holds checkpoints of an unfinished run; pass --resume true to resume it, or "
+                          "choose another output_dir")
+    return None
+
+
+def _setup_reporting(args: StageArguments) -> None:
+    if "wandb" in (args.report_to or []):
+        if args.wandb_project:
+            os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            logger.info("no WANDB_API_KEY: logging to W&B in offline mode (sync later with `wandb sync`)")
+            os.environ["WANDB_MODE"] = "offline"
+
+
+def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+              args: StageArguments) -> dict:
+    """Train one stage and evaluate it; returns the final metrics."""
+    out = Path(args.output_dir)
+    last_checkpoint = check_run_dir(out, args.resume)
+    set_seed(args.seed)
+    _setup_reporting(args)
+    t0 = time.time()
+
+    # Load data ---------------------------------------------------------------------------------
+    train_records = load_records(data_args.dataset, "train", data_args.question_types, data_args, out)
+    eval_records = load_records(data_args.eval_dataset, data_args.eval_split,
+                                data_args.eval_question_types, data_args, out)
+    if data_args.max_eval_samples:
+        eval_records = eval_records.select(range(min(data_args.max_eval_samples, len(eval_records))))
+
+    # Load model --------------------------------------------------------------------------------
+    loaded = load_model_and_processor(model_args.model_name_or_path, dtype=model_args.dtype,
+                                      quantization_bits=model_args.quantization_bits,
+                                      attn_implementation=model_args.attn_implementation)
+    family, processor = loaded.family, loaded.processor
+    model = attach_lora(loaded.model, family, lora_args, model_args.model_name_or_path,
+                        quantized=model_args.quantization_bits is not None,
+                        gradient_checkpointing=args.gradient_checkpointing)
+    trainable = log_trainable(model, family)
+    train_examples = prepare_examples(train_records, processor)
+    eval_examples = prepare_examples(eval_records, processor)
+
+    # Train -------------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(model_args, data_args, lora_args, args))
+    callbacks = []
+    if args.checkpoint_eval_samples:
+        n = min(args.checkpoint_eval_samples, len(eval_records))
+        sub = eval_records.select(range(n))
+        callbacks.append(CheckpointEvalCallback(family, processor, sub, prepare_examples(sub, processor),
+                                                max_new_tokens=data_args.max_new_tokens))
+    trainer = MedVLMTrainer(model=model, args=args, train_dataset=train_examples,
+                            data_collator=VLMCollator(family, processor), callbacks=callbacks)
+    for cb in callbacks:
+        cb.trainer = trainer
+    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    train_seconds = time.time() - t0
+
+    # Save and evaluate (main process) -----------------------------------------------------------
+    metrics: dict = {}
+    if trainer.is_world_process_zero():
+        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path)
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        from medvlm.eval.run import evaluate_examples, write_metrics
+
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        metrics = evaluate_examples(unwrapped, processor, family, eval_records, eval_examples, out,
+                                    max_new_tokens=data_args.max_new_tokens)
+        if args.blank_eval:
+            blank = prepare_examples(eval_records, processor, blank_images=True)
+            metrics["blank_image"] = evaluate_examples(
+                unwrapped, processor, family, eval_records, blank, out, name="predictions_blank",
+                max_new_tokens=data_args.max_new_tokens)
+        metrics["train"] = {"loss": result.training_loss, "steps": result.global_step,
+                            "seconds": round(train_seconds, 1), **result.metrics}
+        write_metrics(out, metrics)
+        write_manifest(out, stage=args.stage, seed=args.seed, model=model_args.model_name_or_path,
+                       init_adapter=lora_args.init_adapter, adapter_mode=lora_args.adapter_mode,
+                       data={"train": len(train_records), "eval": len(eval_records),
+                             "train_hash": hash_rows(train_records["id"]),
+                             "eval_hash": hash_rows(eval_records["id"])},
+                       trainable_parameters=trainable, world_size=args.world_size)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def save_adapter(model, folder: Path, base_model: str) -> None:
+    """Adapter in safetensors, written to a temp folder and renamed into place."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    atomic_write_json(tmp / "medvlm_adapter.json", {"model_name_or_path": base_model})
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
