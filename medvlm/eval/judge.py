@@ -1,0 +1,166 @@
+"""LLM-as-a-judge: score each prediction 1-10 against its reference, with a yes/no verdict.
+
+The judge must reply ``{"score": int 1..10, "verdict": "yes"|"no", "reason": str}``. Parsing is
+strict: one JSON object, the schema checked by ``jsonschema``, ``score`` a real integer (not
+``"7"``, ``7.5`` or ``true``) in range, ``verdict`` in the set. A reply that fails is retried
+with a new seed; one that still fails, or a backend that is down / slow / failing, makes the
+item *invalid*: counted in ``n_invalid`` and listed by id, never scored as a number. Finished
+judgements are kept by the LLM's disk cache (use a :class:`~medvlm.llm.CachedLLM`), so a re-run
+only asks for what is missing.
+
+Templates live in ``eval/judge_templates/`` (``correctness.txt``) with placeholders
+``{question}``, ``{reference}``, ``{prediction}`` and an optional ``{?caption}...{/caption}`` block
+kept only when the item has a caption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medvlm.llm import TextLLM, generate_json
+from medvlm.llm.jsonout import InvalidJSONAnswer, parse_and_validate
+from medvlm.llm.prompts import load_template, render
+from medvlm.utils.io import hash_rows
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "eval" / "judge_templates"
+VERDICTS = ("yes", "no")
+
+JUDGE_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "integer", "minimum": 1, "maximum": 10},
+        "verdict": {"type": "string", "enum": list(VERDICTS)},
+        "reason": {"type": "string"},
+    },
+    "required": ["score", "verdict", "reason"],
+}
+
+
+def check_judgement(obj: dict) -> None:
+    """Rules beyond the schema: JSON Schema accepts ``7.0`` as an integer; we do not."""
+    if type(obj["score"]) is not int:
+        raise InvalidJSONAnswer(f"score must be an integer, got {obj['score']!r}")
+
+
+def parse_judgement(text: str) -> dict:
+    """Strictly parse one judge reply into ``{score, verdict, reason}``; raise InvalidJSONAnswer."""
+    obj = parse_and_validate(text, JUDGE_SCHEMA)
+    check_judgement(obj)
+    return {"score": obj["score"], "verdict": obj["verdict"], "reason": obj["reason"]}
+
+
+def _field(item: Mapping[str, Any], *names: str) -> str:
+    for name in names:
+        value = item.get(name)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return ""
+
+
+def _caption(item: Mapping[str, Any]) -> str:
+    caption = _field(item, "caption")
+    if caption or not item.get("meta"):
+        return caption
+    try:
+        meta = json.loads(item["meta"]) if isinstance(item["meta"], str) else dict(item["meta"])
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return ""
+    return str(meta.get("caption") or "").strip() if isinstance(meta, dict) else ""
+
+
+def judge_prompt(item: Mapping[str, Any], template: tuple[str, str]) -> str:
+    """Fill ``template`` (name, text) with the item's question, reference, prediction, caption."""
+    name, text = template
+    return render(
+        text, name,
+        question=_field(item, "question"),
+        reference=_field(item, "reference", "answer"),
+        prediction=_field(item, "prediction"),
+        caption=_caption(item),
+    )
+
+
+def judge_one(
+    item: Mapping[str, Any], llm: TextLLM, template: tuple[str, str], *, retries: int = 2, options: dict | None = None
+) -> dict:
+    """Judge one item. Returns ``{id, valid, score, verdict, reason, attempts, error}``; never raises
+    on backend or parsing failures (they make ``valid`` False with the cause in ``error``)."""
+    rid = str(item.get("id", ""))
+    base = {"id": rid, "valid": False, "score": None, "verdict": None, "reason": None, "attempts": 0}
+    if not _field(item, "question") or not _field(item, "reference", "answer"):
+        return {**base, "error": "item lacks a question or a reference answer"}
+    res = generate_json(
+        llm, judge_prompt(item, template), schema=JUDGE_SCHEMA, options=options, retries=retries,
+        check=check_judgement,
+    )
+    if not res.ok:
+        return {**base, "attempts": res.attempts, "error": res.errors[-1] if res.errors else "no reply",
+                "raw": (res.raw or "")[:500]}
+    judgement = {k: res.value[k] for k in ("score", "verdict", "reason")}
+    return {**base, **judgement, "valid": True, "attempts": res.attempts, "error": None}
+
+
+def judge_records(
+    records: Iterable[Mapping[str, Any]],
+    llm: TextLLM,
+    template: str = "correctness",
+    *,
+    retries: int = 2,
+    concurrency: int | None = None,
+    options: dict | None = None,
+    templates_dir: str | Path = TEMPLATES_DIR,
+) -> dict:
+    """Judge every prediction record (``id, question, answer|reference, prediction[, caption]``).
+
+    Returns ``{mean_score, yes_rate, n, n_valid, n_invalid, invalid_ids, invalid_reasons, items,
+    judge}``: the means are over valid items only (NaN when there are none), ``items`` holds one
+    result per record in input order, and ``judge`` is the section for ``metrics.json`` (the same
+    numbers plus template, backend and model, with None instead of NaN so it stays strict JSON).
+    """
+    records = list(records)
+    tmpl = load_template(template, templates_dir)
+    workers = max(1, int(concurrency or getattr(llm, "concurrency", 1) or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
+        futures = [pool.submit(judge_one, r, llm, tmpl, retries=retries, options=options) for r in records]
+        items = [f.result() for f in tqdm(futures, desc="judge", unit="item", disable=len(records) < 2)]
+    valid = [it for it in items if it["valid"]]
+    invalid = [it for it in items if not it["valid"]]
+    if invalid:
+        logger.warning("judge: %d of %d items invalid (e.g. %s: %s)", len(invalid), len(items),
+                       invalid[0]["id"], invalid[0]["error"])
+    mean_score = sum(it["score"] for it in valid) / len(valid) if valid else math.nan
+    yes_rate = sum(it["verdict"] == "yes" for it in valid) / len(valid) if valid else math.nan
+    reasons: dict[str, int] = {}
+    for it in invalid:
+        key = str(it["error"]).split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    summary = {
+        "mean_score": mean_score,
+        "yes_rate": yes_rate,
+        "n": len(items),
+        "n_valid": len(valid),
+        "n_invalid": len(invalid),
+        "invalid_ids": [it["id"] for it in invalid],
+        "invalid_reasons": reasons,
+    }
+    judge_section = {
+        **summary,
+        # strict JSON for metrics.json: no NaN, None when no item could be judged
+        "mean_score": None if math.isnan(mean_score) else mean_score,
+        "yes_rate": None if math.isnan(yes_rate) else yes_rate,
+        "template": tmpl[0],
+        "template_sha256": hash_rows([tmpl[1]]),
+        "retries": retries,
+        **llm.describe(),
+    }
+    return {**summary, "items": items, "judge": judge_section}
