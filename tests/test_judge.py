@@ -12,6 +12,7 @@ from ollama_stub import OllamaStub, StubHTTPError
 
 from medvlm.eval.judge import judge_records, parse_judgement
 from medvlm.llm import CachedLLM, InvalidJSONAnswer, OllamaLLM
+from medvlm.llm.prompts import TemplateError
 
 ITEMS = [
     {"id": "q1", "question": "Which side is the effusion?", "answer": "left", "prediction": "left side"},
@@ -134,3 +135,11 @@ def test_items_without_reference_are_invalid_not_sent():
         out = judge_records([{"id": "x", "question": "q?", "prediction": "p"}], OllamaLLM("stub-model", host=stub.host))
         assert stub.n_requests == 0
     assert out["invalid_ids"] == ["x"] and "reference" in out["items"][0]["error"]
+
+
+def test_a_template_missing_a_field_is_refused_before_any_request(tmp_path):
+    (tmp_path / "terse.txt").write_text("Q: {question} A: {prediction} {answr}")
+    with OllamaStub() as stub:
+        with pytest.raises(TemplateError, match=r"missing fields \['reference'\], unknown fields \['answr'\]"):
+            judge_records(ITEMS, OllamaLLM("stub-model", host=stub.host), template="terse", templates_dir=tmp_path)
+        assert stub.n_requests == 0

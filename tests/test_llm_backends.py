@@ -12,6 +12,7 @@ from ollama_stub import OllamaStub, StubHTTPError
 from medvlm.llm import (
     CachedLLM,
     InvalidJSONAnswer,
+    LLMConfig,
     LLMConnectionError,
     LLMModelNotFoundError,
     LLMResponseError,
@@ -58,6 +59,16 @@ def test_json_schema_is_sent_as_ollama_format():
         text = OllamaLLM("stub-model", host=stub.host).generate("classify", json_schema=SCHEMA)
         assert stub.formats == [SCHEMA]
     assert parse_and_validate(text, SCHEMA) == {"label": "a"}
+
+
+def test_stub_speaks_generate_and_tags_like_ollama():
+    import ollama
+
+    with OllamaStub(responder=lambda p, r: p[::-1]) as stub:
+        client = ollama.Client(host=stub.host)
+        assert client.generate(model="stub-model", prompt="abc").response == "cba"
+        assert [m.model for m in client.list().models] == ["stub-model:latest"]
+        assert stub.counts["abc"] == 1
 
 
 def test_host_defaults_to_env(monkeypatch):
@@ -202,6 +213,7 @@ def test_make_llm_builds_backends_and_suggests_names(tmp_path):
                     "concurrency": 3})
     assert isinstance(llm, CachedLLM) and isinstance(llm.inner, OllamaLLM)
     assert llm.concurrency == 3 and llm.describe()["host"] == "http://127.0.0.1:9"
+    assert isinstance(make_llm(LLMConfig(backend="ollama", model="m")), OllamaLLM)  # a dataclass works too
     with pytest.raises(ValueError, match="Did you mean 'ollama'"):
         make_llm({"backend": "olama", "model": "m"})
     with pytest.raises(ValueError, match="did you mean 'concurrency'"):

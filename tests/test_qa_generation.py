@@ -74,7 +74,8 @@ def test_generates_unified_records_with_provenance(tmp_path):
     rows = caption_records(3) + [make_record(id="slake-1", question="q?", answer="a", answer_type="open",
                                              source="slake", split="train", group_id="p1"),
                                  make_record(id="rocov2-empty", question="Describe.", answer="  ", source="rocov2",
-                                             answer_type="open", split="train", group_id="e")]
+                                             answer_type="open", split="train", group_id="e"),
+                                 {**caption_records(1)[0], "id": "rocov2-badmeta", "meta": "{oops"}]
     cfg = make_cfg(tmp_path, rows=rows, sources=["rocov2", "medpix"])
     with OllamaStub(responder=qa_responder) as stub:
         summary = generate_qa(cfg, llm=CachedLLM(OllamaLLM("stub-model", host=stub.host), tmp_path / "cache"))
@@ -91,9 +92,11 @@ def test_generates_unified_records_with_provenance(tmp_path):
     assert first["answer"] == "yes" and first["answer_type"] == "closed"  # "Yes." normalised
     assert {json.loads(r["meta"])["kind"] for r in gen} == {"image", "literature"}
     assert summary["skipped"] == {"source 'slake' not in sources": 1}
-    assert read_out(tmp_path, "rejects.jsonl")[0]["reason"].startswith("empty caption")
+    rejects = read_out(tmp_path, "rejects.jsonl")
+    assert rejects[0]["reason"].startswith("empty caption") and rejects[0]["item_id"] == "rocov2-empty"
+    assert rejects[1]["item_id"] == "rocov2-badmeta" and "meta is not valid JSON" in rejects[1]["reason"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["n_records"] == 20 and manifest["n_rejects"] == 1
+    assert manifest["n_records"] == 20 and manifest["n_rejects"] == 2
     assert manifest["hashes"]["generated.jsonl"] and manifest["llm"]["model"] == "stub-model"
     assert stub.formats[0]["properties"]["questions"]["items"]["properties"]["kind"]["enum"] in (["image"],
                                                                                                 ["literature"])

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from medvlm.llm import TextLLM, generate_json, make_llm
 from medvlm.llm.cache import JsonlAppender, read_jsonl
 from medvlm.llm.jsonout import InvalidJSONAnswer
-from medvlm.llm.prompts import load_template, render
+from medvlm.llm.prompts import check_template, load_template, render
 from medvlm.records import RecordError, make_record, validate_record
 from medvlm.utils.io import atomic_write_json, atomic_write_text, hash_rows, sha256_file, write_manifest
 
@@ -47,6 +47,7 @@ CONCEPT_KEYS = ("concepts", "concept_names", "cui_names", "cuis", "cui", "keywor
 # (ROCOv2 loader: cuis, concepts; MedPix loader: title ... disease_discussion)
 CASE_TEXT_KEYS = ("case_text", "title", "history", "exam", "findings", "differential", "diagnosis", "topic",
                   "disease_discussion")
+TEMPLATE_FIELDS = {"caption", "concepts", "case_text", "n_questions"}
 MAX_FIELD_CHARS = 800  # per case-text field: MedPix disease discussions run to pages
 
 
@@ -154,7 +155,8 @@ class QAGenerator:
         self.cfg, self.llm = cfg, llm
         self.templates: dict[str, tuple[str, str]] = {}
         for kind in cfg.kinds:
-            self.templates[kind] = load_template(cfg.templates[kind], cfg.prompts_dir)
+            name, text = self.templates[kind] = load_template(cfg.templates[kind], cfg.prompts_dir)
+            check_template(text, name, required={"caption", "n_questions"}, allowed=TEMPLATE_FIELDS)
 
     def template_info(self) -> dict:
         return {k: {"name": n, "sha256": hash_rows([t])} for k, (n, t) in self.templates.items()}
@@ -165,7 +167,12 @@ class QAGenerator:
 
     def __call__(self, rec: dict) -> ItemResult:
         out = ItemResult(rec["id"])
-        if not caption_context(rec)["caption"]:
+        try:
+            ctx = caption_context(rec)
+        except RecordError as err:
+            out.rejects.append(self._reject(rec, None, f"unreadable record: {err}"))
+            return out
+        if not ctx["caption"]:
             out.rejects.append(self._reject(rec, None, "empty caption: nothing to generate from"))
             return out
         for kind in self.cfg.kinds:

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 
 from medvlm.llm import TextLLM, generate_json
 from medvlm.llm.jsonout import InvalidJSONAnswer, parse_and_validate
-from medvlm.llm.prompts import load_template, render
+from medvlm.llm.prompts import check_template, load_template, render
 from medvlm.utils.io import hash_rows
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "eval" / "judge_templates"
 VERDICTS = ("yes", "no")
+TEMPLATE_FIELDS = {"question", "reference", "prediction", "caption"}
 
 JUDGE_SCHEMA: dict = {
     "type": "object",
@@ -129,6 +130,7 @@ def judge_records(
     """
     records = list(records)
     tmpl = load_template(template, templates_dir)
+    check_template(tmpl[1], tmpl[0], required={"question", "reference", "prediction"}, allowed=TEMPLATE_FIELDS)
     workers = max(1, int(concurrency or getattr(llm, "concurrency", 1) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
         futures = [pool.submit(judge_one, r, llm, tmpl, retries=retries, options=options) for r in records]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 _BLOCK = re.compile(r"\{\?(\w+)\}(.*?)\{/\1\}", re.DOTALL)
 _FIELD = re.compile(r"\{(\w+)\}")
+_BLOCK_NAMES = re.compile(r"\{\?(\w+)\}")
 
 
 class TemplateError(ValueError):
@@ -45,7 +46,15 @@ def placeholders(text: str) -> set[str]:
     return set(_FIELD.findall(text)) | set(_BLOCK_NAMES.findall(text))
 
 
-_BLOCK_NAMES = re.compile(r"\{\?(\w+)\}")
+def check_template(text: str, name: str, *, required: set[str], allowed: set[str]) -> None:
+    """Raise :class:`TemplateError` if ``text`` lacks a ``required`` field or uses one not ``allowed``."""
+    used = placeholders(text)
+    missing, unknown = required - used, used - allowed
+    if missing or unknown:
+        raise TemplateError(
+            f"template {name!r}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}; "
+            f"a template may use {sorted(allowed)} (required: {sorted(required)})"
+        )
 
 
 def render(text: str, name: str = "<template>", **values: object) -> str:
