@@ -1,0 +1,397 @@
+"""One instrumented forward pass: hooks on the decoder keep only what a diagnostic asked for.
+
+Every diagnostic in medvlm (raw attention, rollout, log-probability increase, logit lens) reads its
+tensors from :func:`capture` instead of running ``output_attentions=True`` on all layers. Hooks are
+registered on the modules the :class:`~medvlm.models.base.ModelFamily` seam names (decoder layers),
+so nothing here branches on the family. The API follows TransformerLens' ``run_with_cache``:
+``capture(...) -> (output, cache)``, hooks removed in a ``finally``, tensors detached, the cache
+indexable by ``"blocks.{layer}.{kind}"`` or ``(kind, layer)`` with negative layers.
+
+Kinds and shapes (``B`` batch, ``Hs`` selected heads, ``Q`` selected query positions, ``S``
+sequence length, ``D`` model width, ``d`` head width)::
+
+    attn        [B, Hs, Q, S]   attention rows (eager attention's weights, post-softmax)
+    attn_mean   [B, Q, S]       the same rows averaged over *all* heads (cheap rollout input)
+    resid_pre   [B, S, D]       residual stream entering the layer
+    resid_post  [B, S, D]       residual stream after the layer (before the final norm)
+    head_out    [B, Q, Hs, d]   per-head outputs: the input of ``o_proj`` split by head
+    v           [B, S, Hs, d]   value vectors per query head (grouped-query heads repeated)
+
+A tutorial on a tiny random PaliGemma (eager attention, 2 decoder layers)::
+
+    >>> import numpy as np
+    >>> from medvlm.models.tiny import TinyConfig, build_tokenizer, build_tiny
+    >>> from medvlm.models.registry import get_family
+    >>> tok = build_tokenizer(["where is the lesion in the left lung"], 300)
+    >>> model, processor = build_tiny(TinyConfig(vision_layers=1, text_layers=2), tok)
+    >>> model.set_attn_implementation("eager")
+    >>> family = get_family("paligemma")
+    >>> ex = prepare_example(model, processor, family, np.zeros((64, 64, 3), np.uint8), "where?")
+    >>> out, cache = capture(model, family, ex.inputs, layers=[-1], query_positions="last",
+    ...                      hidden_states=True)
+    >>> cache.names
+    ['blocks.1.attn', 'blocks.1.resid_post']
+    >>> tuple(cache["attn", -1].shape)[:3], cache.grid
+    ((1, 4, 1), (8, 8))
+    >>> bool(cache["attn", -1].sum(-1).allclose(cache["attn", -1].new_ones(1)))
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from medvlm.models.base import IGNORE_INDEX, ImageSpan, ModelFamily
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("attn", "attn_mean", "resid_pre", "resid_post", "head_out", "v")
+Positions = int | str | Sequence[int] | None
+
+
+class AttentionNotEagerError(RuntimeError):
+    """The model's attention returns no weights (sdpa / flash); diagnostics need eager attention."""
+
+
+EAGER_FIX = ("load the model with attn_implementation='eager' (load_model_and_processor(..., "
+             "attn_implementation='eager')) or call model.set_attn_implementation('eager')")
+
+
+# -- structure found through the family seam ----------------------------------------------------
+def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
+    """The self-attention block of one decoder layer: ``self_attn``, else the child with an o_proj."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None:
+        return attn
+    for child in layer.children():
+        if hasattr(child, "o_proj"):
+            return child
+    raise ValueError(f"no attention module with an o_proj in {type(layer).__name__}; "
+                     "the family adapter must expose standard decoder layers")
+
+
+def text_config(model: torch.nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def head_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim) of the language model."""
+    tc = text_config(model)
+    n_heads = int(tc.num_attention_heads)
+    n_kv = int(getattr(tc, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // n_heads)
+    return n_heads, n_kv, head_dim
+
+
+def check_eager(model: torch.nn.Module) -> None:
+    impl = getattr(text_config(model), "_attn_implementation", None) or model.config._attn_implementation
+    if impl not in (None, "eager"):
+        raise AttentionNotEagerError(f"the language model uses attn_implementation={impl!r}, which returns no "
+                                     f"attention weights; {EAGER_FIX}")
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def load_image(image: Any, name: str = "image") -> Image.Image:
+    """An RGB PIL image from a path, a PIL image or an array (HxW, HxWx1, HxWx3, HxWx4).
+
+    Raises ``ValueError`` naming the file or the shape when the input is not an image.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: {path} does not exist; pass an existing image file")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{name}: {path} is not a readable image ({err}); pass a PNG/JPEG file, "
+                             "a PIL image or an HxWx3 array") from err
+    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        arr = arr[..., :3] if arr.shape[-1] != 1 else arr[..., 0]
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 2 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name}: array of shape {arr.shape} and dtype {arr.dtype} is not an image; "
+                         "expected HxW or HxWxC (C in 1, 3, 4) numbers, uint8 0..255 or float 0..1")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr).convert("RGB")
+
+
+@dataclass
+class Example:
+    """One question ready for diagnostics.
+
+    ``inputs``: the processor's tensors (batch of 1, no ``labels``). ``target_positions``: the
+    positions whose next-token prediction is an answer token (position p predicts token p+1), or
+    the last position when no answer was given; ``target_ids``: those answer tokens (empty without
+    an answer: methods then use the model's prediction). ``image``: uint8 HxWx3 at the model's input
+    resolution, for overlays.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    target_positions: list[int]
+    target_ids: list[int]
+    image: np.ndarray
+    question: str
+    answer: str | None = None
+    span: ImageSpan | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, image: Any, question: str,
+                    answer: str | None = None) -> Example:
+    """Tokenise one (image, question[, answer]) with the family's own batch builders.
+
+    With an answer the sequence is teacher-forced (the family's training batch) and the target
+    positions are those predicting the answer tokens, end-of-sequence excluded.
+    """
+    from medvlm.training.data import resize_only
+
+    pil = load_image(image)
+    if answer is None:
+        batch = family.generation_batch(processor, [pil], [question])
+    else:
+        batch = family.train_batch(processor, [pil], [question], [answer])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    ids = inputs["input_ids"][0]
+    eos = processor.tokenizer.eos_token_id
+    if answer is None:
+        positions, targets = [int(ids.shape[0]) - 1], []
+    else:
+        labels = batch["labels"][0]
+        keep = [p for p in range(1, ids.shape[0]) if labels[p] != IGNORE_INDEX and int(ids[p]) != eos]
+        if not keep:
+            raise ValueError(f"answer {answer!r} produced no answer tokens for question {question!r}")
+        positions, targets = [p - 1 for p in keep], [int(ids[p]) for p in keep]
+    check_length(model, int(ids.shape[0]))
+    span = family.image_span(model, ids)
+    return Example(inputs, positions, targets, resize_only(processor, [pil])[0], question, answer, span)
+
+
+def check_length(model: torch.nn.Module, seq_len: int) -> None:
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and seq_len > int(limit):
+        raise ValueError(f"the sequence has {seq_len} tokens but the language model's maximum length "
+                         f"(max_position_embeddings) is {int(limit)}; shorten the question or answer")
+
+
+def _check_pixels(model: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
+    px = inputs.get("pixel_values")
+    if px is None:
+        return
+    vc = getattr(model.config, "vision_config", None)
+    size = getattr(vc, "image_size", None)
+    if px.ndim != 4 or px.shape[1] != 3 or (isinstance(size, int) and tuple(px.shape[-2:]) != (size, size)):
+        raise ValueError(f"pixel_values has shape {tuple(px.shape)}; expected [batch, 3, {size}, {size}] "
+                         "as the processor makes it (pass the image through prepare_example)")
+
+
+# -- the cache -----------------------------------------------------------------------------------
+@dataclass
+class Cache:
+    """Tensors of one capture pass, by name ``blocks.{layer}.{kind}`` (see the module docstring)."""
+
+    tensors: dict[str, torch.Tensor]
+    n_layers: int
+    seq_len: int
+    query_positions: list[int]
+    heads: list[int]
+    image_spans: list[ImageSpan]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def image_span(self) -> ImageSpan:
+        return self.image_spans[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_span.grid
+
+    def key(self, kind: str, layer: int) -> str:
+        if kind not in KINDS:
+            raise KeyError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise KeyError(f"layer {layer} out of range for {self.n_layers} decoder layers")
+        return f"blocks.{layer % self.n_layers}.{kind}"
+
+    def __getitem__(self, key: str | tuple[str, int]) -> torch.Tensor:
+        name = self.key(*key) if isinstance(key, tuple) else key
+        if name not in self.tensors:
+            raise KeyError(f"{name!r} was not captured; captured: {self.names}. Ask for it in capture(...)")
+        return self.tensors[name]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def layers(self, kind: str) -> list[int]:
+        """Layers (ascending) for which ``kind`` was captured."""
+        return sorted(int(n.split(".")[1]) for n in self.tensors if n.endswith(f".{kind}"))
+
+    def stack(self, kind: str) -> torch.Tensor:
+        """``kind`` of every captured layer stacked on a new first axis (ascending layers)."""
+        layers = self.layers(kind)
+        if not layers:
+            raise KeyError(f"no {kind!r} captured; captured: {self.names}")
+        return torch.stack([self.tensors[f"blocks.{layer}.{kind}"] for layer in layers])
+
+    def query_index(self, position: int) -> int:
+        """Row of the captured attention / head outputs that holds sequence position ``position``."""
+        pos = position % self.seq_len
+        if pos not in self.query_positions:
+            raise KeyError(f"position {position} was not captured; captured {self.query_positions}")
+        return self.query_positions.index(pos)
+
+
+# -- the pass ------------------------------------------------------------------------------------
+def resolve_positions(positions: Positions, seq_len: int, span: ImageSpan | None = None) -> list[int]:
+    """Positions as sorted unique non-negative ints: None = all, "last", "image", ints (negative ok)."""
+    if positions is None:
+        return list(range(seq_len))
+    if isinstance(positions, str):
+        if positions == "last":
+            return [seq_len - 1]
+        if positions == "image" and span is not None:
+            return list(range(span.start, span.end))
+        raise ValueError(f"query_positions={positions!r}; expected None, 'last', 'image' or integers")
+    items = [positions] if isinstance(positions, int) else list(positions)
+    bad = [p for p in items if not -seq_len <= int(p) < seq_len]
+    if bad:
+        raise ValueError(f"query positions {bad} outside a sequence of {seq_len} tokens")
+    return sorted({int(p) % seq_len for p in items})
+
+
+def _resolve_layers(layers: int | Iterable[int] | None, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    items = [layers] if isinstance(layers, int) else list(layers)
+    bad = [x for x in items if not -n <= x < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for {n} decoder layers")
+    return sorted({x % n for x in items})
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def capture(
+    model: torch.nn.Module,
+    family: ModelFamily,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    layers: int | Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    query_positions: Positions = None,
+    attention: bool = True,
+    attention_mean: bool = False,
+    hidden_states: bool = False,
+    resid_pre: bool = False,
+    head_outputs: bool = False,
+    values: bool = False,
+    names_filter: Callable[[str], bool] | Iterable[str] | None = None,
+    grad: bool = False,
+) -> tuple[Any, Cache]:
+    """Run ``model(**inputs)`` once and keep only the requested tensors (see the module docstring).
+
+    ``layers`` / ``heads``: indices (negative layers allowed; None = all). ``query_positions``: rows
+    of attention and head outputs to keep (None = all, "last", "image", or ints). ``names_filter``
+    further restricts by full name (a predicate or a collection of names). Tensors are detached
+    (``grad=False`` also runs without autograd). The model runs in eval mode; its mode is restored.
+    """
+    if attention or attention_mean:
+        check_eager(model)
+    if "input_ids" not in inputs:
+        raise KeyError(f"inputs need 'input_ids'; found {sorted(inputs)}")
+    input_ids = inputs["input_ids"]
+    seq_len = int(input_ids.shape[-1])
+    check_length(model, seq_len)
+    _check_pixels(model, inputs)
+    spans = [family.image_span(model, row) for row in input_ids]
+    blocks = family.decoder_layers(model)
+    n_heads, n_kv, head_dim = head_layout(model)
+    chosen = _resolve_layers(layers, len(blocks))
+    head_idx = list(range(n_heads)) if heads is None else sorted({int(h) for h in heads})
+    if any(not 0 <= h < n_heads for h in head_idx):
+        raise ValueError(f"heads {head_idx} out of range for {n_heads} heads")
+    rows = resolve_positions(query_positions, seq_len, spans[0])
+    kinds = [k for k, on in zip(KINDS, (attention, attention_mean, resid_pre, hidden_states, head_outputs,
+                                         values), strict=True) if on]
+    keep = names_filter if callable(names_filter) or names_filter is None else set(names_filter).__contains__
+    wanted = {layer: [k for k in kinds if keep is None or keep(f"blocks.{layer}.{k}")] for layer in chosen}
+    store: dict[str, torch.Tensor] = {}
+    rows_t, heads_t = torch.tensor(rows), torch.tensor(head_idx)
+
+    def put(layer: int, kind: str, tensor: torch.Tensor) -> None:
+        store[f"blocks.{layer}.{kind}"] = tensor.detach()
+
+    def on_attn(layer: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if weights is None:
+                raise AttentionNotEagerError(f"decoder layer {layer} returned no attention weights; {EAGER_FIX}")
+            picked = weights.index_select(2, rows_t.to(weights.device))  # [B, H, Q, S]
+            if "attn" in wanted[layer]:
+                put(layer, "attn", picked.index_select(1, heads_t.to(weights.device)))
+            if "attn_mean" in wanted[layer]:
+                put(layer, "attn_mean", picked.mean(1))
+        return hook
+
+    def on_o_proj(layer: int):
+        def hook(module, args):
+            x = args[0].index_select(1, rows_t.to(args[0].device))  # [B, Q, H*d]
+            put(layer, "head_out", x.unflatten(-1, (n_heads, head_dim))[:, :, heads_t])
+        return hook
+
+    def on_v_proj(layer: int):
+        def hook(module, args, output):
+            v = output.unflatten(-1, (n_kv, head_dim)).repeat_interleave(n_heads // n_kv, dim=2)
+            put(layer, "v", v[:, :, heads_t])  # [B, S, Hs, d]
+        return hook
+
+    handles = []
+    was_training = model.training
+    try:
+        for layer, ks in wanted.items():
+            block = blocks[layer]
+            attn = attention_module(block)
+            if "attn" in ks or "attn_mean" in ks:
+                handles.append(attn.register_forward_hook(on_attn(layer)))
+            if "head_out" in ks:
+                handles.append(attn.o_proj.register_forward_pre_hook(on_o_proj(layer)))
+            if "v" in ks:
+                handles.append(attn.v_proj.register_forward_hook(on_v_proj(layer)))
+            if "resid_post" in ks:
+                handles.append(block.register_forward_hook(
+                    lambda m, a, o, layer=layer: put(layer, "resid_post", _first(o))))
+            if "resid_pre" in ks:
+                handles.append(block.register_forward_pre_hook(
+                    lambda m, a, kw, layer=layer: put(layer, "resid_pre", a[0] if a else kw["hidden_states"]),
+                    with_kwargs=True))
+        model.eval()
+        with torch.set_grad_enabled(grad):
+            output = model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    order = {f"blocks.{layer}.{k}": (layer, KINDS.index(k)) for layer in chosen for k in KINDS}
+    tensors = dict(sorted(store.items(), key=lambda kv: order[kv[0]]))
+    return output, Cache(tensors, len(blocks), seq_len, rows, head_idx, spans)

@@ -1,0 +1,84 @@
+"""Grad-CAM on the vision tower (Selvaraju et al. 2017, "Grad-CAM: visual explanations from deep
+networks via gradient-based localization").
+
+The activations A [patches, channels] are the output of the vision tower's last encoder layer
+(what LLaVA's ``vision_feature_layer=-1`` and PaliGemma's projector read). The score is the summed
+log-probability of the target tokens at their positions (the answer tokens when the example holds
+an answer, else the model's own prediction at the last position; the caller may pass token ids).
+Channel weights α_c = mean over patches of ∂score/∂A_pc; map = ReLU(Σ_c α_c A_pc) on the grid.
+
+When the tower emits extra tokens before the patches (CLIP's class token) the last rows*cols
+tokens are the patches. A map that ReLU zeroes entirely (no patch raises the score) is returned as
+zeros; score it with care (``attention_quality`` rejects all-zero maps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medvlm.diagnostics.capture import Example, _check_pixels, _first, check_length
+from medvlm.models.base import ModelFamily
+
+
+def vision_layers(model: torch.nn.Module, family: ModelFamily) -> torch.nn.ModuleList:
+    """The encoder layers of the vision tower: its longest ``ModuleList`` named ``*layers``."""
+    tower = family.get_part(model, "vision_tower")
+    found = [m for name, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList)
+             and name.split(".")[-1] == "layers"]
+    if not found:
+        raise ValueError(f"no encoder layers found in the vision tower {type(tower).__name__}; "
+                         "expected a ModuleList named 'layers'")
+    return max(found, key=len)
+
+
+def target_logprob(logits: torch.Tensor, positions: Sequence[int], target_ids: Sequence[int] | None
+                   ) -> tuple[torch.Tensor, list[int]]:
+    """Summed log p(target | prefix) over positions (batch item 0); None targets = argmax there."""
+    logp = torch.log_softmax(logits[0, list(positions)].float(), dim=-1)  # [P, V]
+    ids = list(target_ids) if target_ids else logp.argmax(-1).tolist()
+    if len(ids) != len(positions):
+        raise ValueError(f"{len(ids)} target ids for {len(positions)} positions; pass one id per position")
+    return logp[torch.arange(len(ids)), torch.tensor(ids)].sum(), ids
+
+
+def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
+            target_ids: Sequence[int] | None = None, positions: Sequence[int] | None = None) -> np.ndarray:
+    """Grad-CAM map (rows, cols) for ``example`` (see module docstring).
+
+    ``target_ids`` / ``positions`` default to the example's answer tokens and their predicting
+    positions (or the predicted token at the last position when there is no answer).
+    """
+    positions = list(positions) if positions is not None else example.target_positions
+    targets = target_ids if target_ids is not None else (example.target_ids or None)
+    check_length(model, int(example.inputs["input_ids"].shape[-1]))
+    _check_pixels(model, example.inputs)
+    span = family.image_span(model, example.inputs["input_ids"][0])
+    acts: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        t = _first(output)
+        if not t.requires_grad:  # frozen tower (e.g. LoRA on the LM only): make A a leaf that takes grads
+            t = t.detach().requires_grad_(True)
+            output = (t, *output[1:]) if isinstance(output, tuple) else t
+        acts.append(t)
+        return output
+
+    handle = vision_layers(model, family)[-1].register_forward_hook(keep)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            out = model(**example.inputs, use_cache=False)
+            score, _ = target_logprob(out.logits, positions, targets)
+            (grads,) = torch.autograd.grad(score, acts[-1])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    n = span.grid[0] * span.grid[1]
+    a, g = acts[-1][0, -n:].detach().float(), grads[0, -n:].float()  # [N, C]
+    weights = g.mean(0)  # alpha_c
+    cam = torch.relu(a @ weights)
+    return cam.reshape(span.grid).double().numpy()

@@ -1,0 +1,174 @@
+"""Logit lens over the image tokens (nostalgebraist 2020, "interpreting GPT: the logit lens").
+
+Each decoder layer's residual stream at each image position is read as if it were the last layer:
+final norm → unembedding → softmax. For every (layer, patch) we keep the top-k tokens and their
+probabilities, the layer where the patch's top-1 probability peaks ("best layer"), a per-layer table
+of the tokens most often decoded at image positions, and a self-contained HTML page (inline CSS and
+JS, no network; every text HTML-escaped, the data block JSON-escaped) where hovering a patch shows
+its best layer and top-5 tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medvlm.diagnostics.capture import Example, capture, text_config
+from medvlm.models.base import ModelFamily
+from medvlm.utils.io import atomic_write_text
+
+
+def residual_to_logits(model: torch.nn.Module, family: ModelFamily, resid: torch.Tensor) -> torch.Tensor:
+    """Logits from residual vectors [..., D]: final norm, unembedding, and the final-logit
+    soft-capping (tanh(z / cap) · cap) when the text config sets it (Gemma 2)."""
+    head = family.unembed(model)
+    logits = head(family.final_norm(model)(resid.to(head.weight.dtype)))
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+@dataclass
+class LogitLens:
+    """Top-k decoded tokens per (layer, image patch). Arrays are [layers, patches, k]."""
+
+    layers: list[int]
+    positions: list[int]
+    grid: tuple[int, int]
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+    top_tokens: list[list[list[str]]]
+
+    @property
+    def best_layer_index(self) -> np.ndarray:
+        """Per patch, the index into ``layers`` where the top-1 probability is highest: [patches]."""
+        return self.top_probs[:, :, 0].argmax(0)
+
+    @property
+    def best_layer(self) -> np.ndarray:
+        """Per patch, the decoder layer (its index in the model) of highest top-1 probability."""
+        return np.asarray(self.layers)[self.best_layer_index]
+
+    @property
+    def best_prob(self) -> np.ndarray:
+        return self.top_probs[:, :, 0].max(0)
+
+    def confidence_map(self) -> np.ndarray:
+        """The best-layer top-1 probability of each patch, as a (rows, cols) map."""
+        return self.best_prob.reshape(self.grid)
+
+    def best_layer_map(self) -> np.ndarray:
+        return self.best_layer.reshape(self.grid)
+
+
+def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer, *, k: int = 5,
+               layers: Sequence[int] | None = None, chunk: int = 64) -> LogitLens:
+    """Logit lens at the image positions of ``example`` for ``layers`` (default all), from one pass.
+
+    ``chunk`` image positions are unembedded at a time to bound memory (vocab x chunk floats).
+    """
+    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True)
+    span = cache.image_span
+    used = cache.layers("resid_post")
+    ids, probs = [], []
+    with torch.no_grad():
+        for layer in used:
+            h = cache["resid_post", layer][0, span.start:span.end]
+            top = [torch.softmax(residual_to_logits(model, family, h[i:i + chunk]), -1).topk(k, dim=-1)
+                   for i in range(0, h.shape[0], chunk)]
+            ids.append(torch.cat([t.indices for t in top]))
+            probs.append(torch.cat([t.values for t in top]))
+    top_ids = torch.stack(ids).numpy()
+    tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
+    return LogitLens(used, list(range(span.start, span.end)), span.grid, top_ids,
+                     torch.stack(probs).double().numpy(), tokens)
+
+
+def layer_table(lens: LogitLens, n: int = 5) -> list[dict]:
+    """Per layer, the ``n`` top-1 tokens decoded most often at image positions.
+
+    Rows: ``{"layer", "tokens": [{"token", "count", "share", "mean_prob"}]}`` (share of patches).
+    """
+    rows = []
+    n_patches = len(lens.positions)
+    for li, layer in enumerate(lens.layers):
+        firsts = [cell[0] for cell in lens.top_tokens[li]]
+        probs = lens.top_probs[li, :, 0]
+        entries = []
+        for token, count in Counter(firsts).most_common(n):
+            mask = np.array([t == token for t in firsts])
+            entries.append({"token": token, "count": count, "share": count / n_patches,
+                            "mean_prob": float(probs[mask].mean())})
+        rows.append({"layer": layer, "tokens": entries})
+    return rows
+
+
+# -- the interactive page ------------------------------------------------------------------------
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+.wrap{display:flex;gap:2em;align-items:flex-start}
+.img{position:relative;width:384px;height:384px;background-size:100% 100%;image-rendering:pixelated}
+.grid{position:absolute;inset:0;display:grid}
+.cell{border:1px solid rgba(255,255,255,.15);box-sizing:border-box}
+.cell:hover{outline:2px solid #fff}
+#panel{min-width:260px;font-family:monospace;white-space:pre}
+table{border-collapse:collapse;margin-top:1.5em}td,th{border:1px solid #ccc;padding:2px 6px;font-family:monospace}"""
+
+_JS = """const d=JSON.parse(document.getElementById('lens-data').textContent);
+const g=document.getElementById('grid');g.style.gridTemplateColumns='repeat('+d.cols+',1fr)';
+const panel=document.getElementById('panel');
+d.cells.forEach((c,i)=>{const e=document.createElement('div');e.className='cell';
+e.style.background='rgba(255,60,0,'+(0.6*c.p/d.pmax).toFixed(3)+')';
+e.addEventListener('mouseenter',()=>{let t='patch '+Math.floor(i/d.cols)+','+(i%d.cols)+
+'\\nbest layer '+c.layer+'\\n';c.top.forEach(x=>{t+=JSON.stringify(x[0])+'  '+x[1].toFixed(3)+'\\n'});
+panel.textContent=t;});g.appendChild(e);});"""
+
+
+def _png_data_uri(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _json_for_script(obj) -> str:
+    """JSON safe inside <script>: '<', '>' and '&' become \\u escapes, so no tag can close it."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def lens_html(lens: LogitLens, image: np.ndarray, question: str = "", title: str = "Logit lens") -> str:
+    """A self-contained page: image with a hoverable patch grid, and the per-layer token table."""
+    best = lens.best_layer_index
+    cells = [{"layer": int(lens.layers[b]), "p": float(lens.top_probs[b, i, 0]),
+              "top": [[lens.top_tokens[b][i][j], float(lens.top_probs[b, i, j])]
+                      for j in range(min(5, lens.top_probs.shape[2]))]} for i, b in enumerate(best)]
+    data = {"cols": lens.grid[1], "cells": cells, "pmax": max(float(lens.best_prob.max()), 1e-12)}
+    table = "".join(
+        f"<tr><td>{layer['layer']}</td><td>"
+        + ", ".join(f"{html.escape(repr(t['token']))} ({t['share']:.0%}, p={t['mean_prob']:.2f})"
+                    for t in layer["tokens"]) + "</td></tr>" for layer in layer_table(lens))
+    esc = html.escape
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>"
+            f"<p><b>Question:</b> {esc(question)}</p><div class='wrap'>"
+            f"<div class='img' style=\"background-image:url('{_png_data_uri(image)}')\">"
+            "<div class='grid' id='grid'></div></div><div id='panel'>hover a patch</div></div>"
+            "<table><tr><th>layer</th><th>top-1 tokens at image positions (share of patches, mean p)</th></tr>"
+            f"{table}</table><script type='application/json' id='lens-data'>{_json_for_script(data)}</script>"
+            f"<script>{_JS}</script></body></html>")
+
+
+def write_lens_html(path: str | os.PathLike, lens: LogitLens, image: np.ndarray, question: str = "",
+                    title: str = "Logit lens") -> Path:
+    """Write :func:`lens_html` atomically to ``path``."""
+    return atomic_write_text(path, lens_html(lens, image, question, title))

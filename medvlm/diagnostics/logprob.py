@@ -1,0 +1,131 @@
+"""Log-probability increase per image position and per attention head.
+
+After Yu & Ananiadou 2024, "Understanding multimodal LLMs: the mechanistic interpretability of
+Llava in visual question answering": for the predicted token w at the query position q,
+
+    delta(l, h, j) = log p(w | x + c_lhj) - log p(w | x)
+
+where x is the final residual stream at q (the last decoder layer's output, before the final norm)
+and c_lhj = a_lh[q, j] · (v_lh[j] @ W_O,h^T) is head h of layer l's weighted value vector from
+source position j, projected through that head's slice of ``o_proj`` (its exact share of the
+attention output: summing c over heads and positions gives ``o_proj``'s output without bias).
+
+Everything comes from ONE forward pass with hooks (attention rows at q, value vectors, the final
+residual); the logits of all (layer, head, position) candidates are then computed in vectorised
+chunks: x + c → final norm → unembedding → log_softmax[w].
+
+Position map: ``reduce="sum"`` (default) adds delta over all layers and heads, the total evidence
+for w carried from a patch; ``"max"`` keeps the strongest single head, which highlights patches
+read by one specialised head. Head scores: delta summed over the image positions; the top 10 heads
+are the (layer, head) pairs with the largest total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medvlm.diagnostics.capture import Cache, Example, attention_module, capture, head_layout
+from medvlm.diagnostics.logit_lens import residual_to_logits
+from medvlm.models.base import ModelFamily
+
+
+@dataclass
+class LogProbIncrease:
+    """delta [layers, heads, positions] for one predicted token (see module docstring)."""
+
+    target_id: int
+    target_token: str
+    query_position: int
+    base_logprob: float
+    layers: list[int]
+    heads: list[int]
+    positions: list[int]
+    image_positions: list[int]
+    grid: tuple[int, int]
+    delta: np.ndarray
+
+    def _image_delta(self) -> np.ndarray:
+        idx = [self.positions.index(p) for p in self.image_positions]
+        return self.delta[:, :, idx]
+
+    def position_map(self, reduce: str = "sum") -> np.ndarray:
+        """Per image position, delta summed (or maxed) over layers and heads: a signed (rows, cols) map.
+
+        Use ``np.clip(m, 0, None)`` before scoring with attention_quality (which needs >= 0).
+        """
+        d = self._image_delta()
+        if reduce == "sum":
+            return d.sum((0, 1)).reshape(self.grid)
+        if reduce == "max":
+            return d.max((0, 1)).reshape(self.grid)
+        raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'max'")
+
+    @property
+    def head_scores(self) -> np.ndarray:
+        """Total increase over image positions per (layer, head): [layers, heads]."""
+        return self._image_delta().sum(-1)
+
+    def top_heads(self, n: int = 10) -> list[tuple[int, int, float]]:
+        """The ``n`` (layer, head, total increase) with the largest total over image positions."""
+        scores = self.head_scores
+        order = np.argsort(scores, axis=None)[::-1][:n]
+        return [(self.layers[i // scores.shape[1]], self.heads[i % scores.shape[1]], float(scores.flat[i]))
+                for i in order]
+
+
+def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layer: int, query: int,
+                       positions: Sequence[int]) -> torch.Tensor:
+    """c for one layer: [heads, positions, D], from captured ``attn`` rows at ``query`` and ``v``."""
+    n_heads, _, head_dim = head_layout(model)
+    a = cache["attn", layer][0][:, cache.query_index(query), list(positions)].float()  # [H, P]
+    v = cache["v", layer][0][list(positions)].float()  # [P, H, d]
+    w_o = attention_module(family.decoder_layers(model)[layer]).o_proj.weight.float()  # [D, H*d]
+    w_o = w_o.unflatten(1, (n_heads, head_dim))[:, cache.heads]  # [D, H, d]
+    return torch.einsum("hp,phd,Dhd->hpD", a, v, w_o)
+
+
+@torch.no_grad()
+def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer=None, *,
+                     layers: Sequence[int] | None = None, positions: str | Sequence[int] = "image",
+                     query_position: int | None = None, target_id: int | None = None,
+                     chunk: int = 512) -> LogProbIncrease:
+    """delta for every (layer, head, source position) from one capture pass.
+
+    ``query_position`` defaults to the example's first target position (the last prompt position
+    without an answer); ``target_id`` to the example's answer token there, else the model's
+    prediction. ``positions``: ``"image"`` (default), ``"all"`` or explicit source positions.
+    ``chunk`` candidates are unembedded at a time (chunk x vocab floats).
+    """
+    n_layers = len(family.decoder_layers(model))
+    last = n_layers - 1
+    chosen = sorted({x % n_layers for x in layers}) if layers is not None else list(range(n_layers))
+    q = example.target_positions[0] if query_position is None else query_position
+    seq_len = int(example.inputs["input_ids"].shape[-1])
+    q %= seq_len
+    wanted = {f"blocks.{layer}.{kind}" for layer in chosen for kind in ("attn", "v")} | {f"blocks.{last}.resid_post"}
+    output, cache = capture(model, family, example.inputs, layers=sorted(set(chosen) | {last}), query_positions=[q],
+                            values=True, hidden_states=True, names_filter=wanted)
+    span = cache.image_span
+    image_positions = list(range(span.start, span.end))
+    if isinstance(positions, str):
+        if positions not in ("image", "all"):
+            raise ValueError(f"positions={positions!r}; expected 'image', 'all' or a list of ints")
+        src = image_positions if positions == "image" else list(range(seq_len))
+    else:
+        src = sorted({int(p) % seq_len for p in positions} | set(image_positions))
+    if target_id is None:
+        target_id = (example.target_ids[0] if example.target_ids and query_position is None
+                     else int(output.logits[0, q].argmax()))
+    x = cache["resid_post", last][0, q].float()
+    base = float(torch.log_softmax(residual_to_logits(model, family, x), -1)[target_id])
+    contrib = torch.stack([head_contributions(model, family, cache, layer, q, src) for layer in chosen])
+    flat = contrib.reshape(-1, contrib.shape[-1])  # [L*H*P, D]
+    deltas = torch.cat([torch.log_softmax(residual_to_logits(model, family, x + flat[i:i + chunk]), -1)[:, target_id]
+                        for i in range(0, flat.shape[0], chunk)]) - base
+    token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
+    return LogProbIncrease(int(target_id), token, q, base, chosen, list(cache.heads), src, image_positions,
+                           span.grid, deltas.reshape(contrib.shape[:3]).double().numpy())
