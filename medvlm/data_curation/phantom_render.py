@@ -118,13 +118,13 @@ def sample_lesion(rng: np.random.Generator, body_part: str, view: str) -> Lesion
     zones = ORGANS[body_part]["zones"]
     zone = zones[rng.integers(2)]
     ocx, ocy, oax, oay = _paired_organs(body_part, view)[side]
-    radius = {"nodule": rng.uniform(0.07, 0.1), "mass": rng.uniform(0.12, 0.17),
-              "cyst": rng.uniform(0.09, 0.13)}[finding]
+    radius = {"nodule": rng.uniform(0.08, 0.11), "mass": rng.uniform(0.14, 0.19),
+              "cyst": rng.uniform(0.11, 0.15)}[finding]
     # upper / frontal zone is the top half of the organ (smaller y)
     sign = -1.0 if zone == zones[0] else 1.0
     cy = ocy + sign * rng.uniform(0.3, 0.6) * oay
     cx = ocx + rng.uniform(-0.35, 0.35) * oax
-    contrast = rng.uniform(0.3, 0.55)
+    contrast = rng.uniform(0.35, 0.6)
     return Lesion(finding, side, zone, float(cx), float(cy), float(radius), float(contrast), body_part)
 
 

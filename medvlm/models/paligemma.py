@@ -42,7 +42,9 @@ class PaliGemmaFamily(ModelFamily):
     def generation_batch(self, processor, images, questions, **kwargs) -> BatchFeature:
         processor.tokenizer.padding_side = "left"
         try:
-            return processor(images=images, text=self._prompts(processor, questions), padding="longest",
-                             return_tensors="pt", **kwargs)
+            batch = processor(images=images, text=self._prompts(processor, questions), padding="longest",
+                              return_tensors="pt", **kwargs)
+            batch.pop("labels", None)  # the processor adds all-ignored labels; generate must not see them
+            return batch
         finally:
             processor.tokenizer.padding_side = "right"

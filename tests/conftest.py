@@ -1,0 +1,64 @@
+"""Shared fixtures: offline, seeded, a private MEDVLM_HOME, and tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def medvlm_home(tmp_path_factory):
+    """One MEDVLM_HOME for the session (phantom data are built once per config)."""
+    home = tmp_path_factory.mktemp("medvlm_home")
+    old = os.environ.get("MEDVLM_HOME")
+    os.environ["MEDVLM_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("MEDVLM_HOME", None)
+    else:
+        os.environ["MEDVLM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def small_phantom(medvlm_home):
+    from medvlm.data_curation.phantom import PhantomConfig, build_phantom
+
+    cfg = PhantomConfig(n_patients=36)
+    build_phantom(cfg)
+    return cfg
+
+
+def _tiny_folder(family: str, root, phantom_cfg):
+    """A random tiny model of ``family`` saved with its processor (no pre-training: fast)."""
+    from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer, phantom_corpus
+
+    cfg = TinyConfig(family=family, phantom=phantom_cfg, **TINY)
+    tok = build_tokenizer(phantom_corpus(phantom_cfg), cfg.vocab_size)
+    model, processor = build_tiny(cfg, tok)
+    folder = root / f"tiny-{family}"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma(tmp_path_factory, small_phantom):
+    return _tiny_folder("paligemma", tmp_path_factory.mktemp("models"), small_phantom)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory, small_phantom):
+    return _tiny_folder("llava", tmp_path_factory.mktemp("models"), small_phantom)
+
+
+@pytest.fixture(params=["paligemma", "llava"])
+def tiny_model(request):
+    """Both families, for contract tests run against every family."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")

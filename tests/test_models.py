@@ -1,0 +1,126 @@
+"""Model-family adapters: exact label masks, LoRA targets per tower, image spans, loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.models import IGNORE_INDEX, get_family, load_model_and_processor
+from medvlm.training.arguments import LoraArguments
+from medvlm.training.lora import attach_lora, lora_config, trainable_by_tower
+
+IMAGES = [np.full((64, 64, 3), 30, np.uint8), np.full((64, 64, 3), 200, np.uint8)]
+QUESTIONS = ["Is there an abnormality in this image?", "Which part of the body does this image show?"]
+ANSWERS = ["yes", "left lower lung"]
+
+
+def _labelled(tokenizer, labels_row):
+    return tokenizer.decode([int(t) for t in labels_row if t != IGNORE_INDEX])
+
+
+def test_paligemma_golden_label_mask(tiny_paligemma):
+    loaded = load_model_and_processor(str(tiny_paligemma))
+    fam, proc = loaded.family, loaded.processor
+    tok = proc.tokenizer
+    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False)
+    ids, labels, tt, am = (batch[k] for k in ("input_ids", "labels", "token_type_ids", "attention_mask"))
+    n_image = 64
+    for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
+        prompt = tok(f"answer en {q}", add_special_tokens=False)["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        newline = tok("\n", add_special_tokens=False)["input_ids"]
+        prefix = n_image + 1 + len(prompt) + len(newline)  # image tokens, <bos>, prompt, "\n"
+        length = prefix + len(answer)
+        expected = torch.full_like(labels[i], IGNORE_INDEX)
+        expected[prefix:length] = torch.tensor(answer)
+        assert labels[i].tolist() == expected.tolist()
+        # prefix-LM: token_type_ids are 1 exactly on the answer (and its EOS)
+        assert tt[i, :length].tolist() == [0] * prefix + [1] * len(answer)
+        assert am[i].sum() == length  # right padding after the answer
+        assert ids[i, :n_image].tolist() == [proc.image_token_id] * n_image
+        assert ids[i, n_image] == tok.bos_token_id
+        assert _labelled(tok, labels[i]) == a + tok.eos_token
+
+
+def test_llava_golden_label_mask(tiny_llava):
+    loaded = load_model_and_processor(str(tiny_llava))
+    fam, proc = loaded.family, loaded.processor
+    tok = proc.tokenizer
+    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False, do_center_crop=False)
+    ids, labels, am = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
+        prompt = f"{tok.bos_token}USER: {'<image>' * 64}\n{q} ASSISTANT:"
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        answer = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected = torch.full_like(labels[i], IGNORE_INDEX)
+        expected[n_prompt:n_prompt + len(answer)] = torch.tensor(answer)
+        assert labels[i].tolist() == expected.tolist()
+        assert am[i].sum() == n_prompt + len(answer)
+        assert _labelled(tok, labels[i]).strip() == a + tok.eos_token
+        assert (ids[i] == proc.image_token_id).sum() == 64
+
+
+def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
+    family, folder = tiny_model
+    loaded = load_model_and_processor(str(folder))
+    batch = loaded.family.generation_batch(loaded.processor, IMAGES, ["short?", QUESTIONS[1]],
+                                           do_resize=False, do_center_crop=False)
+    am = batch["attention_mask"]
+    assert am[0, 0] == 0 and am[0, -1] == 1 and am[1].all()  # left padding
+    assert "labels" not in batch or batch["labels"] is None
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_image_span_comes_from_the_sequence(tiny_model):
+    family, folder = tiny_model
+    loaded = load_model_and_processor(str(folder))
+    batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], do_resize=False,
+                                           do_center_crop=False)
+    span = loaded.family.image_span(loaded.model, batch["input_ids"][0])
+    assert span.grid == (8, 8) and span.end - span.start == 64
+    with pytest.raises(ValueError, match="no image tokens"):
+        loaded.family.image_span(loaded.model, torch.tensor([1, 2, 3]))
+
+
+def _targets(model):
+    return {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_paper_preset_misses_siglip_out_proj_and_mlp_full_preset_covers_them(tiny_paligemma):
+    fam = get_family("paligemma")
+    paper = attach_lora(load_model_and_processor(str(tiny_paligemma)).model, fam,
+                        LoraArguments(lora_preset="paper", lora_towers=["vision", "language"]), "x")
+    full = attach_lora(load_model_and_processor(str(tiny_paligemma)).model, fam,
+                       LoraArguments(lora_preset="full"), "x")
+    paper_t, full_t = _targets(paper), _targets(full)
+    vision = lambda names, leaf: [n for n in names if "vision_tower" in n and n.endswith(leaf)]  # noqa: E731
+    for leaf in ("q_proj", "k_proj", "v_proj"):
+        assert vision(paper_t, leaf) and vision(full_t, leaf)
+    for leaf in ("out_proj", "fc1", "fc2"):
+        assert not vision(paper_t, leaf), f"paper names should miss SigLIP {leaf}"
+        assert vision(full_t, leaf)
+    assert any("multi_modal_projector" in n for n in full_t)
+    assert not any("multi_modal_projector" in n for n in paper_t)
+    assert lora_config(fam, LoraArguments(lora_preset="paper")).r == 12
+
+
+def test_trainable_parameters_per_tower(tiny_model):
+    family, folder = tiny_model
+    fam = get_family(family)
+    model = attach_lora(load_model_and_processor(str(folder)).model, fam,
+                        LoraArguments(lora_towers=["language"]), "x")
+    counts = trainable_by_tower(model, fam)
+    assert counts["language"]["trainable"] > 0
+    assert counts["vision"]["trainable"] == 0 and counts["vision"]["total"] > 0
+    assert counts["projector"]["trainable"] == 0
+
+
+def test_unknown_family_suggests_the_closest():
+    with pytest.raises(ValueError, match="Did you mean 'paligemma'"):
+        get_family("paligema")
+
+
+def test_loading_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_and_processor(str(tmp_path / "nope"))
