@@ -434,19 +434,22 @@ STEPS: dict[str, type[FilterStep]] = {cls.name: cls for cls in (
     AnswerInQuestion, BlindCheck)}
 
 
-def make_step(name: str, **options: Any) -> FilterStep:
-    """A step by name with its options; unknown names or options raise :class:`FilterConfigError`."""
+def _check_step(name: str, options: dict[str, Any]) -> type[FilterStep]:
     if name not in STEPS:
         raise FilterConfigError(_did_you_mean(name, list(STEPS), "filter step"))
-    cls = STEPS[name]
-    allowed = [f.name for f in dataclasses.fields(cls)]
+    allowed = [f.name for f in dataclasses.fields(STEPS[name])]
     for key in options:
         if key not in allowed:
             raise FilterConfigError(_did_you_mean(key, allowed, f"option of filter step {name!r}"))
-    if "fields" in options:
-        options["fields"] = tuple(options["fields"])
-    if "answer_types" in options:
-        options["answer_types"] = tuple(options["answer_types"])
+    return STEPS[name]
+
+
+def make_step(name: str, **options: Any) -> FilterStep:
+    """A step by name with its options; unknown names or options raise :class:`FilterConfigError`."""
+    cls = _check_step(name, options)
+    for key in ("fields", "answer_types"):
+        if key in options:
+            options[key] = tuple(options[key])
     return cls(**options)
 
 
@@ -522,6 +525,18 @@ class FilterPipeline:
                 options.setdefault("llm", llm)
             steps.append(make_step(name, **options))
         return cls(steps, **kwargs)
+
+    @staticmethod
+    def check_config(specs: list[str | dict[str, Any]], streaming: bool = False) -> None:
+        """Check step names and option names without building the steps (a config check)."""
+        if not isinstance(specs, list):
+            raise FilterConfigError(f"`filters` must be a list of steps, got {type(specs).__name__}")
+        for spec in specs:
+            name, options = parse_step_spec(spec)
+            cls = _check_step(name, options)
+            if streaming and cls.prepare is not FilterStep.prepare:
+                raise FilterConfigError(f"filter step {name!r} needs a pass over the whole source, so it "
+                                        "cannot run on a streamed source; drop `streaming` or the step")
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.steps]
