@@ -120,7 +120,7 @@ def load_image(image: Any, name: str = "image") -> Image.Image:
     arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
     if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
         arr = arr[..., :3] if arr.shape[-1] != 1 else arr[..., 0]
-    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 2 or not np.issubdtype(arr.dtype, np.number):
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)) or min(arr.shape[:2]) < 2 or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name}: array of shape {arr.shape} and dtype {arr.dtype} is not an image; "
                          "expected HxW or HxWxC (C in 1, 3, 4) numbers, uint8 0..255 or float 0..1")
     if arr.dtype != np.uint8:

@@ -49,29 +49,28 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     """Grad-CAM map (rows, cols) for ``example`` (see module docstring).
 
     ``target_ids`` / ``positions`` default to the example's answer tokens and their predicting
-    positions (or the predicted token at the last position when there is no answer).
+    positions (or the predicted token at the last position when there is no answer). With
+    ``positions`` and no ``target_ids``, the targets are the model's predictions there.
     """
+    targets = target_ids if target_ids is not None or positions is not None else (example.target_ids or None)
     positions = list(positions) if positions is not None else example.target_positions
-    targets = target_ids if target_ids is not None else (example.target_ids or None)
     check_length(model, int(example.inputs["input_ids"].shape[-1]))
     _check_pixels(model, example.inputs)
     span = family.image_span(model, example.inputs["input_ids"][0])
     acts: list[torch.Tensor] = []
 
     def keep(module, args, output):
-        t = _first(output)
-        if not t.requires_grad:  # frozen tower (e.g. LoRA on the LM only): make A a leaf that takes grads
-            t = t.detach().requires_grad_(True)
-            output = (t, *output[1:]) if isinstance(output, tuple) else t
-        acts.append(t)
-        return output
+        acts.append(_first(output))
 
     handle = vision_layers(model, family)[-1].register_forward_hook(keep)
     was_training = model.training
     try:
         model.eval()
         with torch.enable_grad():
-            out = model(**example.inputs, use_cache=False)
+            # pixels that take grads keep A in the graph even when the tower is frozen (LoRA on the LM)
+            inputs = {**example.inputs, "pixel_values": example.inputs["pixel_values"].detach().clone()
+                      .to(next(model.parameters()).dtype).requires_grad_(True)}
+            out = model(**inputs, use_cache=False)
             score, _ = target_logprob(out.logits, positions, targets)
             (grads,) = torch.autograd.grad(score, acts[-1])
     finally:

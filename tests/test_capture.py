@@ -1,0 +1,187 @@
+"""The one capture pass: rows equal output_attentions, only requested tensors kept, hooks always removed,
+clear errors on bad input. Both families, tiny random models with eager attention."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+import medvlm.diagnostics.capture as capture_module
+from medvlm.diagnostics.capture import AttentionNotEagerError, capture, load_image, prepare_example
+from medvlm.models.registry import get_family
+from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
+
+CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
+FAMILIES = ["paligemma", "llava"]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    out = {}
+    for fam in FAMILIES:
+        tok = build_tokenizer(CORPUS, 300)
+        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2), tok)
+        model.set_attn_implementation("eager")
+        out[fam] = (model.eval(), processor, get_family(fam))
+    return out
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def example(tiny, fam, answer="left lung"):
+    model, processor, family = tiny[fam]
+    return model, processor, family, prepare_example(model, processor, family, image(), "where is the lesion?", answer)
+
+
+def all_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_attention_rows_equal_output_attentions(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    rows = ex.target_positions
+    _, cache = capture(model, family, ex.inputs, layers=[-1], heads=[1, 3], query_positions=rows)
+    with torch.no_grad():
+        ref = model(**ex.inputs, output_attentions=True).attentions
+    got = cache["attn", -1]
+    assert got.shape == (1, 2, len(rows), ex.inputs["input_ids"].shape[1])
+    torch.testing.assert_close(got, ref[-1][:, [1, 3]][:, :, rows])
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_only_requested_layers_and_kinds_are_stored(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    _, cache = capture(model, family, ex.inputs, layers=[0], query_positions="last", hidden_states=True)
+    assert cache.names == ["blocks.0.attn", "blocks.0.resid_post"]
+    assert cache.layers("attn") == [0]
+    with pytest.raises(KeyError, match="not captured"):
+        cache["attn", 1]
+    _, cache = capture(model, family, ex.inputs, hidden_states=True, values=True,
+                       names_filter=lambda name: name.endswith("resid_post"))
+    assert cache.names == ["blocks.0.resid_post", "blocks.1.resid_post"]
+    assert cache["resid_post", -1] is cache["blocks.1.resid_post"]
+    assert not cache["resid_post", 0].requires_grad
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_cache_span_and_grid_come_from_the_sequence(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    _, cache = capture(model, family, ex.inputs, layers=[0], query_positions="image")
+    ids = ex.inputs["input_ids"][0]
+    image_id = family.image_token_id(model)
+    assert cache.grid == (8, 8)
+    assert (ids[cache.image_span.start:cache.image_span.end] == image_id).all()
+    assert cache.query_positions == list(range(cache.image_span.start, cache.image_span.end))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_hidden_states_values_and_head_outputs_are_consistent(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    q = ex.target_positions
+    out, cache = capture(model, family, ex.inputs, query_positions=q, hidden_states=True, resid_pre=True,
+                         head_outputs=True, values=True)
+    # the last residual through the final norm and unembedding gives the model's logits
+    logits = family.unembed(model)(family.final_norm(model)(cache["resid_post", -1]))
+    torch.testing.assert_close(logits, out.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache["resid_pre", 1], cache["resid_post", 0])
+    # each head's output is its attention row times the value vectors
+    for layer in (0, 1):
+        mixed = torch.einsum("hqs,shd->qhd", cache["attn", layer][0], cache["v", layer][0])
+        torch.testing.assert_close(cache["head_out", layer][0], mixed, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_hooks_removed_after_an_exception_inside_the_pass(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    before = all_hooks(model)
+
+    def boom(module, args, output):
+        raise RuntimeError("boom inside the pass")
+
+    handle = family.final_norm(model).register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            capture(model, family, ex.inputs, hidden_states=True, head_outputs=True, values=True,
+                    resid_pre=True, attention_mean=True)
+    finally:
+        handle.remove()
+    assert all_hooks(model) == before
+
+
+def test_model_mode_is_restored(tiny):
+    model, _, family, ex = example(tiny, "llava")
+    model.train()
+    try:
+        capture(model, family, ex.inputs, layers=[0])
+        assert model.training
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_sdpa_model_gives_a_clear_error(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(AttentionNotEagerError, match="attn_implementation='eager'"):
+            capture(model, family, ex.inputs)
+    finally:
+        model.set_attn_implementation("eager")
+    # the hook checks at run time too: an attention module that drops its weights (as sdpa does)
+    attn = family.decoder_layers(model)[0].self_attn
+    handle = attn.register_forward_hook(lambda m, a, out: (out[0], None))
+    try:
+        with pytest.raises(AttentionNotEagerError, match="layer 0 returned no attention weights"):
+            capture(model, family, ex.inputs)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_sequence_without_image_tokens_is_rejected(tiny, fam):
+    model, processor, family = tiny[fam]
+    ids = processor.tokenizer("where is the lesion?", return_tensors="pt")
+    with pytest.raises(ValueError, match="no image tokens"):
+        capture(model, family, {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]})
+
+
+def test_images_that_are_not_images_are_rejected(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    with pytest.raises(ValueError, match="notes.png is not a readable image"):
+        load_image(text)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    for bad in (np.zeros((64, 64, 7)), np.zeros(64), np.array([["a", "b"], ["c", "d"]])):
+        with pytest.raises(ValueError, match="is not an image"):
+            load_image(bad)
+    assert load_image(np.zeros((5, 6))).size == (6, 5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_wrong_pixel_shape_is_rejected(tiny, fam):
+    model, _, family, ex = example(tiny, fam)
+    bad = {**ex.inputs, "pixel_values": torch.zeros(1, 3, 32, 32)}
+    with pytest.raises(ValueError, match=r"expected \[batch, 3, 64, 64\]"):
+        capture(model, family, bad)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_sequence_over_the_maximum_length_names_both_lengths(tiny, fam, monkeypatch):
+    model, processor, family = tiny[fam]
+    monkeypatch.setattr(model.config.get_text_config(), "max_position_embeddings", 90)
+    with pytest.raises(ValueError, match=r"has \d+ tokens but .* maximum length .* is 90"):
+        prepare_example(model, processor, family, image(), "where is the lesion? " * 20)
+    ex = prepare_example(model, processor, family, image(), "where?")  # short enough
+    assert ex.inputs["input_ids"].shape[1] <= 90
+
+
+def test_capture_tutorial_docstring_runs():
+    result = doctest.testmod(capture_module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

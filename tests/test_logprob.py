@@ -1,0 +1,101 @@
+"""Log-probability increase: per-head contributions add up to the attention output, each delta equals a
+direct recomputation, base log-prob equals the model's, top heads are ordered. Both families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.diagnostics.capture import capture, prepare_example
+from medvlm.diagnostics.logprob import head_contributions, logprob_increase
+from medvlm.models.registry import get_family
+from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
+
+CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
+FAMILIES = ["paligemma", "llava"]
+
+
+@pytest.fixture(scope="session")
+def setup():
+    out = {}
+    rng = np.random.default_rng(1)
+    for fam in FAMILIES:
+        tok = build_tokenizer(CORPUS, 300)
+        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2), tok)
+        model.set_attn_implementation("eager")
+        family = get_family(fam)
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        question = prepare_example(model, processor, family, img, "where is the lesion?")
+        answered = prepare_example(model, processor, family, img, "where is the lesion?", "left lung")
+        out[fam] = (model.eval(), family, tok, question, answered)
+    return out
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_head_contributions_sum_to_the_attention_output(setup, fam):
+    model, family, _, ex, _ = setup[fam]
+    q = ex.target_positions[0]
+    seq = list(range(ex.inputs["input_ids"].shape[1]))
+    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, head_outputs=True)
+    for layer in range(2):
+        c = head_contributions(model, family, cache, layer, q, seq)  # [H, S, D]
+        o_proj = family.decoder_layers(model)[layer].self_attn.o_proj
+        want = torch.nn.functional.linear(cache["head_out", layer][0, 0].flatten(), o_proj.weight)
+        torch.testing.assert_close(c.sum((0, 1)), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_delta_equals_a_direct_recomputation(setup, fam):
+    model, family, tok, ex, _ = setup[fam]
+    res = logprob_increase(model, family, ex, tok, chunk=7)  # a chunk that does not divide the count
+    q = ex.target_positions[0]
+    assert q == ex.inputs["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        logits = model(**ex.inputs).logits[0, q]
+    assert res.target_id == int(logits.argmax())  # no answer: the predicted token
+    assert res.base_logprob == pytest.approx(float(torch.log_softmax(logits, -1)[res.target_id]), abs=1e-4)
+    assert res.delta.shape == (2, 4, 64) and res.positions == res.image_positions
+    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, hidden_states=True)
+    x = cache["resid_post", -1][0, q]
+    for layer, head, j in [(0, 0, 0), (1, 3, 17), (1, 1, 63)]:
+        pos = res.image_positions[j]
+        c = head_contributions(model, family, cache, layer, q, [pos])[head, 0]
+        with torch.no_grad():
+            z = family.unembed(model)(family.final_norm(model)(x + c))
+        want = float(torch.log_softmax(z, -1)[res.target_id]) - res.base_logprob
+        assert res.delta[layer, head, j] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_maps_and_top_heads(setup, fam):
+    model, family, tok, _, ex = setup[fam]
+    res = logprob_increase(model, family, ex, tok)
+    assert res.target_id == ex.target_ids[0] and res.query_position == ex.target_positions[0]
+    summed, maxed = res.position_map("sum"), res.position_map("max")
+    assert summed.shape == maxed.shape == (8, 8)
+    np.testing.assert_allclose(summed.ravel(), res.delta.sum((0, 1)))
+    np.testing.assert_allclose(maxed.ravel(), res.delta.max((0, 1)))
+    top = res.top_heads()
+    assert len(top) == 8  # 2 layers x 4 heads, fewer than 10
+    scores = [s for _, _, s in top]
+    assert scores == sorted(scores, reverse=True)
+    layer, head, score = top[0]
+    assert score == pytest.approx(res.delta[layer, head].sum())
+    assert res.top_heads(3) == top[:3]
+    with pytest.raises(ValueError, match="reduce='mean'"):
+        res.position_map("mean")
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_layer_position_and_target_choices(setup, fam):
+    model, family, tok, ex, _ = setup[fam]
+    full = logprob_increase(model, family, ex, tok)
+    one = logprob_increase(model, family, ex, tok, layers=[-1], positions=[0, 1, 2], target_id=5)
+    assert one.layers == [1] and one.target_id == 5
+    assert set(one.positions) >= {0, 1, 2} | set(one.image_positions)
+    alls = logprob_increase(model, family, ex, tok, positions="all")
+    assert len(alls.positions) == ex.inputs["input_ids"].shape[1]
+    np.testing.assert_allclose(alls.position_map(), full.position_map(), atol=1e-6)
+    with pytest.raises(ValueError, match="positions='text'"):
+        logprob_increase(model, family, ex, tok, positions="text")
