@@ -1,2 +1,20 @@
 from medvlm.diagnostics.attention_quality import map_summary, paraphrase_divergence  # noqa: F401
 from medvlm.diagnostics.geometry import layerwise_geometry, linearity_score  # noqa: F401
+
+# Saliency API, imported on first use: it needs torch and transformers, which the numpy-only
+# scores above do not.
+_LAZY = {
+    "Cache": "capture", "capture": "capture", "prepare_example": "capture", "gradcam": "gradcam",
+    "logit_lens": "logit_lens", "write_lens_html": "logit_lens", "logprob_increase": "logprob",
+    "overlay": "overlay", "save_overlay": "overlay", "attention_rollout": "saliency",
+    "image_to_response": "saliency", "raw_attention": "saliency", "randomization_test": "sanity",
+    "roi_scores": "sanity",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"medvlm.diagnostics.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'medvlm.diagnostics' has no attribute {name!r}")
