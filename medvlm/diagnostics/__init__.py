@@ -2,15 +2,15 @@ from medvlm.diagnostics.attention_quality import map_summary, paraphrase_diverge
 from medvlm.diagnostics.geometry import layerwise_geometry, linearity_score  # noqa: F401
 
 # Saliency API, imported on first use: it needs torch and transformers, which the numpy-only
-# scores above do not.
+# scores above do not. Functions named like their module (capture, gradcam, logit_lens, overlay)
+# are reached through the module (``from medvlm.diagnostics.capture import capture``): a package
+# attribute cannot be both the submodule and the function.
 _LAZY = {
-    "Cache": "capture", "capture": "capture", "prepare_example": "capture", "gradcam": "gradcam",
-    "logit_lens": "logit_lens", "write_lens_html": "logit_lens", "logprob_increase": "logprob",
-    "overlay": "overlay", "save_overlay": "overlay", "attention_rollout": "saliency",
+    "Cache": "capture", "prepare_example": "capture", "write_lens_html": "logit_lens",
+    "logprob_increase": "logprob", "save_overlay": "overlay", "attention_rollout": "saliency",
     "image_to_response": "saliency", "raw_attention": "saliency", "randomization_test": "sanity",
     "roi_scores": "sanity",
 }
-
 
 def __getattr__(name: str):
     if name in _LAZY:
