@@ -55,6 +55,8 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     targets = target_ids if target_ids is not None or positions is not None else (example.target_ids or None)
     positions = list(positions) if positions is not None else example.target_positions
     check_length(model, int(example.inputs["input_ids"].shape[-1]))
+    if "pixel_values" not in example.inputs:
+        raise KeyError(f"Grad-CAM needs 'pixel_values' in the inputs; found {sorted(example.inputs)}")
     _check_pixels(model, example.inputs)
     span = family.image_span(model, example.inputs["input_ids"][0])
     acts: list[torch.Tensor] = []
