@@ -88,8 +88,9 @@ def _setup_reporting(args: StageArguments) -> None:
 
 
 def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-              args: StageArguments) -> dict:
-    """Train one stage and evaluate it; returns the final metrics."""
+              args: StageArguments, callbacks: list | None = None) -> dict:
+    """Train one stage and evaluate it; returns the final metrics. ``callbacks`` are extra
+    ``TrainerCallback``s (e.g. to log elsewhere, or to stop a run in tests)."""
     out = Path(args.output_dir)
     last_checkpoint = check_run_dir(out, args.resume)
     set_seed(args.seed)
@@ -118,7 +119,7 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     # Train -------------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(model_args, data_args, lora_args, args))
-    callbacks = []
+    callbacks = list(callbacks or [])
     if args.checkpoint_eval_samples:
         n = min(args.checkpoint_eval_samples, len(eval_records))
         sub = eval_records.select(range(n))
@@ -127,7 +128,8 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     trainer = MedVLMTrainer(model=model, args=args, train_dataset=train_examples,
                             data_collator=VLMCollator(family, processor), callbacks=callbacks)
     for cb in callbacks:
-        cb.trainer = trainer
+        if isinstance(cb, CheckpointEvalCallback):
+            cb.trainer = trainer
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     train_seconds = time.time() - t0
 

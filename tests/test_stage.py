@@ -1,0 +1,148 @@
+"""Stage recipes end to end on a tiny random model: run folder, two stages, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from medvlm.training.cli import main, parse_stage_config
+from medvlm.training.stage import run_stage
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _argv(model, out, *extra):
+    return ["--model_name_or_path", str(model), "--output_dir", str(out), "--phantom_patients", "36",
+            "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "3", "--max_eval_samples", "16",
+            "--checkpoint_eval_samples", "4", "--report_to", "none", "--seed", "3",
+            "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_paligemma, tmp_path_factory, small_phantom):
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "6")) == 0
+    return out
+
+
+def test_stage1_run_folder_holds_everything(stage1_run):
+    out = stage1_run
+    for name in ("config.yaml", "trainer_state.json", "metrics.json", "manifest.json", "predictions.jsonl",
+                 "predictions_blank.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "checkpoint-6/metrics.json", "checkpoint-3/optimizer.pt"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["closed"]["n"] > 0 and 0.0 <= metrics["closed"]["accuracy"] <= 1.0
+    assert "blank_image" in metrics and metrics["train"]["steps"] == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["data"]["train_hash"] and "torch" in manifest["versions"]
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == metrics["closed"]["n"] + metrics["open"]["n"]
+    # the config saved with the run reproduces it
+    saved = (out / "config.yaml").read_text()
+    assert "max_steps: 6" in saved and "lora_preset: full" in saved
+
+
+@pytest.mark.parametrize("mode", ["continue", "merge"])
+def test_stage2_starts_from_the_stage1_adapter(stage1_run, tiny_paligemma, tmp_path, mode):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(
+        "seed: 0\nstopping_strategy: undersample\nsources:\n"
+        "  - {name: generated, source: phantom, options: {n_patients: 36, label_noise: 0.2}}\n"
+        "  - {name: clean, source: phantom, options: {n_patients: 36}}\n"
+        "phases:\n  - {name: main, size: 40, weights: {generated: 0.8, clean: 0.2}}\n"
+        "  - {name: anneal, size: 16, weights: {clean: 1.0}}\n")
+    out = tmp_path / "stage2"
+    code = main("stage2", _argv(tiny_paligemma, out, "--max_steps", "3", "--dataset", str(mix),
+                                "--init_adapter", str(stage1_run / "adapter"), "--adapter_mode", mode))
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter_mode"] == mode and manifest["data"]["train"] == 56
+    mix_manifest = json.loads((out / "mix" / "manifest.json").read_text())
+    assert mix_manifest["counts_per_phase"]["anneal"] == {"phantom-slake": 16}
+    stage1_w = load_file(stage1_run / "adapter" / "adapter_model.safetensors")
+    stage2_w = load_file(out / "adapter" / "adapter_model.safetensors")
+    if mode == "continue":  # the same adapter, trained further
+        assert stage1_w.keys() == stage2_w.keys()
+        assert any(not torch.equal(stage1_w[k], stage2_w[k]) for k in stage1_w)
+    else:  # a fresh adapter on the merged base: new B matrices start at zero, so they moved from zero
+        assert any(k.endswith("lora_B.weight") and stage2_w[k].abs().sum() > 0 for k in stage2_w)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def _last_loss(out):
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h][-1]
+
+
+def test_resume_after_a_kill_ends_at_the_same_loss(tiny_paligemma, tmp_path, small_phantom):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_stage(*parse_stage_config(_argv(tiny_paligemma, full, "--max_steps", "6", "--checkpoint_eval_samples",
+                                        "0", "--blank_eval", "false"), "stage1"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(*parse_stage_config(_argv(tiny_paligemma, killed, "--max_steps", "6",
+                                            "--checkpoint_eval_samples", "0", "--blank_eval", "false"),
+                                      "stage1"), callbacks=[StopAt(4)])
+    assert (killed / "checkpoint-3").is_dir() and not (killed / "manifest.json").exists()
+    # starting again without --resume is refused: the folder holds an unfinished run
+    assert main("stage1", _argv(tiny_paligemma, killed, "--max_steps", "6")) == 2
+    run_stage(*parse_stage_config(_argv(tiny_paligemma, killed, "--max_steps", "6", "--checkpoint_eval_samples",
+                                        "0", "--blank_eval", "false", "--resume", "true"), "stage1"))
+    assert abs(_last_loss(full) - _last_loss(killed)) < 1e-6
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_unknown_config_key_is_named_with_a_suggestion(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: demo:paligemma\nlearning_rat: 0.1\n")
+    assert main("stage1", [str(cfg), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'learning_rat'" in err and "Did you mean 'learning_rate'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_stage1_adapter(tiny_paligemma, tmp_path, capsys):
+    out = tmp_path / "s2"
+    assert main("stage2", _argv(tiny_paligemma, out, "--max_steps", "1",
+                                "--init_adapter", str(tmp_path / "missing"))) == 2
+    err = capsys.readouterr().err
+    assert "no adapter_config.json" in err and "init_adapter" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_llava, tmp_path, capsys):
+    out = tmp_path / "s2"
+    assert main("stage2", _argv(tiny_llava, out, "--max_steps", "1",
+                                "--init_adapter", str(stage1_run / "adapter"))) == 2
+    err = capsys.readouterr().err
+    assert "was trained on base model" in err and "model_name_or_path" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_missing_image_is_named(tiny_paligemma, tmp_path, capsys):
+    from medvlm.records import make_record, to_dataset
+
+    rows = [make_record(id=f"r{i}", image=str(tmp_path / f"gone{i}.png"), question="Is there a lesion?",
+                        answer="yes", answer_type="closed", source="x", split="train", group_id=f"g{i}")
+            for i in range(2)]
+    to_dataset(rows).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "run"
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "1", "--dataset", str(tmp_path / "ds"))) == 2
+    err = capsys.readouterr().err
+    assert "gone0.png does not exist" in err
+    assert not (out / "manifest.json").exists()
