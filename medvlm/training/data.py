@@ -8,7 +8,6 @@ on every step is what makes naive VLM fine-tuning input-bound on a CPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +59,21 @@ class PreparedExamples(torch.utils.data.Dataset):
                 "answer": self.answers[i], "id": self.ids[i]}
 
 
-def prepare_examples(records: Sequence[dict] | "datasets.Dataset", processor,  # noqa: F821
-                     blank_images: bool = False, batch: int = 64) -> PreparedExamples:
-    """Decode and resize each distinct image once; tokenised lengths for grouping."""
-    paths = list(records["image"]) if hasattr(records, "column_names") else [r["image"] for r in records]
-    questions = list(records["question"]) if hasattr(records, "column_names") else [r["question"] for r in records]
-    answers = list(records["answer"]) if hasattr(records, "column_names") else [r["answer"] for r in records]
-    ids = list(records["id"]) if hasattr(records, "column_names") else [r["id"] for r in records]
+def _column(records, name: str, default=None) -> list:
+    """A column of a ``datasets.Dataset`` or of a list of dicts."""
     if hasattr(records, "column_names"):
-        phases = list(records["phase"]) if "phase" in records.column_names else [0] * len(paths)
-    else:
-        phases = [r.get("phase", 0) for r in records]
+        return list(records[name]) if name in records.column_names else [default] * len(records)
+    return [r.get(name, default) for r in records]
+
+
+def prepare_examples(records, processor, blank_images: bool = False, batch: int = 64) -> PreparedExamples:
+    """Unified records (a ``datasets.Dataset`` or dicts) → :class:`PreparedExamples`.
+
+    Each distinct image is decoded and resized once; lengths are tokenised for grouping; the
+    ``phase`` column (from a mix) is kept, 0 when absent.
+    """
+    paths, questions, answers, ids = (_column(records, c) for c in ("image", "question", "answer", "id"))
+    phases = _column(records, "phase", 0)
     unique = list(dict.fromkeys(paths))
     index = {p: i for i, p in enumerate(unique)}
     chunks = []
