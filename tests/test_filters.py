@@ -178,3 +178,29 @@ def test_pipeline_from_config_chains_counts(tmp_path):
     assert [(c["step"], c["in"], c["out"]) for c in result.counts] == [
         ("format", 3, 2), ("exact_duplicates", 2, 1), ("answer_in_question", 1, 1)]
     assert pipe.describe()[0] == {"step": "format", "max_question_chars": 1000, "max_answer_chars": 2000}
+
+
+def test_prefix_filtered_near_duplicates_match_brute_force():
+    from medvlm.data_curation.filters import _near_duplicates
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(12)]
+    group = [(i, set(rng.choice(words, size=rng.integers(1, 7), replace=False).tolist())) for i in range(150)]
+    kept, brute = [], []
+    for row, toks in group:  # the obvious quadratic search, for reference
+        best = max(((len(toks & t) / len(toks | t), r) for r, t in kept), default=(0.0, -1))
+        if best[0] >= 0.6:
+            brute.append(row)
+        else:
+            kept.append((row, toks))
+    assert [r for r, _, _ in _near_duplicates(group, 0.6)] == brute
+
+
+def test_row_wise_steps_in_two_processes_match_one(tmp_path):
+    records = [rec(f"r{i}", question=f"Is {i} the nodule?" if i % 3 else "What is it?", answer="nodule" if i % 4
+                   else "") for i in range(30)]
+    steps = ["format", "answer_in_question"]
+    one = FilterPipeline.from_config(steps, batch_size=2).run(to_dataset(records), tmp_path / "one")
+    two = FilterPipeline.from_config(steps, batch_size=2, num_proc=2).run(to_dataset(records), tmp_path / "two")
+    assert one.dataset["id"] == two.dataset["id"] and one.counts == two.counts
+    assert one.rejects_path.read_text() == two.rejects_path.read_text() != ""

@@ -11,9 +11,10 @@ row's key fields); rows that are kept but carry a note (a failed blind check) go
 
 How a step runs (memory stays flat): an optional global pass (:meth:`FilterStep.prepare`) reads the
 columns in batches and keeps only numpy arrays of a few bytes per row (hashes, first-occurrence
-indices); then ``Dataset.map(batched=True)`` adds a ``_reject`` and a ``_note`` column from
-:meth:`FilterStep.judge`, and two ``filter`` calls split kept from rejected rows. Row-wise steps
-may run in ``num_proc`` processes. Steps by name (:data:`STEPS`): ``pathology``, ``exact_duplicates``,
+indices); then :meth:`FilterStep.judge` gives each batch of rows a reject reason (or "") and a
+note, rejected rows are written out as they come, and the kept rows are taken with
+``Dataset.select(indices)`` (an index mapping: the Arrow data are never rewritten; one byte per row
+marks the kept ones). Row-wise steps may run in ``num_proc`` processes (``Dataset.map``). Steps by name (:data:`STEPS`): ``pathology``, ``exact_duplicates``,
 ``near_duplicate_questions``, ``duplicate_images``, ``format``, ``answer_in_question``, ``blind_check``.
 """
 
@@ -24,10 +25,12 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +266,36 @@ class ExactDuplicates(FilterStep):
         return reasons, [""] * len(indices)
 
 
+def _near_duplicates(group: list[tuple[int, set[str]]], threshold: float) -> list[tuple[int, int, float]]:
+    """(row, earlier kept row, Jaccard) for each question of one image's ``group`` that is near another.
+
+    Prefix filtering (Chaudhuri et al., ICDE 2006; Xiao et al., PPJoin, WWW 2008): with tokens in one
+    fixed order (rarest in the group first), two sets with Jaccard >= t share a token among the first
+    ``|x| - ceil(t |x|) + 1`` of each, so only questions sharing such a token are compared. This keeps
+    an image with thousands of questions from costing a quadratic number of comparisons.
+    """
+    freq: Counter = Counter(tok for _, toks in group for tok in toks)
+    index: dict[str, list[int]] = {}
+    kept: list[tuple[int, set[str]]] = []
+    found = []
+    for row, toks in group:
+        ordered = sorted(toks, key=lambda tok: (freq[tok], tok))
+        prefix = ordered[:len(ordered) - math.ceil(threshold * len(ordered) - 1e-9) + 1]
+        best, best_row = 0.0, -1
+        for k in sorted({k for tok in prefix for k in index.get(tok, ())}):
+            other_row, other = kept[k]
+            score = len(toks & other) / len(toks | other)
+            if score > best:
+                best, best_row = score, other_row
+        if best_row >= 0 and best >= threshold:
+            found.append((row, best_row, best))
+            continue
+        for tok in prefix:
+            index.setdefault(tok, []).append(len(kept))
+        kept.append((row, toks))
+    return found
+
+
 @dataclass
 class NearDuplicateQuestions(FilterStep):
     """Per image, a question whose token-set Jaccard similarity with an earlier kept question of the
@@ -271,6 +304,10 @@ class NearDuplicateQuestions(FilterStep):
     name: ClassVar[str] = "near_duplicate_questions"
     parallel: ClassVar[bool] = False
     threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise FilterConfigError(f"near_duplicate_questions: threshold must be in (0, 1], got {self.threshold}")
 
     def prepare(self, ds, batch_size=1000):
         n = len(ds)
@@ -282,19 +319,22 @@ class NearDuplicateQuestions(FilterStep):
         order = np.argsort(images, kind="stable")  # rows of one image together, in dataset order
         self._dup_of = np.full(n, -1, np.int64)
         self._score = np.zeros(n, np.float32)
-        current, kept = None, []  # kept: (row, token set) of the current image
-        rows = iter(order.tolist())
+        group: list[tuple[int, set[str]]] = []  # the questions of the current image
+
+        def flush() -> None:
+            for row, other, score in _near_duplicates(group, self.threshold):
+                self._dup_of[row], self._score[row] = other, score
+            group.clear()
+
+        pos = 0
         for b in _batches(ds.select(order), ["question"], batch_size, "near duplicates: questions"):
-            for q in b["question"]:
-                row = next(rows)
-                if images[row] != current:
-                    current, kept = images[row], []
-                toks = set(normalize_text(q).split())
-                best = max(((len(toks & t) / max(1, len(toks | t)), r) for r, t in kept), default=(0.0, -1))
-                if best[0] >= self.threshold:
-                    self._dup_of[row], self._score[row] = best[1], best[0]
-                else:
-                    kept.append((row, toks))
+            rows = order[pos:pos + len(b["question"])].tolist()  # a batch at a time: no list of all rows
+            pos += len(rows)
+            for row, q in zip(rows, b["question"], strict=True):
+                if group and images[row] != images[group[0][0]]:
+                    flush()
+                group.append((row, set(normalize_text(q).split())))
+        flush()
         self._ids = ds.select_columns(["id"])
 
     def judge(self, batch, indices):
@@ -490,13 +530,10 @@ class _JsonlSink:
         fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         self.fh = os.fdopen(fd, "w", encoding="utf-8")
 
-    def write_rows(self, ds: datasets.Dataset, step: str, column: str, key: str, batch_size: int) -> None:
-        cols = ["id", column, *[c for c in KEY_FIELDS if c in ds.column_names]]
-        for b in ds.select_columns(cols).iter(batch_size=batch_size):
-            for i in range(len(b["id"])):
-                row = {"id": b["id"][i], "step": step, key: b[column][i]}
-                row.update({c: b[c][i] for c in KEY_FIELDS if c in b})
-                self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    def write(self, batch: dict[str, list], i: int, step: str, key: str, text: str) -> None:
+        """One line for row ``i`` of ``batch``: id, step, ``key`` (reason or note) and the key fields."""
+        row = {"id": batch["id"][i], "step": step, key: text, **{c: batch[c][i] for c in KEY_FIELDS if c in batch}}
+        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def close(self, keep: bool = True) -> None:
         """Rename the temp file onto the target (``keep``) or delete it (a failed run writes nothing)."""
@@ -541,6 +578,32 @@ class FilterPipeline:
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.steps]
 
+    def _judged(self, step: FilterStep, ds: datasets.Dataset) -> Iterator[tuple[dict, list[str], list[str]]]:
+        """(batch with id + key fields + the step's columns, reasons, notes) over ``ds`` in order.
+
+        Only the verdicts are computed; the rows are never rewritten (kept rows are selected by
+        index at the end), which is what keeps a step cheap on wide rows. Row-wise steps run in
+        ``num_proc`` processes through ``Dataset.map`` over just the columns they read.
+        """
+        cols = [c for c in ds.column_names if c in {"id", *KEY_FIELDS, *step.columns}]
+        rows = ds.select_columns(cols).iter(batch_size=self.batch_size)
+        if step.parallel and self.num_proc and self.num_proc > 1 and len(ds) > 10 * self.batch_size:
+            used = [c for c in ds.column_names if c in step.columns]
+            marks = ds.select_columns(used).map(
+                _mark, batched=True, with_indices=True, batch_size=self.batch_size, fn_kwargs={"step": step},
+                remove_columns=used, num_proc=self.num_proc, load_from_cache_file=False,
+                new_fingerprint=uuid.uuid4().hex, desc=f"filter {step.name}")
+            for batch, m in zip(rows, marks.iter(batch_size=self.batch_size), strict=True):
+                yield batch, m["_reject"], m["_note"]
+            return
+        pos = 0
+        total = -(-len(ds) // self.batch_size)
+        for batch in tqdm(rows, total=total, desc=f"filter {step.name}", disable=None, mininterval=2.0):
+            n = len(batch["id"])
+            reasons, notes = step.judge(batch, list(range(pos, pos + n)))
+            pos += n
+            yield batch, reasons, notes
+
     def run(self, ds: datasets.Dataset, out_dir: str | os.PathLike, rejects_name: str = "rejects.jsonl") -> FilterResult:
         """Filter ``ds``; write rejects/notes JSONL into ``out_dir``; return kept rows and counts."""
         out = Path(out_dir)
@@ -550,22 +613,22 @@ class FilterPipeline:
             for step in self.steps:
                 n_in = len(ds)
                 step.prepare(ds, self.batch_size)
-                marked = ds.map(_mark, batched=True, with_indices=True, batch_size=self.batch_size,
-                                fn_kwargs={"step": step}, load_from_cache_file=False,
-                                num_proc=self.num_proc if step.parallel and n_in > 10 * self.batch_size else None,
-                                new_fingerprint=uuid.uuid4().hex, desc=f"filter {step.name}")
-                bad = marked.filter(lambda r: [x != "" for x in r], input_columns="_reject", batched=True,
-                                    batch_size=self.batch_size, load_from_cache_file=False)
-                noted = marked.filter(lambda r: [x != "" for x in r], input_columns="_note", batched=True,
-                                      batch_size=self.batch_size, load_from_cache_file=False)
-                rejects.write_rows(bad, step.name, "_reject", "reason", self.batch_size)
-                notes.write_rows(noted, step.name, "_note", "note", self.batch_size)
-                ds = marked.filter(lambda r: [x == "" for x in r], input_columns="_reject", batched=True,
-                                   batch_size=self.batch_size, load_from_cache_file=False)
-                ds = ds.remove_columns(["_reject", "_note"])
-                counts.append({"step": step.name, "in": n_in, "out": len(ds), "rejected": len(bad),
-                               "noted": len(noted)})
-                logger.info("filter %s: %d in, %d out, %d rejected", step.name, n_in, len(ds), len(bad))
+                keep = np.ones(n_in, dtype=bool)
+                pos = n_noted = 0
+                for batch, reasons, row_notes in self._judged(step, ds):
+                    for i, (reason, note) in enumerate(zip(reasons, row_notes, strict=True)):
+                        if reason:
+                            keep[pos + i] = False
+                            rejects.write(batch, i, step.name, "reason", reason)
+                        if note:
+                            n_noted += 1
+                            notes.write(batch, i, step.name, "note", note)
+                    pos += len(reasons)
+                if not keep.all():
+                    ds = ds.select(np.flatnonzero(keep))
+                counts.append({"step": step.name, "in": n_in, "out": len(ds), "rejected": n_in - len(ds),
+                               "noted": n_noted})
+                logger.info("filter %s: %d in, %d out, %d rejected", step.name, n_in, len(ds), n_in - len(ds))
             ok = True
         finally:
             rejects.close(keep=ok)

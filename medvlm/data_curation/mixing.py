@@ -29,6 +29,9 @@ in order, so the annealing phase comes last.
 parsed, filtered and shuffled (buffer of ``shuffle_buffer`` rows) only as the phases consume
 them, so the source is never converted to Arrow whole. Streamed sources accept only row-wise
 filters (steps without a global pass), and each phase that uses one needs a ``size`` or ``count``.
+A streamed source's filter counts and ``rejects.jsonl`` cover the rows the phases consumed (a row
+read by two phases is counted twice), not the whole source. Phase rows drawn from a stream are
+written to Arrow under ``out_dir/.cache`` (removed at the end), never held as a Python list.
 """
 
 from __future__ import annotations
