@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400)
+TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400, patch_size=16)
 
 
 @pytest.fixture(scope="session")

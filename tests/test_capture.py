@@ -23,7 +23,7 @@ def tiny():
     out = {}
     for fam in FAMILIES:
         tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2), tok)
+        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
         model.set_attn_implementation("eager")
         out[fam] = (model.eval(), processor, get_family(fam))
     return out

@@ -39,7 +39,7 @@ def setup(lesion_record):
     out = {}
     for fam in FAMILIES:
         tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2), tok)
+        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
         model.set_attn_implementation("eager")
         family = get_family(fam)
         ex = prepare_example(model, processor, family, lesion_record["image"], lesion_record["question"],

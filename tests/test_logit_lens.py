@@ -25,7 +25,7 @@ def setup():
     rng = np.random.default_rng(2)
     for fam in FAMILIES:
         tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2), tok)
+        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
         model.set_attn_implementation("eager")
         family = get_family(fam)
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -11,6 +11,7 @@ from medvlm.training.arguments import LoraArguments
 from medvlm.training.lora import attach_lora, lora_config, trainable_by_tower
 
 IMAGES = [np.full((64, 64, 3), 30, np.uint8), np.full((64, 64, 3), 200, np.uint8)]
+N_IMAGE = (64 // 16) ** 2  # tiny models: 64-pixel images, 16-pixel patches (tests/conftest.py)
 QUESTIONS = ["Is there an abnormality in this image?", "Which part of the body does this image show?"]
 ANSWERS = ["yes", "left lower lung"]
 
@@ -25,7 +26,7 @@ def test_paligemma_golden_label_mask(tiny_paligemma):
     tok = proc.tokenizer
     batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False)
     ids, labels, tt, am = (batch[k] for k in ("input_ids", "labels", "token_type_ids", "attention_mask"))
-    n_image = 64
+    n_image = N_IMAGE
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
         prompt = tok(f"answer en {q}", add_special_tokens=False)["input_ids"]
         answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -50,7 +51,7 @@ def test_llava_golden_label_mask(tiny_llava):
     batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False, do_center_crop=False)
     ids, labels, am = batch["input_ids"], batch["labels"], batch["attention_mask"]
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
-        prompt = f"{tok.bos_token}USER: {'<image>' * 64}\n{q} ASSISTANT:"
+        prompt = f"{tok.bos_token}USER: {'<image>' * N_IMAGE}\n{q} ASSISTANT:"
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         answer = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         expected = torch.full_like(labels[i], IGNORE_INDEX)
@@ -58,7 +59,7 @@ def test_llava_golden_label_mask(tiny_llava):
         assert labels[i].tolist() == expected.tolist()
         assert am[i].sum() == n_prompt + len(answer)
         assert _labelled(tok, labels[i]).strip() == a + tok.eos_token
-        assert (ids[i] == proc.image_token_id).sum() == 64
+        assert (ids[i] == proc.image_token_id).sum() == N_IMAGE
 
 
 def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
@@ -78,7 +79,7 @@ def test_image_span_comes_from_the_sequence(tiny_model):
     batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], do_resize=False,
                                            do_center_crop=False)
     span = loaded.family.image_span(loaded.model, batch["input_ids"][0])
-    assert span.grid == (8, 8) and span.end - span.start == 64
+    assert span.grid == (4, 4) and span.end - span.start == N_IMAGE
     with pytest.raises(ValueError, match="no image tokens"):
         loaded.family.image_span(loaded.model, torch.tensor([1, 2, 3]))
 

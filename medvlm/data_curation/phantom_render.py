@@ -118,13 +118,13 @@ def sample_lesion(rng: np.random.Generator, body_part: str, view: str) -> Lesion
     zones = ORGANS[body_part]["zones"]
     zone = zones[rng.integers(2)]
     ocx, ocy, oax, oay = _paired_organs(body_part, view)[side]
-    radius = {"nodule": rng.uniform(0.08, 0.11), "mass": rng.uniform(0.14, 0.19),
-              "cyst": rng.uniform(0.11, 0.15)}[finding]
+    radius = {"nodule": rng.uniform(0.08, 0.11), "mass": rng.uniform(0.19, 0.24),
+              "cyst": rng.uniform(0.14, 0.18)}[finding]
     # upper / frontal zone is the top half of the organ (smaller y)
     sign = -1.0 if zone == zones[0] else 1.0
     cy = ocy + sign * rng.uniform(0.3, 0.6) * oay
     cx = ocx + rng.uniform(-0.35, 0.35) * oax
-    contrast = rng.uniform(0.35, 0.6)
+    contrast = rng.uniform(0.45, 0.7)
     return Lesion(finding, side, zone, float(cx), float(cy), float(radius), float(contrast), body_part)
 
 
@@ -163,11 +163,14 @@ def render(
         else:
             m = _ellipse(xx, yy, lcx, lcy, r, r * rng.uniform(0.85, 1.0))
         base = float(np.sum(img * m) / max(np.sum(m), 1e-6))
-        if lesion.finding == "cyst":
-            rim = np.clip(m - _ellipse(xx, yy, lcx, lcy, r * 0.7, r * 0.7), 0, 1)
+        if lesion.finding == "cyst":  # thin bright wall; air-filled in the lung, fluid elsewhere
+            rim = np.clip(m - _ellipse(xx, yy, lcx, lcy, r * 0.6, r * 0.6), 0, 1)
             inner = m - rim
-            fluid = table["fluid"] if abs(table["fluid"] - base) > 0.25 else base - lesion.contrast
-            img = img * (1 - m) + (base + lesion.contrast) * rim + np.clip(fluid, 0, 1) * inner
+            fluid = table["air"] if body_part == "chest" else table["fluid"]
+            inner_value = fluid if abs(fluid - base) > 0.25 else base
+            # the wall contrasts with the content: dark around bright fluid (T2), bright otherwise
+            wall = max(base - lesion.contrast, 0.0) if inner_value > base else min(base + lesion.contrast, 1.0)
+            img = img * (1 - m) + wall * rim + inner_value * inner
         else:
             target = base + lesion.contrast if base < 0.6 else base - lesion.contrast
             img = img * (1 - m) + target * m

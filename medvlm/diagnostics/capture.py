@@ -23,7 +23,7 @@ A tutorial on a tiny random PaliGemma (eager attention, 2 decoder layers)::
     >>> from medvlm.models.tiny import TinyConfig, build_tokenizer, build_tiny
     >>> from medvlm.models.registry import get_family
     >>> tok = build_tokenizer(["where is the lesion in the left lung"], 300)
-    >>> model, processor = build_tiny(TinyConfig(vision_layers=1, text_layers=2), tok)
+    >>> model, processor = build_tiny(TinyConfig(vision_layers=1, text_layers=2, patch_size=8), tok)
     >>> model.set_attn_implementation("eager")
     >>> family = get_family("paligemma")
     >>> ex = prepare_example(model, processor, family, np.zeros((64, 64, 3), np.uint8), "where?")

@@ -63,7 +63,7 @@ class TinyConfig:
 
     family: str = "paligemma"
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     vision_hidden: int = 96
     vision_layers: int = 3
     vision_heads: int = 4
@@ -71,9 +71,11 @@ class TinyConfig:
     text_layers: int = 3
     text_heads: int = 4
     vocab_size: int = 800
-    pretrain_steps: int = 600
+    vision_pretrain_steps: int = 1500
+    vision_pretrain_lr: float = 1e-3
+    pretrain_steps: int = 1000
     pretrain_batch_size: int = 32
-    pretrain_lr: float = 2e-3
+    pretrain_lr: float = 1e-3
     seed: int = 0
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
@@ -95,7 +97,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
 
 def phantom_corpus(cfg: PhantomConfig) -> list[str]:
     texts: list[str] = []
-    for kind in ("qa", "captions", "cases"):
+    for kind in ("qa", "captions", "cases", "generic"):
         ds = load_phantom(cfg, kind=kind)
         texts += list(ds["question"]) + list(ds["answer"])
     texts += ["USER: ASSISTANT: answer en caption en", "0123456789 .,;:!?()-'\"/"]
@@ -150,15 +152,76 @@ def build_tiny(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast):
     return model, processor
 
 
+#: Image-level labels of the vision-tower pre-training: (meta key, classes). "none" = no lesion.
+VISION_LABELS = (
+    ("modality", ("CT", "MRI", "X-ray")),
+    ("body_part", ("chest", "abdomen", "head")),
+    ("finding", ("none", "nodule", "mass", "cyst")),
+    ("side", ("", "left", "right")),
+    ("zone", ("", "upper", "lower", "frontal", "occipital")),
+)
+
+
+def _vision_targets(records) -> torch.Tensor:
+    rows = []
+    for meta in records["meta"]:
+        m = json.loads(meta)
+        zone = next((z for z in ("upper", "lower", "frontal", "occipital") if z in m.get("location", "")), "")
+        m["zone"] = zone
+        rows.append([classes.index(m.get(key, "") or classes[0]) for key, classes in VISION_LABELS])
+    return torch.tensor(rows)
+
+
+def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
+    """Supervised pre-training of the vision tower and projector on image-level phantom labels.
+
+    Real VLMs start from a vision tower pre-trained on its own (SigLIP's image-text loss, CLIP's);
+    a tiny tower trained from scratch only through captioning learns the global look (modality,
+    body part) long before small lesions. A linear head per label on the mean of the projected
+    image tokens stands in for that pre-training; the head is thrown away afterwards.
+    """
+    from medvlm.training.collator import NO_RESIZE
+    from medvlm.training.data import prepare_examples
+
+    records = load_phantom(cfg.phantom, kind="captions", split="train")
+    examples = prepare_examples(records, processor)
+    targets = _vision_targets(records)
+    sizes = [len(c) for _, c in VISION_LABELS]
+    head = torch.nn.Linear(cfg.text_hidden, sum(sizes))
+    params = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.vision_pretrain_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    for _ in range(cfg.vision_pretrain_steps):
+        idx = torch.randint(len(examples), (cfg.pretrain_batch_size,), generator=gen)
+        pixels = processor.image_processor([examples.images[examples.image_index[i]] for i in idx],
+                                           return_tensors="pt", **NO_RESIZE)["pixel_values"]
+        feats = model.get_image_features(pixel_values=pixels).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        logits = head(feats.mean(dim=1)).split(sizes, dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(lg, targets[idx, k]) for k, lg in enumerate(logits))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"vision_loss_first": losses[0], "vision_loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "vision_steps": len(losses)}
+
+
 def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
-    """Full-parameter captioning on the phantom train split (the base 'already sees')."""
+    """Full-parameter pre-training on the phantom train split: captions (which name modality, region,
+    finding, side and place) mixed with general short-answer VQA, as a real base's mixture has both."""
     from medvlm.models.registry import get_family
     from medvlm.training.collator import VLMCollator
     from medvlm.training.data import prepare_examples
     from medvlm.training.trainer import MedVLMTrainer
 
     family = get_family(cfg.family)
-    records = load_phantom(cfg.phantom, kind="captions", split="train")
+    import datasets
+
+    records = datasets.concatenate_datasets([load_phantom(cfg.phantom, kind="captions", split="train"),
+                                             load_phantom(cfg.phantom, kind="generic", split="train")])
     examples = prepare_examples(records, processor)
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=cfg.pretrain_steps, per_device_train_batch_size=cfg.pretrain_batch_size,
@@ -185,7 +248,8 @@ def ensure_base_model(family: str = "paligemma", cfg: TinyConfig | None = None,
     model, processor = build_tiny(cfg, tokenizer)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    stats = pretrain(model, processor, cfg, tmp / "pretrain")
+    stats = pretrain_vision(model, processor, cfg)
+    stats.update(pretrain(model, processor, cfg, tmp / "pretrain"))
     shutil.rmtree(tmp / "pretrain", ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))

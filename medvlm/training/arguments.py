@@ -37,7 +37,7 @@ class DataArguments:
     question_types: list[str] = field(
         default_factory=lambda: list(BASIC_TYPES),
         metadata={"help": "Phantom only: question types of the curriculum (stage 1: the basic ones)."})
-    phantom_patients: int = field(default=1200, metadata={"help": "Phantom only: number of patients."})
+    phantom_patients: int = field(default=4000, metadata={"help": "Phantom only: number of patients."})
     phantom_seed: int = field(default=0, metadata={"help": "Phantom only: generator seed."})
     eval_dataset: str = field(
         default="phantom",
