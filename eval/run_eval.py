@@ -1,8 +1,15 @@
-"""Evaluate: score a predictions file into ``metrics.json`` (+ ``manifest.json``) and print a summary.
+"""Evaluate: score a predictions file, or run a model on a dataset, into ``metrics.json`` (+ manifest).
 
     python eval/run_eval.py --predictions runs/stage2/predictions.jsonl --output runs/stage2/eval
     python eval/run_eval.py --predictions answers.jsonl --questions test.json \\
         --suite eval/suites/llava_med_vqa.yaml --output runs/eval-llava-med
+    python eval/run_eval.py --model demo:paligemma --adapter runs/demo/stage2/adapter --dataset phantom \\
+        --max-samples 200 --consistency --robustness --output runs/demo/eval
+    python eval/run_eval.py --model google/paligemma-3b-mix-448 --dataset data/slake --split test \\
+        --judge-backend ollama --judge-model llama3.1:8b --output runs/eval-slake
+
+Model mode writes ``predictions.jsonl`` (raw answers) before scoring and judging; see
+``medvlm.eval.evaluate`` for every file it writes.
 
 The predictions formats (ours, LLaVA-Med's answer files) and every metric are described in
 ``medvlm.eval.predictions`` and ``medvlm.eval.metrics``. This script only parses arguments and
@@ -28,10 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = what.add_mutually_exclusive_group(required=True)
     mode.add_argument("--predictions", metavar="FILE",
                       help="predictions JSONL to score (ours: id/answer/prediction/..., or a LLaVA-Med answer file)")
-    # ---- model-evaluation mode (not implemented here) -----------------------------------------
-    # Add `--model` to `mode` (so it excludes --predictions) and its companions (--adapter,
-    # --dataset, generation options) in their own argument group; dispatch on it in main().
-    # --------------------------------------------------------------------------------------------
+    mode.add_argument("--model", metavar="ID|DIR",
+                      help="model to run: hub id, local folder, or demo:paligemma / demo:llava")
+    add_model_arguments(parser)
 
     preds = parser.add_argument_group("predictions mode")
     preds.add_argument("--questions", metavar="FILE",
@@ -53,6 +59,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model mode's options, grouped by purpose."""
+    model = parser.add_argument_group("model mode: model and data")
+    model.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (a run's adapter/) applied to --model")
+    model.add_argument("--dataset", default="phantom",
+                       help="phantom (embedded), a saved dataset folder, or a mix YAML (default phantom)")
+    model.add_argument("--split", default="test", help="split to evaluate (default test)")
+    model.add_argument("--max-samples", type=int, metavar="N", help="evaluate only the first N questions")
+    model.add_argument("--question-types", nargs="+", metavar="TYPE", help="phantom question types (default all)")
+    model.add_argument("--phantom-patients", type=int, default=4000, help="phantom size (default 4000)")
+    model.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+
+    gen = parser.add_argument_group("model mode: generation")
+    gen.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default 32)")
+    gen.add_argument("--max-new-tokens", type=int, default=16, help="answer length budget (default 16)")
+
+    checks = parser.add_argument_group("model mode: consistency and robustness")
+    checks.add_argument("--consistency", action="store_true",
+                        help="also sample --samples answers per question (one generate per batch) and score "
+                             "their consistency")
+    checks.add_argument("--samples", type=int, default=5, help="sampled answers per question (default 5)")
+    checks.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    checks.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    checks.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled answers (default 0)")
+    checks.add_argument("--robustness", action="store_true",
+                        help="answer reworded versions of each question (paraphrase groups): flip rate, latency")
+
+    judge = parser.add_argument_group("model mode: LLM judge of open answers")
+    judge.add_argument("--judge-backend", choices=["ollama", "transformers"], help="judge backend (off by default)")
+    judge.add_argument("--judge-model", metavar="NAME", help="judge model (llama3.1:8b, a local folder, smollm2)")
+    judge.add_argument("--judge-host", metavar="URL", help="Ollama server (default $OLLAMA_HOST or localhost)")
+    judge.add_argument("--judge-cache", metavar="DIR", help="judge response cache (default OUTPUT/judge_cache)")
+    judge.add_argument("--judge-concurrency", type=int, default=1, help="parallel judge requests (default 1)")
+
+
+def model_config(args: argparse.Namespace):
+    """The ``ModelEvalConfig`` the parsed arguments describe."""
+    from medvlm.eval.evaluate import ModelEvalConfig
+
+    return ModelEvalConfig(
+        model=args.model, output=args.output, adapter=args.adapter, dtype=args.dtype, dataset=args.dataset,
+        split=args.split, question_types=args.question_types, phantom_patients=args.phantom_patients,
+        max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        consistency=args.consistency, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+        seed=args.sample_seed, robustness=args.robustness, judge_backend=args.judge_backend,
+        judge_model=args.judge_model, judge_host=args.judge_host, judge_cache=args.judge_cache,
+        judge_concurrency=args.judge_concurrency,
+    )
+
+
+def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
+    """Model mode: one clear error line and exit status 2 on a bad model, adapter or dataset."""
+    from medvlm.eval.evaluate import ModelEvalError, evaluate_model
+
+    try:
+        metrics = evaluate_model(model_config(args), scoring=scoring)
+    except (ModelEvalError, FileNotFoundError) as e:
+        print(f"run_eval.py: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(format_summary(metrics))
+        judge = metrics.get("judge")
+        if judge:
+            print(f"judge: mean score {judge.get('mean_score')}, yes rate {judge.get('yes_rate')}, "
+                  f"{judge.get('n_invalid')} of {judge.get('n')} items invalid")
+        print(f"wrote {args.output}/predictions.jsonl and metrics.json")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,10 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Score
     try:
         kwargs = scoring_kwargs(args.suite, bootstrap=args.bootstrap, seed=args.seed, slice_by=args.slice_by)
-        if args.predictions is not None:
-            metrics = score_file(args.predictions, questions=args.questions, **kwargs)
-            inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
-        # ---- model-evaluation mode dispatch goes here (elif args.model is not None: ...) ----
+        if args.model is not None:
+            return run_model_mode(args, kwargs)
+        metrics = score_file(args.predictions, questions=args.questions, **kwargs)
+        inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
     except (PredictionsError, UnknownMetricError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 

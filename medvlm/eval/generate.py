@@ -7,6 +7,7 @@ five-run consistency check), instead of one call per sample.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,10 +35,14 @@ def generate_answers(
     seed: int = 0,
     resized: bool = True,
     progress: bool = True,
+    latencies: list[float] | None = None,
 ) -> list[str] | list[list[str]]:
     """Answers for ``questions`` about ``images`` (uint8 arrays at the model's resolution when
     ``resized``, else any PIL/array image). One string per question, or a list of
-    ``num_return_sequences`` strings when that is above 1."""
+    ``num_return_sequences`` strings when that is above 1.
+
+    ``latencies``, when given a list, receives one number per question: the wall time of its
+    batch (inputs built, generated, decoded) divided by the batch's size, in seconds."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions; pass one image per question")
     if num_return_sequences > 1 and not do_sample:
@@ -56,6 +61,7 @@ def generate_answers(
     kwargs = NO_RESIZE if resized else {}
     starts = range(0, len(questions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress or None):
+        t0 = time.perf_counter()
         batch = family.generation_batch(processor, list(images[start:start + batch_size]),
                                         list(questions[start:start + batch_size]), **kwargs)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -69,6 +75,9 @@ def generate_answers(
             outputs.extend(texts[i:i + k] for i in range(0, len(texts), k))
         else:
             outputs.extend(texts)
+        if latencies is not None:
+            n = len(questions[start:start + batch_size])
+            latencies.extend([(time.perf_counter() - t0) / n] * n)
     if was_training:
         model.train()
     return outputs

@@ -1,0 +1,278 @@
+"""Model mode of the evaluation: load a model (+ adapter), answer a dataset, score, judge.
+
+:func:`evaluate_model` writes into ``output``::
+
+    predictions.jsonl             raw greedy answers, one line per question (with ``samples`` when
+                                  consistency is on, and ``latency_s``)
+    predictions_paraphrase.jsonl  answers to the paraphrase groups (robustness only)
+    judge.jsonl                   one judgement per open question (judge only)
+    metrics.json                  score_records' result (+ robustness, judge and model sections)
+    manifest.json                 written last: inputs, options, counts, versions
+
+Predictions and metrics are written before the judge runs, so a judge server that is down
+costs nothing but the judge section (its items are counted invalid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvlm.eval.consistency import DEFAULT_THRESHOLD
+from medvlm.eval.generate import generate_answers
+from medvlm.eval.paraphrase import paraphrase_records
+from medvlm.eval.run import prediction_rows
+from medvlm.eval.scoring import score_records, to_jsonable
+from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
+
+logger = logging.getLogger(__name__)
+
+#: Slices of a model-mode run (qtype first: the phantom's question types are its curriculum).
+MODEL_SLICES = ("qtype", "modality", "answer_type", "body_part", "source")
+
+
+class ModelEvalError(ValueError):
+    """A model, adapter or dataset that cannot be evaluated; the message names it and the fix."""
+
+
+@dataclass
+class ModelEvalConfig:
+    """What to evaluate and how. Groups: model, data, generation, checks, judge."""
+
+    model: str = field(metadata={"help": "hub id, local folder, or demo:paligemma / demo:llava"})
+    output: str = field(metadata={"help": "folder for predictions, metrics and manifest"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fast) | eager"})
+    dataset: str = field(default="phantom", metadata={"help": "phantom, a saved dataset folder, or a mix YAML"})
+    split: str = field(default="test", metadata={"help": "split to evaluate"})
+    question_types: list[str] | None = field(default=None, metadata={"help": "phantom question types (all)"})
+    phantom_patients: int = field(default=4000, metadata={"help": "phantom only: number of patients"})
+    phantom_seed: int = field(default=0, metadata={"help": "phantom only: generator seed"})
+    max_samples: int | None = field(default=None, metadata={"help": "evaluate the first N questions"})
+    batch_size: int = field(default=32, metadata={"help": "questions per generate call"})
+    max_new_tokens: int = field(default=16, metadata={"help": "answer length budget"})
+    consistency: bool = field(default=False, metadata={"help": "sample answers for the consistency check"})
+    samples: int = field(default=5, metadata={"help": "sampled answers per question"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    robustness: bool = field(default=False, metadata={"help": "evaluate paraphrase groups"})
+    paraphrases: int = field(default=3, metadata={"help": "reworded variants per question"})
+    judge_backend: str | None = field(default=None, metadata={"help": "ollama | transformers (off when empty)"})
+    judge_model: str | None = field(default=None, metadata={"help": "judge model name or path"})
+    judge_host: str | None = field(default=None, metadata={"help": "Ollama server (default $OLLAMA_HOST)"})
+    judge_cache: str | None = field(default=None, metadata={"help": "response cache (default output/judge_cache)"})
+    judge_concurrency: int = field(default=1, metadata={"help": "parallel judge requests"})
+    judge_template: str = field(default="correctness", metadata={"help": "eval/judge_templates/<name>.txt"})
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ModelEvalError(f"--max-samples must be >= 1, got {self.max_samples}")
+        if self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise ModelEvalError("--batch-size, --samples and --max-new-tokens must be >= 1, got "
+                                 f"{self.batch_size}, {self.samples}, {self.max_new_tokens}")
+        if bool(self.judge_backend) != bool(self.judge_model):
+            raise ModelEvalError("the judge needs both --judge-backend and --judge-model (e.g. --judge-backend "
+                                 "ollama --judge-model llama3.1:8b)")
+
+    def judge_llm_config(self) -> dict[str, Any]:
+        """The ``make_llm`` config of the judge (validated, nothing contacted)."""
+        from medvlm.llm import LLMConfig
+
+        cfg: dict[str, Any] = {"backend": self.judge_backend, "model": self.judge_model,
+                               "cache_dir": self.judge_cache or str(Path(self.output) / "judge_cache"),
+                               "concurrency": self.judge_concurrency}
+        if self.judge_host:
+            cfg["host"] = self.judge_host
+        LLMConfig(**cfg)  # raises ValueError naming a bad backend before any generation
+        return cfg
+
+
+# Inputs ----------------------------------------------------------------------------------------
+
+def check_inputs(cfg: ModelEvalConfig) -> None:
+    """Fail fast, before loading anything, on a missing model folder or adapter."""
+    from medvlm.training.lora import AdapterError, check_adapter
+
+    model = cfg.model
+    looks_local = os.path.sep in model or model.startswith(".") or (os.altsep and os.altsep in model)
+    if not model.startswith("demo:") and looks_local and not Path(model).is_dir():
+        raise ModelEvalError(f"model folder {model} does not exist; pass an existing folder holding "
+                             "config.json, a hub id, or demo:paligemma")
+    if not model.startswith("demo:") and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        raise ModelEvalError(f"model folder {model} holds no config.json; point --model at a saved model "
+                             "(save_pretrained output) or a hub id")
+    if cfg.adapter:
+        try:
+            check_adapter(cfg.adapter, cfg.model)
+        except AdapterError as e:
+            raise ModelEvalError(str(e).replace("init_adapter", "--adapter")) from e
+    if cfg.judge_backend:
+        try:
+            cfg.judge_llm_config()
+        except ValueError as e:
+            raise ModelEvalError(f"judge: {e}") from e
+
+
+def load_eval_records(cfg: ModelEvalConfig):
+    """The records to evaluate (phantom, saved dataset or mix), the first ``max_samples`` of them."""
+    from medvlm.training.arguments import DataArguments
+    from medvlm.training.stage import load_records
+
+    data_args = DataArguments(dataset=cfg.dataset, phantom_patients=cfg.phantom_patients,
+                              phantom_seed=cfg.phantom_seed)
+    records = load_records(cfg.dataset, cfg.split, cfg.question_types, data_args, Path(cfg.output))
+    if len(records) == 0:
+        raise ModelEvalError(f"dataset {cfg.dataset} has no records in split {cfg.split!r}")
+    if cfg.max_samples:
+        records = records.select(range(min(cfg.max_samples, len(records))))
+    return records
+
+
+def load_model(cfg: ModelEvalConfig):
+    """``LoadedModel`` with the adapter applied (merged into the weights: faster generation)."""
+    from medvlm.models.registry import load_model_and_processor
+
+    try:
+        loaded = load_model_and_processor(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    except OSError as e:  # transformers' "not a valid model identifier" and missing files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelEvalError(f"cannot load model {cfg.model!r}: {first}") from e
+    if cfg.adapter:
+        from peft import PeftModel
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, cfg.adapter).merge_and_unload()
+        logger.info("applied adapter %s", cfg.adapter)
+    loaded.model.eval()
+    return loaded
+
+
+# Generation ------------------------------------------------------------------------------------
+
+def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = False) -> list[dict[str, Any]]:
+    """Prediction rows for ``records``: greedy answers with ``latency_s``, plus ``samples`` (one
+    ``generate`` per batch with ``num_return_sequences``) when ``sample``. Extra fields of the records
+    (``group``, ``variant``) are kept."""
+    from medvlm.training.data import prepare_examples
+
+    examples = prepare_examples(records, loaded.processor)
+    images = [examples.images[i] for i in examples.image_index]
+    common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    latencies: list[float] = []
+    answers = generate_answers(loaded.model, loaded.processor, loaded.family, images, examples.questions,
+                               latencies=latencies, **common)
+    rows = prediction_rows(records, answers)
+    for row, rec, lat in zip(rows, records, latencies, strict=True):
+        row["latency_s"] = lat
+        for key in ("group", "variant"):
+            if rec.get(key) is not None:
+                row[key] = rec[key]
+    if sample:
+        k = cfg.samples
+        sampled = generate_answers(loaded.model, loaded.processor, loaded.family, images, examples.questions,
+                                   do_sample=True, num_return_sequences=k, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, seed=cfg.seed, **common)
+        for row, s in zip(rows, sampled, strict=True):
+            row["samples"] = [s] if k == 1 else list(s)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """One JSON object per line, written to a temp file then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(to_jsonable(row), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# Judge -----------------------------------------------------------------------------------------
+
+def judge_open_rows(rows: Sequence[Mapping[str, Any]], cfg: ModelEvalConfig, out: Path) -> dict[str, Any]:
+    """Judge the open questions through ``make_llm`` (cached); items go to ``judge.jsonl``.
+
+    A server that is down makes items invalid (counted); a backend that cannot even be built
+    (missing local model) gives a section with ``error`` and every item invalid.
+    """
+    from medvlm.eval.judge import judge_records
+    from medvlm.llm import LLMError, make_llm
+
+    open_rows = [r for r in rows if r.get("answer_type") == "open"]
+    logger.info("judging %d open predictions with %s:%s", len(open_rows), cfg.judge_backend, cfg.judge_model)
+    try:
+        llm = make_llm(cfg.judge_llm_config())
+        result = judge_records(open_rows, llm, cfg.judge_template, concurrency=cfg.judge_concurrency)
+    except (LLMError, OSError, ValueError) as e:
+        logger.error("judge could not run: %s", e)
+        ids = [str(r["id"]) for r in open_rows]
+        return {"error": f"{type(e).__name__}: {e}", "n": len(ids), "n_valid": 0, "n_invalid": len(ids),
+                "invalid_ids": ids, "mean_score": None, "yes_rate": None,
+                "backend": cfg.judge_backend, "model": cfg.judge_model}
+    write_jsonl(out / "judge.jsonl", result["items"])
+    return result["judge"]
+
+
+# Orchestration ---------------------------------------------------------------------------------
+
+def scoring_options(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None) -> dict[str, Any]:
+    """score_records keyword arguments: the suite's/user's, with slices and consistency k defaulted."""
+    kwargs = dict(scoring or {})
+    kwargs.setdefault("slice_by", MODEL_SLICES)
+    if cfg.consistency:
+        kwargs["consistency_k"] = cfg.samples
+        kwargs["consistency_threshold"] = min(kwargs.get("consistency_threshold", DEFAULT_THRESHOLD), cfg.samples)
+    return kwargs
+
+
+def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole model-mode evaluation (see the module docstring); returns the metrics."""
+    t0 = time.time()
+    check_inputs(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = scoring_options(cfg, scoring)
+
+    # Load data and model
+    records = load_eval_records(cfg)
+    loaded = load_model(cfg)
+    logger.info("evaluating %s on %d %s questions of %s", cfg.model, len(records), cfg.split, cfg.dataset)
+
+    # Generate and score
+    rows = answer_records(loaded, records, cfg, sample=cfg.consistency)
+    write_jsonl(out / "predictions.jsonl", rows)
+    metrics = score_records(rows, **kwargs)
+    outputs = ["predictions.jsonl", "metrics.json"]
+    if cfg.robustness:
+        groups, unmatched = paraphrase_records(records, max_variants=cfg.paraphrases)
+        para_rows = answer_records(loaded, groups, cfg) if groups else []
+        write_jsonl(out / "predictions_paraphrase.jsonl", para_rows)
+        scored = score_records(para_rows, bootstrap=kwargs.get("bootstrap", 1000), seed=kwargs.get("seed", 0),
+                               slice_by=())
+        metrics["robustness"] = {**scored.get("robustness", {"n": 0, "n_groups": 0}),
+                                 "n_not_paraphrased": len(unmatched), "not_paraphrased": unmatched}
+        outputs.append("predictions_paraphrase.jsonl")
+    metrics["model"] = {"model": cfg.model, "adapter": cfg.adapter, "dataset": cfg.dataset, "split": cfg.split,
+                        "family": type(loaded.family).__name__, "seconds": round(time.time() - t0, 2)}
+    atomic_write_json(out / "metrics.json", to_jsonable(metrics))
+
+    # Judge (after the predictions are safe on disk)
+    if cfg.judge_backend:
+        metrics["judge"] = judge_open_rows(rows, cfg, out)
+        atomic_write_json(out / "metrics.json", to_jsonable(metrics))
+        outputs.append("judge.jsonl")
+
+    write_manifest(out, step="eval.model", config=asdict(cfg), scoring={k: list(v) if isinstance(v, tuple) else v
+                                                                         for k, v in kwargs.items()},
+                   counts=metrics.get("counts", {}), outputs=outputs,
+                   data={"n": len(records), "ids_sha256": hash_rows(str(r) for r in records["id"])})
+    return metrics
