@@ -1,0 +1,447 @@
+"""Run the diagnostics on a small fixed probe set of phantom lesions: ``diagnostics.json`` + overlays.
+
+The probe set is chosen deterministically from the records (see :func:`select_probe_records`), so
+every checkpoint of a run is probed on the same questions and the numbers are comparable over
+training. For each probe example, at the model's *predicted first answer token* (the last prompt
+position; no answer is teacher-forced):
+
+- one capture pass (head-mean attention of every layer at every position, the residual stream of
+  every layer) gives the ``attention`` map (head-mean attention of the last quarter of the decoder,
+  exactly :func:`~medvlm.diagnostics.saliency.raw_attention` with ``fusion="mean"``), the
+  ``rollout`` map, the ``logit_lens`` map and best layers, the answer entropy, and the hidden
+  states for the geometry;
+- ``gradcam`` and ``logprob`` (log-probability increase, top heads) need gradients / value vectors
+  and run their own pass.
+
+Each map is scored against the lesion mask with :func:`~medvlm.diagnostics.attention_quality.map_summary`
+(ROI mass, chance, ratio, pointing game, focus, gini). Geometry pools the hidden states of all
+probe examples (so that tokens outnumber dimensions and linearity is not trivially 1). The
+parameter-randomisation test runs on the first ``sanity_examples`` examples. A method is
+*trusted* when its mean ROI ratio is above 1 (better than chance) and it passes the randomisation
+test (see :func:`trust_verdict`).
+
+Everything undefined is NaN (or None) with a reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvlm.diagnostics.attention_quality import map_summary
+from medvlm.diagnostics.capture import (
+    AttentionNotEagerError,
+    Cache,
+    Example,
+    capture,
+    check_eager,
+    prepare_example,
+)
+from medvlm.diagnostics.gradcam import gradcam
+from medvlm.diagnostics.logit_lens import LogitLens, layer_table, residual_to_logits
+from medvlm.diagnostics.logprob import logprob_increase
+from medvlm.diagnostics.overlay import save_overlay
+from medvlm.diagnostics.saliency import attention_rollout, last_quarter, raw_attention, rollout
+from medvlm.diagnostics.sanity import load_mask, randomization_test
+from medvlm.models.base import ModelFamily
+from medvlm.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens")
+#: Question types asked about the lesion, preferred for the probe (most image-dependent first).
+LESION_QTYPES = ("location", "finding", "presence", "side", "finding_yn", "side_yn")
+TRUST_RULE = ("a method is trusted when its mean ROI ratio over the probe examples is above 1 (more "
+              "map mass on the lesion than a uniform map) AND it passes the parameter-randomisation test "
+              "(its map changes when the top decoder layer is re-initialised: Spearman rho <= the threshold)")
+
+
+# -- the probe set -------------------------------------------------------------------------------
+def _meta(rec: dict) -> dict:
+    try:
+        return json.loads(rec.get("meta") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return {}
+
+
+def select_probe_records(records: Any, max_examples: int = 8) -> tuple[list[dict], list[dict]]:
+    """A fixed, diverse set of records with a lesion mask: ``(chosen, skipped)``.
+
+    Records without ``roi`` are not candidates. Among the others, one question per image (the
+    first of :data:`LESION_QTYPES` present, else the first question), then round-robin over
+    (modality, body_part) groups in record order, so the probe spans the groups. ``skipped`` lists
+    candidates whose mask file is missing, with the reason.
+    """
+    by_image: dict[str, list[dict]] = {}
+    skipped: list[dict] = []
+    for rec in records:
+        rec = dict(rec)
+        if not rec.get("roi"):
+            continue
+        if not Path(rec["roi"]).is_file():
+            skipped.append({"id": rec.get("id"), "reason": f"mask {rec['roi']} does not exist"})
+            continue
+        by_image.setdefault(str(rec.get("image")), []).append(rec)
+    rank = {q: i for i, q in enumerate(LESION_QTYPES)}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for recs in by_image.values():
+        best = min(recs, key=lambda r: rank.get(_meta(r).get("qtype"), len(rank)))
+        groups.setdefault((str(best.get("modality", "")), str(best.get("body_part", ""))), []).append(best)
+    chosen: list[dict] = []
+    queues = [list(v) for v in groups.values()]
+    while len(chosen) < max_examples and any(queues):
+        for q in queues:
+            if q and len(chosen) < max_examples:
+                chosen.append(q.pop(0))
+    return chosen, skipped
+
+
+# -- maps ----------------------------------------------------------------------------------------
+def _attention_from_cache(cache: Cache, position: int) -> np.ndarray:
+    """Head-mean attention of ``position`` to the image, averaged over the last quarter of the
+    decoder: equal to ``attention_map(..., fusion="mean")`` (the mean over heads commutes), but read
+    from the head-mean rows of the shared capture pass."""
+    span, q = cache.image_span, cache.query_index(position)
+    rows = [cache["attn_mean", layer][0][q, span.start:span.end] for layer in last_quarter(cache.n_layers)]
+    return torch.stack(rows).float().mean(0).reshape(span.grid).double().numpy()
+
+
+@torch.no_grad()
+def _lens_from_cache(model, family: ModelFamily, cache: Cache, tokenizer, target_id: int,
+                     k: int = 5) -> tuple[LogitLens, np.ndarray]:
+    """Logit lens at the image positions from the shared cache (same readout as
+    :func:`medvlm.diagnostics.logit_lens.logit_lens`, which would run its own pass), and the map
+    of p(predicted answer token) at each patch, maxed over layers."""
+    span = cache.image_span
+    layers = cache.layers("resid_post")
+    ids, probs, target = [], [], []
+    for layer in layers:
+        p = torch.softmax(residual_to_logits(model, family, cache["resid_post", layer][0, span.start:span.end]), -1)
+        top = p.topk(k, dim=-1)
+        ids.append(top.indices)
+        probs.append(top.values)
+        target.append(p[:, target_id])
+    top_ids = torch.stack(ids).numpy()
+    tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
+    lens = LogitLens(layers, list(range(span.start, span.end)), span.grid, top_ids,
+                     torch.stack(probs).double().numpy(), tokens)
+    return lens, torch.stack(target).amax(0).reshape(span.grid).double().numpy()
+
+
+def logit_lens_map(model, family: ModelFamily, example: Example) -> np.ndarray:
+    """p(predicted token) per patch, maxed over layers, from a hidden-states-only pass."""
+    out, cache = capture(model, family, example.inputs, attention=False, hidden_states=True)
+    pred = int(out.logits[0, example.target_positions[0]].argmax())
+    span = cache.image_span
+    with torch.no_grad():
+        maps = [torch.softmax(residual_to_logits(model, family, cache["resid_post", layer][0, span.start:span.end]),
+                              -1)[:, pred] for layer in cache.layers("resid_post")]
+    return torch.stack(maps).amax(0).reshape(span.grid).double().numpy()
+
+
+def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
+    """``name -> fn(model, family, example) -> map`` for the randomisation test."""
+    table = {
+        "attention": lambda m, f, e: raw_attention(m, f, e, fusion="mean"),
+        "rollout": attention_rollout,
+        "gradcam": gradcam,
+        "logprob": lambda m, f, e: logprob_increase(m, f, e).position_map("sum"),
+        "logit_lens": logit_lens_map,
+    }
+    return {name: table[name] for name in methods}
+
+
+def score_map(grid: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """:func:`map_summary` of a map against a mask; signed maps are clipped at 0 first (the score
+    asks where the positive evidence lies); a map without positive mass gets NaN and the reason."""
+    g = np.clip(np.asarray(grid, float), 0.0, None)
+    if not np.isfinite(g).all() or g.sum() <= 0:
+        why = "map has no positive finite mass"
+        keys = ("focus", "gini", "entropy", "roi_mass", "roi_chance", "roi_mass_ratio")
+        return {**dict.fromkeys(keys, float("nan")), "pointing_game": None, "nan_reasons": dict.fromkeys(keys, why)}
+    return map_summary(g, mask)
+
+
+# -- one example ---------------------------------------------------------------------------------
+def _first_answer_token(model, processor, family, rec: dict) -> int | None:
+    try:
+        ex = prepare_example(model, processor, family, rec["image"], rec["question"], rec["answer"])
+    except ValueError:
+        return None
+    return ex.target_ids[0]
+
+
+def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Sequence[str],
+                  timings: Counter, clock: Callable[[], float] = time.monotonic
+                  ) -> tuple[dict, dict[str, np.ndarray], Example, dict | None]:
+    """Maps and scores of one record: ``(row, maps, example, hidden)``; ``hidden`` holds the
+    per-layer hidden states [S, D] and the image-token mask for the geometry (None on failure)."""
+    meta = _meta(rec)
+    row: dict[str, Any] = {"id": rec.get("id"), "question": rec.get("question"), "answer": rec.get("answer"),
+                           "qtype": meta.get("qtype"), "modality": rec.get("modality"),
+                           "body_part": rec.get("body_part"), "finding": meta.get("finding"),
+                           "side": meta.get("side"), "methods": {}, "errors": {}}
+    t = clock()
+    ex = prepare_example(model, processor, family, rec["image"], rec["question"])
+    mask = load_mask(rec["roi"])
+    q = ex.target_positions[0]
+    try:
+        check_eager(model)
+        eager = True
+    except AttentionNotEagerError as err:
+        eager = False
+        row["errors"].update({m: str(err) for m in ("attention", "rollout") if m in methods})
+    n_layers = len(family.decoder_layers(model))
+    out, cache = capture(model, family, ex.inputs, attention=False, attention_mean=eager, hidden_states=True,
+                         resid_pre=True, names_filter=lambda n: not n.endswith("resid_pre") or n == "blocks.0.resid_pre")
+    logits = out.logits[0, q].float()
+    logp = torch.log_softmax(logits, -1)
+    pred = int(logits.argmax())
+    first = _first_answer_token(model, processor, family, rec)
+    row.update(predicted_token_id=pred, predicted_token=processor.tokenizer.decode([pred]),
+               answer_entropy=float(-(logp.exp() * logp).sum()),
+               first_token_correct=None if first is None else bool(pred == first))
+    maps: dict[str, np.ndarray] = {}
+    if eager and "attention" in methods:
+        maps["attention"] = _attention_from_cache(cache, q)
+    if eager and "rollout" in methods:
+        maps["rollout"] = rollout(cache, [q])
+    timings["capture"] += clock() - t
+    t = clock()
+    if "logit_lens" in methods:
+        lens, maps["logit_lens"] = _lens_from_cache(model, family, cache, processor.tokenizer, pred)
+        best = Counter(int(b) for b in lens.best_layer)
+        row["logit_lens"] = {"best_layer_counts": {str(k): v for k, v in sorted(best.items())},
+                             "mean_best_layer": float(np.mean(lens.best_layer)),
+                             "layer_table": layer_table(lens, n=3)}
+    layers = [cache["resid_pre", 0][0]] + [cache["resid_post", i][0] for i in range(n_layers)]
+    span = cache.image_span
+    is_image = np.zeros(cache.seq_len, bool)
+    is_image[span.start:span.end] = True
+    hidden = {"layers": [h.float().numpy() for h in layers], "image_mask": is_image}
+    del cache
+    timings["logit_lens" if "logit_lens" in methods else "capture"] += clock() - t
+    for name in ("gradcam", "logprob"):
+        if name not in methods:
+            continue
+        t = clock()
+        try:
+            if name == "gradcam":
+                maps[name] = gradcam(model, family, ex)
+            else:
+                lpi = logprob_increase(model, family, ex, processor.tokenizer)
+                maps[name] = lpi.position_map("sum")
+                row["top_heads"] = [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)]
+                row["head_scores"] = lpi.head_scores.tolist()
+        except (ValueError, RuntimeError, KeyError) as err:
+            logger.warning("probe %s: method %s failed: %s", rec.get("id"), name, err)
+            row["errors"][name] = str(err)
+        timings[name] += clock() - t
+    for name, grid in maps.items():
+        row["methods"][name] = score_map(grid, mask)
+    for name in methods:
+        if name not in row["methods"]:
+            row["methods"][name] = {"roi_mass": float("nan"), "roi_mass_ratio": float("nan"), "pointing_game": None,
+                                    "nan_reasons": {"all": row["errors"].get(name, "method not run")}}
+    return row, maps, ex, hidden
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+def _mean(values: list) -> float:
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize_methods(rows: list[dict], methods: Sequence[str]) -> dict[str, dict]:
+    """Per method: means of the ROI and concentration scores over the examples where defined."""
+    out = {}
+    for name in methods:
+        scores = [r["methods"][name] for r in rows if name in r["methods"]]
+        defined = [s for s in scores if np.isfinite(s.get("roi_mass", float("nan")))]
+        hits = [s["pointing_game"] for s in defined if s.get("pointing_game") is not None]
+        reasons = sorted({why for s in scores for why in s.get("nan_reasons", {}).values()})
+        out[name] = {"n": len(defined), "n_undefined": len(scores) - len(defined),
+                     "roi_mass_mean": _mean([s["roi_mass"] for s in defined]),
+                     "roi_chance_mean": _mean([s["roi_chance"] for s in defined]),
+                     "roi_ratio_mean": _mean([s["roi_mass_ratio"] for s in defined]),
+                     "pointing_game_rate": float(np.mean(hits)) if hits else float("nan"),
+                     "focus_mean": _mean([s.get("focus") for s in defined]),
+                     "gini_mean": _mean([s.get("gini") for s in defined]),
+                     "nan_reasons": reasons}
+    return out
+
+
+def summarize_sanity(per_example: list[dict], methods: Sequence[str]) -> dict[str, dict]:
+    """Per method over the tested examples: mean Spearman rho, flagged anywhere, passes (bool/None)."""
+    out = {}
+    for name in methods:
+        tests = [e["scores"][name] for e in per_example if name in e.get("scores", {})]
+        flags = [t.get("flagged") for t in tests if t.get("flagged") is not None]
+        passes = None if not flags else not any(flags)
+        out[name] = {"n": len(tests), "spearman_mean": _mean([t.get("spearman") for t in tests]),
+                     "flagged_any": bool(any(flags)), "passes": passes,
+                     "reasons": sorted({t["reason"] for t in tests if t.get("reason")})}
+    return out
+
+
+def trust_verdict(methods: dict[str, dict], sanity: dict[str, dict] | None) -> dict[str, dict]:
+    """Which methods this model's maps can be trusted with (rule: :data:`TRUST_RULE`).
+
+    ``trusted`` is True / False, or None when a condition could not be tested (reason given).
+    """
+    out = {}
+    for name, m in methods.items():
+        ratio = m.get("roi_ratio_mean", float("nan"))
+        chance_ok = None if not np.isfinite(ratio) else bool(ratio > 1.0)
+        passes = (sanity or {}).get(name, {}).get("passes")
+        reasons = []
+        if chance_ok is None:
+            reasons.append("ROI ratio undefined")
+        elif not chance_ok:
+            reasons.append(f"ROI ratio {ratio:.2f} <= 1 (no better than chance)")
+        if passes is None:
+            reasons.append("randomisation test not run or undefined")
+        elif not passes:
+            reasons.append("map barely changes when the top decoder layer is randomised")
+        trusted = False if False in (chance_ok, passes) else (None if None in (chance_ok, passes) else True)
+        out[name] = {"roi_ratio_mean": ratio, "better_than_chance": chance_ok, "passes_randomization": passes,
+                     "trusted": trusted, "reason": "; ".join(reasons)}
+    return out
+
+
+def _top_heads(rows: list[dict], n: int = 10) -> list[dict]:
+    mats = [np.asarray(r["head_scores"]) for r in rows if "head_scores" in r]
+    if not mats:
+        return []
+    total = np.sum(mats, axis=0)
+    order = np.argsort(total, axis=None)[::-1][:n]
+    return [{"layer": int(i // total.shape[1]), "head": int(i % total.shape[1]), "increase": float(total.flat[i]),
+             "n_examples": len(mats)} for i in order]
+
+
+def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
+    """Pool the probe examples' hidden states (a seeded subsample of at most ``tokens_per_example``
+    tokens each) and run :func:`layerwise_geometry` on them."""
+    from medvlm.diagnostics.geometry import layerwise_geometry
+
+    rng = np.random.default_rng(seed)
+    layers: list[list[np.ndarray]] = [[] for _ in hidden[0]["layers"]]
+    masks = []
+    for h in hidden:
+        n = h["image_mask"].size
+        keep = np.sort(rng.choice(n, tokens_per_example, replace=False)) if n > tokens_per_example else np.arange(n)
+        for li, arr in enumerate(h["layers"]):
+            layers[li].append(arr[keep])
+        masks.append(h["image_mask"][keep])
+    geo = layerwise_geometry([np.concatenate(x) for x in layers], np.concatenate(masks))
+    geo["layer_names"] = ["embeddings"] + [f"decoder.{i}" for i in range(len(layers) - 1)]
+    for group in ("image", "text"):
+        geo[f"linearity_{group}_mean"] = _mean([s.get(group) for s in geo["linearity"]])
+    return geo
+
+
+# -- the probe -----------------------------------------------------------------------------------
+def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str | Path, *,
+              methods: Sequence[str] = METHODS, geometry: bool = True, max_examples: int = 8,
+              sanity_examples: int = 2, overlay_examples: int = 2, time_budget: float | None = None,
+              clock: Callable[[], float] = time.monotonic, geometry_tokens: int = 256, seed: int = 0,
+              extra: dict | None = None) -> dict:
+    """Probe ``model`` on up to ``max_examples`` lesion records; write ``out_dir/diagnostics.json``.
+
+    ``records``: unified records (a ``datasets.Dataset`` or dicts) with ``roi`` mask paths.
+    ``time_budget`` (seconds, optional): before each further example and before the randomisation
+    test the measured cost so far is extrapolated; what would overrun is skipped and listed under
+    ``"skipped"`` with the reason. ``extra`` is merged into the JSON (e.g. the budget plan).
+    Returns the JSON dict (see the module docstring); raises ValueError when no record has a mask.
+    """
+    from tqdm.auto import tqdm
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown probe methods {unknown}; expected a subset of {METHODS}")
+    methods = [m for m in METHODS if m in methods]
+    out_dir = Path(out_dir)
+    start = clock()
+    chosen, skipped = select_probe_records(records, max_examples)
+    if not chosen:
+        raise ValueError("no record has a lesion mask ('roi' path) to score saliency against; probe records must "
+                         "include lesions (e.g. the phantom's validation split)")
+    timings: Counter = Counter()
+    rows, hidden, tested = [], [], []
+    for i, rec in enumerate(tqdm(chosen, desc="probe", unit="example", disable=None)):
+        elapsed = clock() - start
+        if time_budget is not None and rows and elapsed + elapsed / len(rows) > time_budget:
+            skipped += [{"id": r.get("id"), "reason": f"time budget {time_budget:.1f}s: {elapsed:.1f}s spent"}
+                        for r in chosen[i:]]
+            break
+        try:
+            row, maps, ex, hid = probe_example(model, processor, family, rec, methods, timings, clock)
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+            logger.warning("probe: record %s skipped: %s", rec.get("id"), err)
+            skipped.append({"id": rec.get("id"), "reason": str(err)})
+            continue
+        if len(rows) < overlay_examples:
+            row["overlays"] = {}
+            for name, grid in maps.items():
+                rel = f"overlays/{len(rows):02d}_{name}.png"
+                try:
+                    save_overlay(out_dir / rel, ex.image, np.clip(grid, 0, None))
+                    row["overlays"][name] = rel
+                except ValueError as err:
+                    row["errors"][f"overlay_{name}"] = str(err)
+        if len(tested) < sanity_examples:
+            tested.append((row["id"], ex))
+        rows.append(row)
+        hidden.append(hid)
+    result: dict[str, Any] = {"status": "ok", "methods": methods, "trust_rule": TRUST_RULE, "examples": rows,
+                              "n_examples": len(rows), "skipped": skipped,
+                              "settings": {"max_examples": max_examples, "sanity_examples": sanity_examples,
+                                           "geometry": geometry, "geometry_tokens_per_example": geometry_tokens,
+                                           "time_budget_s": time_budget, "seed": seed}}
+    result["summary"] = summarize_methods(rows, methods)
+    result["top_heads"] = _top_heads(rows)
+    lens_counts: Counter = Counter()
+    for r in rows:
+        lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))
+    result["logit_lens_best_layers"] = dict(sorted(lens_counts.items(), key=lambda kv: int(kv[0])))
+
+    # Geometry: hidden states of the shared capture pass, pooled over the examples
+    t = clock()
+    result["geometry"] = None
+    if geometry and hidden:
+        try:
+            result["geometry"] = _geometry(hidden, geometry_tokens, seed)
+        except ValueError as err:
+            result["geometry_error"] = str(err)
+    timings["geometry"] += clock() - t
+    del hidden
+
+    # Sanity: parameter randomisation on the first examples, if the budget allows
+    sanity_rows: list[dict] = []
+    per_example = (clock() - start) / max(len(rows), 1)
+    for rid, ex in tested:
+        elapsed = clock() - start
+        if time_budget is not None and elapsed + 2 * per_example > time_budget:
+            skipped.append({"id": rid, "reason": f"randomisation test skipped: time budget {time_budget:.1f}s, "
+                                                 f"{elapsed:.1f}s spent"})
+            continue
+        t = clock()
+        rep = randomization_test(model, family, ex, sanity_methods(methods), top_k=1, tower="language", seed=seed)
+        sanity_rows.append({"id": rid, "tower": rep.tower, "top_k": rep.top_k, "threshold": rep.threshold,
+                            "scores": rep.scores})
+        timings["sanity"] += clock() - t
+    result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, methods)}
+    result["trust"] = trust_verdict(result["summary"], result["sanity"]["summary"] if sanity_rows else None)
+    result["timings"] = {**{k: float(v) for k, v in timings.items()}, "total": float(clock() - start),
+                         "n_examples": len(rows), "n_sanity": len(sanity_rows)}
+    result.update(extra or {})
+    atomic_write_json(out_dir / "diagnostics.json", result)
+    return result
