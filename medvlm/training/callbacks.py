@@ -1,41 +1,121 @@
-"""Work done at every checkpoint: evaluate a small fixed subset and write metrics.json there."""
+"""Work done at every checkpoint: evaluate a small fixed subset, write metrics.json there, log to W&B."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
+#: Slices scored (and logged) at each checkpoint.
+CHECKPOINT_SLICES = ("qtype", "modality", "body_part")
+
+
+def checkpoint_scalars(metrics: Mapping[str, Any], prefix: str = "ckpt") -> dict[str, float]:
+    """Flat ``{name: number}`` of a score_records result: every configured closed/open metric
+    (``ckpt/closed_accuracy``, ``ckpt/open_rougeL``) and each slice's headline numbers
+    (``ckpt/qtype/presence/closed_accuracy``). ``None`` scores (empty groups) are left out."""
+    out: dict[str, float] = {}
+    names = metrics.get("config", {}).get("metrics", {})
+    for t in ("closed", "open"):
+        section = metrics.get(t, {})
+        for name in names.get(t, []):
+            if section.get(name) is not None:
+                out[f"{prefix}/{t}_{name}"] = float(section[name])
+    for field, table in metrics.get("slices", {}).items():
+        for value, entry in table.items():
+            for t in ("closed", "open"):
+                for name, score in (entry.get(t) or {}).items():
+                    if name in ("accuracy", "rougeL") and score is not None:
+                        out[f"{prefix}/{field}/{value}/{t}_{name}"] = float(score)
+    return out
+
+
+def _active_wandb():
+    """The ``wandb`` module when a run is active (``wandb.run is not None``), else ``None``."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb if getattr(wandb, "run", None) is not None else None
+
 
 class CheckpointEvalCallback(TrainerCallback):
-    """At each save, evaluate ``examples`` (a fixed validation subset) into ``checkpoint-N/metrics.json``.
+    """At each save, evaluate ``examples`` (a fixed validation subset) into ``checkpoint-N/metrics.json``
+    (and its raw answers into ``checkpoint-N/eval_predictions.jsonl``).
 
-    Runs on the main process only; the scalars also go to the Trainer's loggers (W&B) as
-    ``ckpt/closed_accuracy`` etc.
+    Runs on the main process only. ``max_samples`` caps the subset, ``closed_metrics``/``open_metrics``
+    pick the registered metrics (default: all), ``slice_by`` the slices. When a W&B run is active the
+    scalars of :func:`checkpoint_scalars` and a ``wandb.Table`` of ``table_rows`` sample predictions
+    with their images are logged at the checkpoint's step; otherwise the scalars go to the attached
+    Trainer's loggers (``trainer.log``).
     """
 
-    def __init__(self, family, processor, records, examples, max_new_tokens: int = 12):
+    def __init__(self, family, processor, records, examples, max_new_tokens: int = 12, *,
+                 max_samples: int | None = None, batch_size: int = 32, bootstrap: int = 200,
+                 closed_metrics: Sequence[str] | None = None, open_metrics: Sequence[str] | None = None,
+                 slice_by: Sequence[str] = CHECKPOINT_SLICES, table_rows: int = 16, prefix: str = "ckpt"):
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.family, self.processor = family, processor
         self.records, self.examples = records, examples
         self.max_new_tokens = max_new_tokens
+        self.n = len(examples) if max_samples is None else min(max_samples, len(examples))
+        self.batch_size, self.bootstrap = batch_size, bootstrap
+        self.score_kwargs = {"closed_metrics": closed_metrics, "open_metrics": open_metrics, "slice_by": slice_by}
+        self.table_rows, self.prefix = table_rows, prefix
         self.trainer = None
+
+    def evaluate(self, model, folder: Path, step: int) -> tuple[dict, list[dict]]:
+        """Answer the subset with ``model``; write predictions and metrics into ``folder``."""
+        from medvlm.eval.evaluate import write_jsonl
+        from medvlm.eval.generate import generate_answers
+        from medvlm.eval.run import prediction_rows, write_metrics
+        from medvlm.eval.scoring import score_records
+
+        ex = self.examples
+        images = [ex.images[ex.image_index[i]] for i in range(self.n)]
+        answers = generate_answers(model, self.processor, self.family, images, ex.questions[:self.n],
+                                   batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, progress=False)
+        records = [self.records[i] for i in range(self.n)]
+        rows = prediction_rows(records, answers)
+        write_jsonl(folder / "eval_predictions.jsonl", rows)
+        metrics = score_records(rows, bootstrap=self.bootstrap, **self.score_kwargs)
+        metrics["global_step"] = step
+        write_metrics(folder, metrics)
+        return metrics, rows
+
+    def log_wandb(self, wandb, metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """Scalars and a table of sample predictions (with images) to the active W&B run."""
+        from medvlm.eval.metrics import is_correct
+
+        table = wandb.Table(columns=["step", "id", "image", "question", "answer", "prediction", "correct",
+                                     "answer_type", "qtype"])
+        ex = self.examples
+        for i, row in enumerate(rows[:self.table_rows]):
+            correct = is_correct(row["prediction"], row["answer"], row) if row["answer_type"] == "closed" else None
+            table.add_data(step, row["id"], wandb.Image(ex.images[ex.image_index[i]], caption=row["id"]),
+                           row["question"], row["answer"], row["prediction"], correct, row["answer_type"],
+                           row.get("qtype", ""))
+        wandb.log({**checkpoint_scalars(metrics, self.prefix), f"{self.prefix}/predictions": table,
+                   "train/global_step": step})
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
-        from medvlm.eval.run import evaluate_examples, write_metrics
-
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        metrics = evaluate_examples(model, self.processor, self.family, self.records, self.examples,
-                                    folder, max_new_tokens=self.max_new_tokens, bootstrap=200,
-                                    name="eval_predictions", progress=False)
-        metrics["global_step"] = state.global_step
-        write_metrics(folder, metrics)
+        metrics, rows = self.evaluate(model, folder, state.global_step)
         closed = metrics.get("closed", {})
         logger.info("checkpoint %d: closed accuracy %s (n=%s)", state.global_step, closed.get("accuracy"),
                     closed.get("n"))
-        if self.trainer is not None and closed.get("accuracy") is not None:
-            self.trainer.log({"ckpt/closed_accuracy": closed["accuracy"]})
+        wandb = _active_wandb()
+        if wandb is not None:
+            self.log_wandb(wandb, metrics, rows, state.global_step)
+        elif self.trainer is not None:
+            scalars = checkpoint_scalars(metrics, self.prefix)
+            if scalars:
+                self.trainer.log(scalars)
