@@ -55,7 +55,7 @@ def test_probe_writes_json_with_every_methods_roi_numbers(loaded, phantom_record
     geo = on_disk["geometry"]
     n_layers = len(lm.family.decoder_layers(lm.model))
     assert geo["n_layers"] == n_layers + 1 and len(geo["linearity"]) == n_layers
-    assert geo["groups"]["image"] == 4 * 16 and geo["groups"]["text"] > 0
+    assert geo["groups"]["image"] == (4 + 24) * 16 and geo["groups"]["text"] > geo["n_layers"]  # 24 extra passes
     assert 1 <= len(on_disk["top_heads"]) <= 10 and sum(on_disk["logit_lens_best_layers"].values()) == 4 * 16
     ex0 = on_disk["examples"][0]
     assert ex0["answer_entropy"] > 0 and isinstance(ex0["predicted_token"], str)
@@ -106,9 +106,11 @@ def test_time_budget_stops_the_probe_and_lists_what_was_skipped(loaded, phantom_
     result = run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, methods=("attention",),
                        max_examples=5, time_budget=3.0, clock=lambda: next(ticks))
     assert result["n_examples"] == 1
-    reasons = [s["reason"] for s in result["skipped"]]
+    reasons = [s["reason"] for s in result["skipped"] if "id" in s]
     assert len([r for r in reasons if r.startswith("time budget")]) == 4
     assert any(r.startswith("randomisation test skipped") for r in reasons)
+    geo_skip = [s for s in result["skipped"] if s.get("what") == "geometry_examples"]
+    assert geo_skip and geo_skip[0]["n"] == 23 and geo_skip[0]["reason"].startswith("time budget")
     assert result["sanity"]["examples"] == [] and result["trust"]["attention"]["passes_randomization"] is None
 
 

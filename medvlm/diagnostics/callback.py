@@ -41,10 +41,11 @@ DEFAULT_SANITY_RATIO = 2.5
 
 def estimate_seconds(cost: dict[str, float], n: int, methods: Sequence[str], n_sanity: int) -> float:
     """Seconds for ``n`` examples with ``methods`` and ``n_sanity`` randomisation tests, from
-    per-example costs ``cost`` (keys: capture, geometry, each method, sanity_ratio)."""
+    per-example costs ``cost`` (keys: capture, each method, sanity_ratio) and the geometry's
+    fixed cost (key geometry: its extra hidden-states passes and the scores)."""
     per_example = cost.get("capture", 0.0) + sum(cost.get(m, 0.0) for m in methods)
     sanity = cost.get("sanity_ratio", DEFAULT_SANITY_RATIO) * per_example
-    return n * (per_example + cost.get("geometry", 0.0)) + n_sanity * sanity
+    return n * per_example + n_sanity * sanity + cost.get("geometry", 0.0)
 
 
 def plan_probe(budget_s: float, cost: dict[str, float] | None, max_examples: int, methods: Sequence[str],
@@ -98,9 +99,11 @@ def costs_from_timings(timings: dict[str, float], previous: dict[str, float] | N
     n = int(timings.get("n_examples") or 0)
     if n == 0:
         return cost
-    for key in ("capture", "geometry", "logit_lens", "gradcam", "logprob"):
+    for key in ("capture", "logit_lens", "gradcam", "logprob"):
         if key in timings:
             cost[key] = timings[key] / n
+    if "geometry" in timings:
+        cost["geometry"] = timings["geometry"]
     n_sanity = int(timings.get("n_sanity") or 0)
     per_example = timings.get("capture", 0.0) / n + sum(timings.get(m, 0.0) / n for m in DROP_ORDER)
     if n_sanity and per_example > 0:

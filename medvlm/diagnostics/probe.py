@@ -49,6 +49,14 @@ from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, layer_table, residual_to_logits
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.overlay import save_overlay
+from medvlm.diagnostics.probe_summary import (
+    TRUST_RULE,
+    mean_finite,
+    summarize_methods,
+    summarize_sanity,
+    top_heads,
+    trust_verdict,
+)
 from medvlm.diagnostics.saliency import attention_rollout, last_quarter, raw_attention, rollout
 from medvlm.diagnostics.sanity import load_mask, randomization_test
 from medvlm.models.base import ModelFamily
@@ -59,11 +67,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens")
 #: Question types asked about the lesion, preferred for the probe (most image-dependent first).
 LESION_QTYPES = ("location", "finding", "presence", "side", "finding_yn", "side_yn")
-TRUST_RULE = ("a method is trusted when its mean ROI ratio over the probe examples is above 1 (more "
-              "map mass on the lesion than a uniform map) AND it passes the parameter-randomisation test "
-              "(its map changes when the top decoder layer is re-initialised: Spearman rho <= the threshold)")
-
-
 # -- the probe set -------------------------------------------------------------------------------
 def _meta(rec: dict) -> dict:
     try:
@@ -170,6 +173,41 @@ def score_map(grid: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
     return map_summary(g, mask)
 
 
+# -- hidden states for the geometry ---------------------------------------------------------------
+def _EMBED_AND_RESID(name: str) -> bool:  # noqa: N802 - a names_filter constant
+    """Keep every layer's output and only layer 0's input (the embeddings)."""
+    return not name.endswith("resid_pre") or name == "blocks.0.resid_pre"
+
+
+def _hidden_from_cache(cache: Cache) -> dict:
+    """Embeddings + each decoder layer's output [S, D] (numpy), and the image-token mask [S]."""
+    layers = [cache["resid_pre", 0][0]] + [cache["resid_post", i][0] for i in range(cache.n_layers)]
+    is_image = np.zeros(cache.seq_len, bool)
+    is_image[cache.image_span.start:cache.image_span.end] = True
+    return {"layers": [h.float().numpy() for h in layers], "image_mask": is_image}
+
+
+def hidden_states(model, processor, family: ModelFamily, rec: dict) -> dict:
+    """A hidden-states-only capture pass over one record (extra geometry examples)."""
+    ex = prepare_example(model, processor, family, rec["image"], rec["question"])
+    _, cache = capture(model, family, ex.inputs, attention=False, hidden_states=True, resid_pre=True,
+                       names_filter=_EMBED_AND_RESID)
+    return _hidden_from_cache(cache)
+
+
+def geometry_records(records, exclude_images: set[str], n: int) -> list[dict]:
+    """Up to ``n`` records, one per image not in ``exclude_images``, in record order; masks not needed."""
+    out, seen = [], set(exclude_images)
+    for rec in records:
+        if len(out) >= n:
+            break
+        if str(rec.get("image")) in seen:
+            continue
+        seen.add(str(rec.get("image")))
+        out.append(dict(rec))
+    return out
+
+
 # -- one example ---------------------------------------------------------------------------------
 def _first_answer_token(model, processor, family, rec: dict) -> int | None:
     try:
@@ -199,9 +237,8 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     except AttentionNotEagerError as err:
         eager = False
         row["errors"].update({m: str(err) for m in ("attention", "rollout") if m in methods})
-    n_layers = len(family.decoder_layers(model))
     out, cache = capture(model, family, ex.inputs, attention=False, attention_mean=eager, hidden_states=True,
-                         resid_pre=True, names_filter=lambda n: not n.endswith("resid_pre") or n == "blocks.0.resid_pre")
+                         resid_pre=True, names_filter=_EMBED_AND_RESID)
     logits = out.logits[0, q].float()
     logp = torch.log_softmax(logits, -1)
     pred = int(logits.argmax())
@@ -222,11 +259,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
         row["logit_lens"] = {"best_layer_counts": {str(k): v for k, v in sorted(best.items())},
                              "mean_best_layer": float(np.mean(lens.best_layer)),
                              "layer_table": layer_table(lens, n=3)}
-    layers = [cache["resid_pre", 0][0]] + [cache["resid_post", i][0] for i in range(n_layers)]
-    span = cache.image_span
-    is_image = np.zeros(cache.seq_len, bool)
-    is_image[span.start:span.end] = True
-    hidden = {"layers": [h.float().numpy() for h in layers], "image_mask": is_image}
+    hidden = _hidden_from_cache(cache)
     del cache
     timings["logit_lens" if "logit_lens" in methods else "capture"] += clock() - t
     for name in ("gradcam", "logprob"):
@@ -254,79 +287,6 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     return row, maps, ex, hidden
 
 
-# -- aggregation ---------------------------------------------------------------------------------
-def _mean(values: list) -> float:
-    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def summarize_methods(rows: list[dict], methods: Sequence[str]) -> dict[str, dict]:
-    """Per method: means of the ROI and concentration scores over the examples where defined."""
-    out = {}
-    for name in methods:
-        scores = [r["methods"][name] for r in rows if name in r["methods"]]
-        defined = [s for s in scores if np.isfinite(s.get("roi_mass", float("nan")))]
-        hits = [s["pointing_game"] for s in defined if s.get("pointing_game") is not None]
-        reasons = sorted({why for s in scores for why in s.get("nan_reasons", {}).values()})
-        out[name] = {"n": len(defined), "n_undefined": len(scores) - len(defined),
-                     "roi_mass_mean": _mean([s["roi_mass"] for s in defined]),
-                     "roi_chance_mean": _mean([s["roi_chance"] for s in defined]),
-                     "roi_ratio_mean": _mean([s["roi_mass_ratio"] for s in defined]),
-                     "pointing_game_rate": float(np.mean(hits)) if hits else float("nan"),
-                     "focus_mean": _mean([s.get("focus") for s in defined]),
-                     "gini_mean": _mean([s.get("gini") for s in defined]),
-                     "nan_reasons": reasons}
-    return out
-
-
-def summarize_sanity(per_example: list[dict], methods: Sequence[str]) -> dict[str, dict]:
-    """Per method over the tested examples: mean Spearman rho, flagged anywhere, passes (bool/None)."""
-    out = {}
-    for name in methods:
-        tests = [e["scores"][name] for e in per_example if name in e.get("scores", {})]
-        flags = [t.get("flagged") for t in tests if t.get("flagged") is not None]
-        passes = None if not flags else not any(flags)
-        out[name] = {"n": len(tests), "spearman_mean": _mean([t.get("spearman") for t in tests]),
-                     "flagged_any": bool(any(flags)), "passes": passes,
-                     "reasons": sorted({t["reason"] for t in tests if t.get("reason")})}
-    return out
-
-
-def trust_verdict(methods: dict[str, dict], sanity: dict[str, dict] | None) -> dict[str, dict]:
-    """Which methods this model's maps can be trusted with (rule: :data:`TRUST_RULE`).
-
-    ``trusted`` is True / False, or None when a condition could not be tested (reason given).
-    """
-    out = {}
-    for name, m in methods.items():
-        ratio = m.get("roi_ratio_mean", float("nan"))
-        chance_ok = None if not np.isfinite(ratio) else bool(ratio > 1.0)
-        passes = (sanity or {}).get(name, {}).get("passes")
-        reasons = []
-        if chance_ok is None:
-            reasons.append("ROI ratio undefined")
-        elif not chance_ok:
-            reasons.append(f"ROI ratio {ratio:.2f} <= 1 (no better than chance)")
-        if passes is None:
-            reasons.append("randomisation test not run or undefined")
-        elif not passes:
-            reasons.append("map barely changes when the top decoder layer is randomised")
-        trusted = False if False in (chance_ok, passes) else (None if None in (chance_ok, passes) else True)
-        out[name] = {"roi_ratio_mean": ratio, "better_than_chance": chance_ok, "passes_randomization": passes,
-                     "trusted": trusted, "reason": "; ".join(reasons)}
-    return out
-
-
-def _top_heads(rows: list[dict], n: int = 10) -> list[dict]:
-    mats = [np.asarray(r["head_scores"]) for r in rows if "head_scores" in r]
-    if not mats:
-        return []
-    total = np.sum(mats, axis=0)
-    order = np.argsort(total, axis=None)[::-1][:n]
-    return [{"layer": int(i // total.shape[1]), "head": int(i % total.shape[1]), "increase": float(total.flat[i]),
-             "n_examples": len(mats)} for i in order]
-
-
 def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
     """Pool the probe examples' hidden states (a seeded subsample of at most ``tokens_per_example``
     tokens each) and run :func:`layerwise_geometry` on them."""
@@ -344,7 +304,7 @@ def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
     geo = layerwise_geometry([np.concatenate(x) for x in layers], np.concatenate(masks))
     geo["layer_names"] = ["embeddings"] + [f"decoder.{i}" for i in range(len(layers) - 1)]
     for group in ("image", "text"):
-        geo[f"linearity_{group}_mean"] = _mean([s.get(group) for s in geo["linearity"]])
+        geo[f"linearity_{group}_mean"] = mean_finite([s.get(group) for s in geo["linearity"]])
     return geo
 
 
@@ -352,11 +312,14 @@ def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
 def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str | Path, *,
               methods: Sequence[str] = METHODS, geometry: bool = True, max_examples: int = 8,
               sanity_examples: int = 2, overlay_examples: int = 2, time_budget: float | None = None,
-              clock: Callable[[], float] = time.monotonic, geometry_tokens: int = 256, seed: int = 0,
+              clock: Callable[[], float] = time.monotonic, geometry_examples: int = 24, geometry_tokens: int = 256,
+              seed: int = 0,
               extra: dict | None = None) -> dict:
     """Probe ``model`` on up to ``max_examples`` lesion records; write ``out_dir/diagnostics.json``.
 
     ``records``: unified records (a ``datasets.Dataset`` or dicts) with ``roi`` mask paths.
+    ``geometry_examples`` more records (any, masks not needed) get a hidden-states-only pass for the
+    geometry, so that pooled tokens outnumber the model width (else linearity is NaN).
     ``time_budget`` (seconds, optional): before each further example and before the randomisation
     test the measured cost so far is extrapolated; what would overrun is skipped and listed under
     ``"skipped"`` with the reason. ``extra`` is merged into the JSON (e.g. the budget plan).
@@ -404,17 +367,31 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     result: dict[str, Any] = {"status": "ok", "methods": methods, "trust_rule": TRUST_RULE, "examples": rows,
                               "n_examples": len(rows), "skipped": skipped,
                               "settings": {"max_examples": max_examples, "sanity_examples": sanity_examples,
-                                           "geometry": geometry, "geometry_tokens_per_example": geometry_tokens,
+                                           "geometry": geometry, "geometry_extra_examples": geometry_examples,
+                                           "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed}}
     result["summary"] = summarize_methods(rows, methods)
-    result["top_heads"] = _top_heads(rows)
+    result["top_heads"] = top_heads(rows)
     lens_counts: Counter = Counter()
     for r in rows:
         lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))
     result["logit_lens_best_layers"] = dict(sorted(lens_counts.items(), key=lambda kv: int(kv[0])))
 
-    # Geometry: hidden states of the shared capture pass, pooled over the examples
+    # Geometry: hidden states of the shared capture pass, pooled over the examples, plus
+    # hidden-states-only passes over more records so that tokens outnumber dimensions
     t = clock()
+    if geometry and geometry_examples and rows:
+        extra_recs = geometry_records(records, {str(r.get("image")) for r in chosen}, geometry_examples)
+        for i, rec in enumerate(extra_recs):
+            elapsed = clock() - start
+            if time_budget is not None and i and elapsed + (clock() - t) / i > time_budget:
+                skipped.append({"what": "geometry_examples", "n": len(extra_recs) - i,
+                                "reason": f"time budget {time_budget:.1f}s: {elapsed:.1f}s spent"})
+                break
+            try:
+                hidden.append(hidden_states(model, processor, family, rec))
+            except (ValueError, FileNotFoundError, RuntimeError) as err:
+                skipped.append({"id": rec.get("id"), "reason": f"geometry pass failed: {err}"})
     result["geometry"] = None
     if geometry and hidden:
         try:
