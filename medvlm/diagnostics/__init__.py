@@ -18,3 +18,8 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(f"medvlm.diagnostics.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'medvlm.diagnostics' has no attribute {name!r}")
+
+
+# Per-checkpoint probe, its callback, the run report and the adapter's model card (lazy: torch, hub).
+_LAZY.update({"run_probe": "probe", "DiagnosticsCallback": "callback", "write_report": "report",
+              "build_model_card": "model_card", "run_report": "model_card"})

@@ -1,0 +1,59 @@
+"""Diagnostic report of a training run, and the adapter's model card.
+
+    python diagnostics/run_diagnostics.py runs/demo-paligemma-20261122-025014
+    python diagnostics/run_diagnostics.py runs/stage2 --output reports/stage2 --push-to-hub me/medvlm-adapter
+
+RUN_DIR is a stage folder (checkpoint-N/, adapter/, metrics.json) or a folder of stages
+(stage1/, stage2/). The report (report.md + figures/, report.html, indicators.json) covers every
+checkpoint and the trend across them; when the run holds no diagnostics yet (trained without the
+per-checkpoint callback) the final adapter is probed first. Every stage's adapter/README.md
+becomes a model card carrying the report. Nothing is uploaded unless --push-to-hub is given.
+The logic lives in ``medvlm.diagnostics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from medvlm.diagnostics.model_card import run_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="stage folder or folder of stages")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", metavar="DIR", help="report folder (default: RUN_DIR/report)")
+    out.add_argument("--push-to-hub", metavar="REPO_ID",
+                     help="upload the last stage's adapter and model card to this hub repo (needs a token)")
+    probe = parser.add_argument_group("probing the final adapter (runs without diagnostics)")
+    probe.add_argument("--max-examples", type=int, default=8, help="probe examples with lesion masks (default 8)")
+    probe.add_argument("--model-name-or-path", metavar="PATH",
+                       help="base model, when the one recorded in adapter/medvlm_adapter.json has moved")
+    probe.add_argument("--no-compute", action="store_true",
+                       help="never load a model: report only what the run folder already holds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        written = run_report(args.run_dir, args.output, push_to_hub=args.push_to_hub,
+                             max_examples=args.max_examples, model_name_or_path=args.model_name_or_path,
+                             compute_missing=not args.no_compute)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(f"report: {written['markdown']}\n        {written['html']}")
+    for stage, path in written["cards"].items():
+        print(f"model card ({stage}): {path}")
+    if written.get("pushed"):
+        print(f"pushed: {written['pushed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The published adapter: load it for diagnostics, describe it in a model card, push it on request.
+
+:func:`build_model_card` makes a ``huggingface_hub.ModelCard`` whose metadata
+(``ModelCardData``: base_model, library_name peft, tags, datasets) carries the evaluation in
+``model-index`` (one ``EvalResult`` per metric: closed accuracy, open ROUGE-L, BLEU, token F1,
+and the blank-image control) and whose body holds the diagnostic report. :func:`save_model_card`
+writes it as ``adapter/README.md``; :func:`push_adapter` (the only function here that touches
+the network) uploads the adapter folder and the card, and is called only when the user asks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+#: (metrics section, key, metric type, display name) reported in model-index
+CARD_METRICS = (
+    ("closed", "accuracy", "accuracy", "Closed-question accuracy"),
+    ("open", "rougeL", "rouge", "Open-question ROUGE-L"),
+    ("open", "bleu", "bleu", "Open-question BLEU"),
+    ("open", "token_f1", "f1", "Open-question token F1"),
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# -- the adapter and its run ---------------------------------------------------------------------
+def stage_config(stage_dir: str | Path) -> dict[str, Any]:
+    path = Path(stage_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def adapter_base(stage_dir: str | Path, prefer_local: bool = False) -> str:
+    """The base model the adapter was trained on.
+
+    The name the user gave (``medvlm_adapter.json``: a hub id, a folder or ``demo:<family>``), or
+    with ``prefer_local`` the folder peft recorded (``adapter_config.json``) when it still exists:
+    the exact weights trained on, even if ``demo:<family>`` would now resolve to a rebuilt base.
+    """
+    adapter = Path(stage_dir) / "adapter"
+    found = {}
+    for name, key in (("medvlm_adapter.json", "model_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
+        path = adapter / name
+        if path.is_file():
+            found[name] = json.loads(path.read_text(encoding="utf-8")).get(key)
+    recorded = found.get("adapter_config.json")
+    if prefer_local and recorded and Path(recorded).is_dir():
+        return str(recorded)
+    for value in (found.get("medvlm_adapter.json"), recorded):
+        if value:
+            return str(value)
+    raise FileNotFoundError(f"{adapter} holds no medvlm_adapter.json or adapter_config.json naming the base model; "
+                            "pass --model-name-or-path")
+
+
+def load_adapter_model(stage_dir: str | Path, model_name_or_path: str | None = None):
+    """Base model + the stage's final adapter (eager attention, eval mode) as a ``LoadedModel``.
+
+    When the stage merged a previous adapter into the base (``adapter_mode: merge``), that adapter
+    is merged first, as in training.
+    """
+    from peft import PeftModel
+
+    from medvlm.models.registry import LoadedModel, load_model_and_processor
+
+    stage_dir = Path(stage_dir)
+    loaded = load_model_and_processor(model_name_or_path or adapter_base(stage_dir, prefer_local=True),
+                                      attn_implementation="eager")
+    model, cfg = loaded.model, stage_config(stage_dir)
+    if cfg.get("init_adapter") and cfg.get("adapter_mode") == "merge":
+        model = PeftModel.from_pretrained(model, cfg["init_adapter"]).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(stage_dir / "adapter"))
+    return LoadedModel(model.eval(), loaded.processor, loaded.family)
+
+
+def probe_records_for(stage_dir: str | Path, split: str = "validation"):
+    """The records the stage evaluated on (its ``eval_dataset``), ``split`` else its ``eval_split``."""
+    from medvlm.training.arguments import DataArguments
+    from medvlm.training.stage import load_records
+
+    stage_dir, cfg = Path(stage_dir), stage_config(stage_dir)
+    fields = {k: v for k, v in cfg.items() if k in DataArguments.__dataclass_fields__}
+    data_args = DataArguments(**fields)
+    try:
+        return load_records(data_args.eval_dataset, split, data_args.eval_question_types, data_args, stage_dir)
+    except ValueError:
+        return load_records(data_args.eval_dataset, data_args.eval_split, data_args.eval_question_types, data_args,
+                            stage_dir)
+
+
+def compute_final_diagnostics(stage_dir: str | Path, *, max_examples: int = 8,
+                              model_name_or_path: str | None = None, records=None) -> dict:
+    """Probe the stage's final adapter into ``stage_dir/diagnostics/`` (for runs trained without it)."""
+    from medvlm.diagnostics.probe import run_probe
+
+    loaded = load_adapter_model(stage_dir, model_name_or_path)
+    records = records if records is not None else probe_records_for(stage_dir)
+    return run_probe(loaded.model, loaded.processor, loaded.family, records, Path(stage_dir) / "diagnostics",
+                     max_examples=max_examples, extra={"checkpoint": "final adapter"})
+
+
+# -- the card ------------------------------------------------------------------------------------
+def eval_results(metrics: dict, dataset_name: str, dataset_type: str, split: str | None) -> list[EvalResult]:
+    """One ``EvalResult`` per finite metric of :data:`CARD_METRICS` (+ the blank-image control)."""
+    out = []
+    sections = [(metrics, "")] + ([(metrics["blank_image"], " (blank images, control)")]
+                                  if isinstance(metrics.get("blank_image"), dict) else [])
+    for source, suffix in sections:
+        for section, key, mtype, name in CARD_METRICS:
+            value = (source.get(section) or {}).get(key)
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                out.append(EvalResult(task_type="visual-question-answering", task_name="Visual question answering",
+                                      dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                                      metric_type=mtype, metric_name=name + suffix, metric_value=round(float(value), 4)))
+    return out
+
+
+def _dataset_label(value: str | None) -> str:
+    if not value or value == "phantom":
+        return "phantom"
+    return Path(str(value)).stem
+
+
+def build_model_card(run_dir: str | Path, report_md: str, metrics: dict, *, repo_id: str | None = None) -> ModelCard:
+    """A model card for the adapter of the stage folder ``run_dir``, the report in its body.
+
+    ``metrics``: the stage's final ``metrics.json``. ``base_model`` is set when the base is a hub
+    id; a local folder or an embedded demo model is named in the body instead.
+    """
+    run_dir = Path(run_dir)
+    cfg = stage_config(run_dir)
+    try:
+        base = adapter_base(run_dir)
+    except FileNotFoundError:
+        base = str(cfg.get("model_name_or_path") or "")
+    hub_base = base if HUB_ID.match(base) else None
+    from medvlm.models.registry import FAMILIES
+
+    family = next((f for f in FAMILIES if f in base.lower()), "")
+    train_data = _dataset_label(cfg.get("dataset"))
+    eval_data = _dataset_label(cfg.get("eval_dataset"))
+    split = cfg.get("eval_split")
+    name = repo_id or f"{run_dir.parent.name}-{run_dir.name}"
+    tags = ["medvlm", "medical", "vision-language", "visual-question-answering", "lora", "peft"]
+    tags += [family] if family else []
+    data = ModelCardData(base_model=hub_base, library_name="peft", tags=tags,
+                         datasets=sorted({train_data, eval_data}), model_name=name, pipeline_tag="image-text-to-text",
+                         eval_results=eval_results(metrics, f"{eval_data} ({split or 'eval'} split)", eval_data, split)
+                         or None)
+    lines = [f"# {name}", "",
+             f"A LoRA adapter for the vision-language model `{base}`, fine-tuned with medvlm "
+             f"(stage `{cfg.get('stage', run_dir.name)}`, training data `{cfg.get('dataset', 'n/a')}`).", ""]
+    if hub_base is None and base:
+        lines += [f"The base model `{base}` is not a hub id (a local folder or the embedded demo model); load "
+                  "the same base before attaching this adapter.", ""]
+    lines += ["## Use", "", "```python", "from peft import PeftModel",
+              "from medvlm.models.registry import load_model_and_processor", "",
+              f"loaded = load_model_and_processor({base!r})",
+              f"model = PeftModel.from_pretrained(loaded.model, {repo_id or 'ADAPTER_FOLDER'!r})", "```", "",
+              "## Training", ""]
+    for key in ("lora_preset", "lora_r", "lora_alpha", "lora_towers", "learning_rate", "num_train_epochs",
+                "per_device_train_batch_size", "adapter_mode", "init_adapter", "seed"):
+        if key in cfg:
+            lines.append(f"- `{key}`: `{cfg[key]}`")
+    lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {r.metric_name} | {r.metric_value} |" for r in (data.eval_results or [])]
+    lines += ["", "## Diagnostic report", "", report_md.strip(), ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def save_model_card(card: ModelCard, run_dir: str | Path) -> Path:
+    """Write the card as ``adapter/README.md`` of the stage folder (atomic)."""
+    from medvlm.utils.io import atomic_write_text
+
+    folder = Path(run_dir) / "adapter"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; the model card belongs in a finished stage's adapter/")
+    return atomic_write_text(folder / "README.md", str(card))
+
+
+def push_adapter(card: ModelCard, run_dir: str | Path, repo_id: str, token: str | None = None) -> str:
+    """Upload ``adapter/`` (weights, configs) and the card to the hub repo ``repo_id`` (network)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(Path(run_dir) / "adapter"), repo_id=repo_id, ignore_patterns=["README.md"])
+    return card.push_to_hub(repo_id, token=token)
+
+
+# -- the whole flow ------------------------------------------------------------------------------
+def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to_hub: str | None = None,
+               max_examples: int = 8, model_name_or_path: str | None = None, compute_missing: bool = True,
+               token: str | None = None) -> dict[str, Any]:
+    """The whole flow of ``diagnostics/run_diagnostics.py``.
+
+    1. When no checkpoint holds diagnostics, probe the last stage's final adapter (base + adapter).
+    2. Write the report (default ``RUN_DIR/report``).
+    3. Write a model card into every stage's ``adapter/README.md``.
+    4. Only with ``push_to_hub``: upload the last stage's adapter and card to that repo.
+    """
+    from medvlm.diagnostics.report import has_diagnostics, latest_metrics, load_run, write_report
+
+    run = load_run(run_dir)
+    with_adapter = [s for s in run["stages"] if (s["path"] / "adapter").is_dir()]
+    if compute_missing and not has_diagnostics(run) and with_adapter:
+        logger.info("no diagnostics in %s: probing the final adapter of %s", run_dir, with_adapter[-1]["path"])
+        compute_final_diagnostics(with_adapter[-1]["path"], max_examples=max_examples,
+                                  model_name_or_path=model_name_or_path)
+        run = load_run(run_dir)
+    written = write_report(run, Path(output) if output else Path(run_dir) / "report")
+    cards = {}
+    for stage in with_adapter:
+        card = build_model_card(stage["path"], written["card_markdown"], latest_metrics(stage) or {},
+                                repo_id=push_to_hub if stage is with_adapter[-1] else None)
+        cards[stage["name"]] = (card, save_model_card(card, stage["path"]))
+    written["cards"] = {name: path for name, (_, path) in cards.items()}
+    if push_to_hub:
+        if not with_adapter:
+            raise FileNotFoundError(f"{run_dir} holds no adapter/ to push")
+        last = with_adapter[-1]
+        written["pushed"] = push_adapter(cards[last["name"]][0], last["path"], push_to_hub, token=token)
+    return written

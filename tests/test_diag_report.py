@@ -1,0 +1,196 @@
+"""Report (Markdown + self-contained HTML, escaped), indicators, model card with model-index, push only on request."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import HfApi, ModelCard
+
+from medvlm.diagnostics import model_card as mc
+from medvlm.diagnostics.report import (
+    indicators,
+    load_run,
+    render_html,
+    render_markdown,
+    report_blocks,
+    write_report,
+)
+
+EVIL = "Where is the <script>alert(1)</script> abnormality?"
+
+
+def _metrics(acc: float, chest_acc: float) -> dict:
+    slices = {"body_part": {"chest": {"closed": {"accuracy": chest_acc, "n": 40}},
+                            "head": {"closed": {"accuracy": acc + 0.02, "n": 40}}},
+              "modality": {"CT": {"closed": {"accuracy": acc, "n": 80}}}}
+    return {"closed": {"accuracy": acc, "n": 80}, "open": {"rougeL": 0.4, "bleu": 12.5, "token_f1": 0.5, "n": 20},
+            "slices": slices}
+
+
+@pytest.fixture(scope="module")
+def lora_stage(tmp_path_factory, tiny_paligemma, small_phantom):
+    """A finished stage folder: config, adapter of a tiny model, two checkpoints, final metrics."""
+    from peft import LoraConfig, get_peft_model
+
+    from medvlm.models.registry import load_model_and_processor
+
+    stage = tmp_path_factory.mktemp("run") / "stage2"
+    lm = load_model_and_processor(str(tiny_paligemma))
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(str(stage / "adapter"))
+    (stage / "adapter" / "medvlm_adapter.json").write_text(json.dumps({"model_name_or_path": "google/paligemma-3b-pt-224"}))
+    (stage / "config.yaml").write_text(yaml.safe_dump({
+        "model_name_or_path": "google/paligemma-3b-pt-224", "dataset": "phantom", "eval_dataset": "phantom",
+        "phantom_patients": small_phantom.n_patients, "phantom_seed": small_phantom.seed, "eval_split": "test",
+        "stage": "stage2", "lora_r": 4, "learning_rate": 0.001}))
+    for step, acc in ((1, 0.6), (2, 0.7)):
+        ckpt = stage / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "metrics.json").write_text(json.dumps({**_metrics(acc, acc - 0.2), "global_step": step}))
+    final = {**_metrics(0.72, 0.5), "blank_image": {"closed": {"accuracy": 0.5, "n": 80}}, "train": {"steps": 2}}
+    (stage / "metrics.json").write_text(json.dumps(final))
+    return stage, lm
+
+
+@pytest.fixture(scope="module")
+def probed_stage(lora_stage, small_phantom):
+    """The stage with diagnostics in both checkpoints; one probe question holds a <script> tag."""
+    from medvlm.data_curation.phantom import load_phantom
+    from medvlm.diagnostics.probe import run_probe
+
+    stage, lm = lora_stage
+    records = [dict(r) for r in load_phantom(small_phantom, kind="qa")]
+    first = next(i for i, r in enumerate(records) if r["roi"] and json.loads(r["meta"])["qtype"] == "location")
+    records[first]["question"] = EVIL
+    for step in (1, 2):
+        run_probe(lm.model, lm.processor, lm.family, records, stage / f"checkpoint-{step}" / "diagnostics",
+                  methods=("attention", "rollout", "logit_lens"), max_examples=4, geometry_examples=8,
+                  extra={"global_step": step})
+    return stage
+
+
+def test_report_markdown_and_html_with_escaped_text(probed_stage, tmp_path):
+    run = load_run(probed_stage)
+    assert [p["name"] for p in run["stages"][0]["points"]] == ["checkpoint-1", "checkpoint-2", "final"]
+    written = write_report(run, tmp_path / "report")
+    md, page = written["markdown"].read_text(), written["html"].read_text()
+    for text in (md, page):
+        assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+        assert "Which saliency methods can be trusted" in text and "Where the model is likely to fail" in text
+    assert "<script" not in page and "src='data:image/png;base64," in page and "http" not in page
+    png = page.split("src='data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(png).startswith(b"\x89PNG")
+    # across checkpoints: accuracy and ROI mass per method for each checkpoint
+    row2 = next(line for line in md.splitlines() if line.startswith("| checkpoint-2 |"))
+    assert "| 0.700 |" in row2 and row2.count("(x") == 3
+    for fig in ("accuracy", "roi", "linearity", "overlay_attention"):
+        assert list((tmp_path / "report" / "figures").glob(f"*_{fig}.png"))
+    assert json.loads(written["indicators"].read_text())["stage2"]
+
+
+def test_indicators_flag_groups_likely_to_fail(probed_stage, tmp_path):
+    stage = load_run(probed_stage)["stages"][0]
+    groups = {(g["field"], g["group"]): g for g in indicators(stage)}
+    chest = groups[("body_part", "chest")]
+    assert chest["likely_to_fail"] and any("closed accuracy 0.50" in f for f in chest["flags"])
+    assert chest["n_eval"] == 40 and chest["flip_rate"] is None  # no paraphrase results in this run
+    assert not any("accuracy" in f for f in groups[("body_part", "head")]["flags"])
+    # paraphrase results: a group whose answers flip under rewording is flagged
+    rows = []
+    for i in range(6):
+        for variant, part in (("base", "head"), ("1", "head"), ("base", "chest"), ("1", "chest")):
+            wrong = part == "chest" and variant == "1" and i % 2 == 0
+            rows.append({"id": f"{part}{i}{variant}", "group": f"{part}{i}", "variant": variant, "answer": "yes",
+                         "prediction": "no" if wrong else "yes", "answer_type": "closed", "body_part": part})
+    (probed_stage / "eval").mkdir(exist_ok=True)
+    (probed_stage / "eval" / "predictions_paraphrase.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    try:
+        groups = {(g["field"], g["group"]): g for g in indicators(load_run(probed_stage)["stages"][0])}
+    finally:
+        (probed_stage / "eval" / "predictions_paraphrase.jsonl").unlink()
+    assert groups[("body_part", "chest")]["flip_rate"] == pytest.approx(0.5)
+    assert any("paraphrases flip" in f for f in groups[("body_part", "chest")]["flags"])
+    assert groups[("body_part", "head")]["flip_rate"] == 0.0
+
+
+def test_renderers_escape_every_text():
+    blocks = [("h1", "<b>title</b>"), ("p", "a & b"), ("table", ["<th>"], [["x|y <i>"]]),
+              ("figures", {"<fig>": b"\x89PNG"})]
+    page = render_html(blocks, title="<t>")
+    assert "<b>" not in page and "<i>" not in page and "<th>&lt;th&gt;</th>" in page and "&lt;t&gt;" in page
+    md = render_markdown(blocks, None)
+    assert "&lt;b&gt;title&lt;/b&gt;" in md and "x&#124;y &lt;i&gt;" in md and "a &amp; b" in md
+
+
+def test_model_card_has_model_index_and_is_saved_in_the_adapter(probed_stage):
+    run = load_run(probed_stage)
+    md = render_markdown(report_blocks(run), None, heading_offset=2)
+    metrics = json.loads((probed_stage / "metrics.json").read_text())
+    card = mc.build_model_card(probed_stage, md, metrics)
+    data = card.data
+    assert data.base_model == "google/paligemma-3b-pt-224" and data.library_name == "peft"
+    assert "medical" in data.tags and "paligemma" in data.tags and data.datasets == ["phantom"]
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results["Closed-question accuracy"] == 0.72 and results["Open-question ROUGE-L"] == 0.4
+    assert results["Closed-question accuracy (blank images, control)"] == 0.5
+    assert all(r.dataset_split == "test" for r in data.eval_results)
+    path = mc.save_model_card(card, probed_stage)
+    assert path == probed_stage / "adapter" / "README.md"
+    loaded = ModelCard.load(path)
+    assert "model-index" in path.read_text() and len(loaded.data.eval_results) == len(data.eval_results)
+    assert "## Diagnostic report" in loaded.text and "&lt;script&gt;" in loaded.text
+    # a local base is named in the body, not in the metadata
+    (probed_stage / "adapter" / "medvlm_adapter.json").write_text(json.dumps({"model_name_or_path": "/models/base"}))
+    try:
+        local = mc.build_model_card(probed_stage, md, {})
+    finally:
+        (probed_stage / "adapter" / "medvlm_adapter.json").write_text(
+            json.dumps({"model_name_or_path": "google/paligemma-3b-pt-224"}))
+    assert local.data.base_model is None and "/models/base" in local.text and not local.data.eval_results
+
+
+def _no_network(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(ModelCard, "push_to_hub", lambda self, repo_id, **kw: calls.append(("card", repo_id)) or "url")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw["repo_id"])))
+    return calls
+
+
+def test_push_only_when_asked(probed_stage, tmp_path, monkeypatch):
+    calls = _no_network(monkeypatch)
+    written = mc.run_report(probed_stage, tmp_path / "r1", compute_missing=False)
+    assert calls == [] and "pushed" not in written
+    assert written["cards"]["stage2"].read_text().startswith("---")
+    written = mc.run_report(probed_stage, tmp_path / "r2", push_to_hub="me/adapter", compute_missing=False)
+    assert calls == [("create", "me/adapter"), ("upload", "me/adapter"), ("card", "me/adapter")]
+    assert "me/adapter" in written["cards"]["stage2"].read_text()
+
+
+def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stage, tiny_paligemma, tmp_path,
+                                                                      monkeypatch):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    calls = _no_network(monkeypatch)
+    stage, _ = lora_stage
+    run = tmp_path / "fresh"
+    shutil.copytree(stage, run / "stage2", ignore=shutil.ignore_patterns("diagnostics"))
+    spec = importlib.util.spec_from_file_location("run_diagnostics", Path(__file__).parents[1] / "diagnostics" /
+                                                  "run_diagnostics.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(run), "--max-examples", "2", "--model-name-or-path", str(tiny_paligemma)]) == 0
+    diag = json.loads((run / "stage2" / "diagnostics" / "diagnostics.json").read_text())
+    assert diag["status"] == "ok" and diag["n_examples"] == 2 and diag["checkpoint"] == "final adapter"
+    assert set(diag["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens"}
+    assert np.isfinite(diag["summary"]["attention"]["roi_mass_mean"])
+    assert (run / "report" / "report.html").is_file() and (run / "stage2" / "adapter" / "README.md").is_file()
+    assert calls == []
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "missing")])
