@@ -66,6 +66,7 @@ def test_trainer_run_writes_diagnostics_into_every_checkpoint(tiny_llava, probe_
         assert data["status"] == "ok" and data["global_step"] == step and data["n_examples"] == 3
         assert set(data["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens"}
         assert data["budget"]["skipped"] == [] and data["budget"]["train_seconds_since_last_save"] == 100.0
+        assert data["geometry"]["groups"]["image"] > 3 * 16  # more images than the probe set, for geometry
     assert diag.cost and diag.train_seconds == 200.0
 
 

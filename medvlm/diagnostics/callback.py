@@ -166,7 +166,8 @@ class DiagnosticsCallback(TrainerCallback):
             raise ValueError(f"none of the {len(records)} diagnostics records has a lesion mask ('roi'); pass "
                              f"records with masks (the phantom validation split) or turn diagnostics off "
                              f"({len(skipped)} had a missing mask file)")
-        self.family, self.processor, self.records = family, processor, chosen
+        # keep all records: run_probe picks the same probe set from them, and more images for geometry
+        self.family, self.processor, self.records = family, processor, records
         self.max_examples, self.budget_fraction = max_examples, budget_fraction
         self.methods, self.sanity_examples, self.min_examples = list(methods), sanity_examples, min_examples
         self.geometry, self.clock = geometry, clock

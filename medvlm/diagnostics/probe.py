@@ -342,7 +342,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     for i, rec in enumerate(tqdm(chosen, desc="probe", unit="example", disable=None)):
         elapsed = clock() - start
         if time_budget is not None and rows and elapsed + elapsed / len(rows) > time_budget:
-            skipped += [{"id": r.get("id"), "reason": f"time budget {time_budget:.1f}s: {elapsed:.1f}s spent"}
+            skipped += [{"id": r.get("id"), "reason": f"time budget {time_budget:.3g}s: {elapsed:.3g}s spent"}
                         for r in chosen[i:]]
             break
         try:
@@ -386,7 +386,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
             elapsed = clock() - start
             if time_budget is not None and i and elapsed + (clock() - t) / i > time_budget:
                 skipped.append({"what": "geometry_examples", "n": len(extra_recs) - i,
-                                "reason": f"time budget {time_budget:.1f}s: {elapsed:.1f}s spent"})
+                                "reason": f"time budget {time_budget:.3g}s: {elapsed:.3g}s spent"})
                 break
             try:
                 hidden.append(hidden_states(model, processor, family, rec))
@@ -407,8 +407,8 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     for rid, ex in tested:
         elapsed = clock() - start
         if time_budget is not None and elapsed + 2 * per_example > time_budget:
-            skipped.append({"id": rid, "reason": f"randomisation test skipped: time budget {time_budget:.1f}s, "
-                                                 f"{elapsed:.1f}s spent"})
+            skipped.append({"id": rid, "reason": f"randomisation test skipped: time budget {time_budget:.3g}s, "
+                                                 f"{elapsed:.3g}s spent"})
             continue
         t = clock()
         rep = randomization_test(model, family, ex, sanity_methods(methods), top_k=1, tower="language", seed=seed)
