@@ -26,7 +26,8 @@ def _argv(model, out, *extra):
 @pytest.fixture(scope="module")
 def stage1_run(tiny_paligemma, tmp_path_factory, small_phantom):
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "6")) == 0
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "6", "--diagnostics_examples", "2",
+                                "--diagnostics_split", "train")) == 0
     return out
 
 
@@ -34,7 +35,8 @@ def test_stage1_run_folder_holds_everything(stage1_run):
     out = stage1_run
     for name in ("config.yaml", "trainer_state.json", "metrics.json", "manifest.json", "predictions.jsonl",
                  "predictions_blank.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                 "checkpoint-6/metrics.json", "checkpoint-3/optimizer.pt"):
+                 "checkpoint-6/metrics.json", "checkpoint-3/optimizer.pt",
+                 "checkpoint-3/diagnostics/diagnostics.json"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["closed"]["n"] > 0 and 0.0 <= metrics["closed"]["accuracy"] <= 1.0

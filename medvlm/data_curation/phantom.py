@@ -40,7 +40,7 @@ from medvlm.utils.io import atomic_write_json, medvlm_home, sha256_json, write_m
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 7  # bump when the images or questions change: it invalidates caches
+GENERATOR_VERSION = 8  # bump when the images or questions change: it invalidates caches
 
 #: qa: SLAKE-style questions; captions: ROCO-style; cases: MedPix-style case text; generic:
 #: general-domain short-answer VQA (the base model's pre-training mixture, see _generic_questions).
@@ -157,19 +157,36 @@ def _questions(p: Patient, rng: np.random.Generator) -> list[tuple[str, str, str
     return q
 
 
-def _generic_questions(p: Patient, rng: np.random.Generator) -> list[tuple[str, str, str, str, list[str]]]:
-    """General-domain VQA about the same images, phrased unlike the SLAKE-style set.
+SPOT_LOOKS = {"nodule": "a small round spot", "mass": "a large lobulated spot", "cyst": "a thin ring"}
 
-    They stand in for the short-answer part of a real base model's pre-training mixture (PaliGemma
-    and LLaVA bases have seen "yes", "no" and short answers long before medical fine-tuning). They
-    cover only global properties, never the lesion's side or type.
+
+def _generic_questions(p: Patient, rng: np.random.Generator) -> list[tuple[str, str, str, str, list[str]]]:
+    """General-domain VQA about the same images, in lay words unlike the SLAKE-style set.
+
+    They stand in for the short-answer and grounding part of a real base model's pre-training
+    mixture (PaliGemma's includes VQA and detection; a base has said "yes", "no" and where things
+    are long before medical fine-tuning). They speak of the *picture* (its left half, a ring),
+    never of the patient's side or a diagnosis: mapping picture halves to the patient's side (the
+    radiological convention flips them) and looks to findings is what fine-tuning has to learn.
     """
     yn = ["yes", "no"]
-    return [
+    out = [
         ("generic_normal", "Does this scan look normal?", "no" if p.lesion else "yes", "closed", yn),
         ("generic_kind", "What kind of scan is this?", p.modality, "closed", list(MODALITIES)),
         ("generic_region", "What region is imaged?", p.body_part, "closed", list(BODY_PARTS)),
     ]
+    if p.lesion is not None:
+        half = "right half" if p.lesion.side == "left" else "left half"  # patient's left = picture's right
+        part = "upper part" if p.lesion.zone in ("upper", "frontal") else "lower part"
+        out += [
+            ("generic_half", "On which half of the picture is the spot?", half, "closed",
+             ["left half", "right half"]),
+            ("generic_part", "Is the spot in the upper or lower part of the picture?", part, "closed",
+             ["upper part", "lower part"]),
+            ("generic_look", "What does the spot look like?", SPOT_LOOKS[p.lesion.finding], "closed",
+             list(SPOT_LOOKS.values())),
+        ]
+    return out
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -44,6 +45,9 @@ from medvlm.utils.io import medvlm_home, sha256_json, write_manifest
 logger = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+
+#: Bump when the pre-training recipe changes (it enters the cache key with TinyConfig).
+BASE_RECIPE_VERSION = 2
 
 #: A LLaVA-1.5-style template ("USER: <image>\n... ASSISTANT: ...") whose assistant turn starts at
 #: a token boundary, so the prompt is a token prefix of the full conversation.
@@ -71,7 +75,7 @@ class TinyConfig:
     text_layers: int = 3
     text_heads: int = 4
     vocab_size: int = 800
-    vision_pretrain_steps: int = 1500
+    vision_pretrain_steps: int = 3000
     vision_pretrain_lr: float = 1e-3
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 32
@@ -80,7 +84,7 @@ class TinyConfig:
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
     def key(self) -> str:
-        return sha256_json({**asdict(self), "generator": GENERATOR_VERSION})[:16]
+        return sha256_json({**asdict(self), "generator": GENERATOR_VERSION, "recipe": BASE_RECIPE_VERSION})[:16]
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -172,13 +176,29 @@ def _vision_targets(records) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
-    """Supervised pre-training of the vision tower and projector on image-level phantom labels.
+def _patch_coverage(records, grid: int, size: int) -> torch.Tensor:
+    """Share of each patch covered by the lesion mask: [n_images, grid*grid] (0 without a lesion)."""
+    from PIL import Image
 
-    Real VLMs start from a vision tower pre-trained on its own (SigLIP's image-text loss, CLIP's);
-    a tiny tower trained from scratch only through captioning learns the global look (modality,
-    body part) long before small lesions. A linear head per label on the mean of the projected
-    image tokens stands in for that pre-training; the head is thrown away afterwards.
+    out = torch.zeros(len(records), grid * grid)
+    cell = size // grid
+    for i, roi in enumerate(records["roi"]):
+        if roi:
+            with Image.open(roi) as im:
+                mask = torch.from_numpy(np.asarray(im.convert("L").resize((size, size)), dtype=np.float32) / 255.0)
+            out[i] = mask.reshape(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
+    return out
+
+
+def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
+    """Supervised pre-training of the vision tower and projector on phantom labels.
+
+    Real VLMs start from a vision tower pre-trained on its own (SigLIP's image-text loss, CLIP's,
+    and detection data); a tiny tower trained from scratch only through captioning learns the global
+    look (modality, body part) long before small lesions. Two linear heads stand in for that
+    pre-training and are thrown away afterwards: image labels from the mean of the projected image
+    tokens, and, per token, whether the lesion covers that patch and (on lesion patches) the
+    lesion's side, zone and type, so a lesion token carries what it is and where it sits.
     """
     from medvlm.training.collator import NO_RESIZE
     from medvlm.training.data import prepare_examples
@@ -186,11 +206,17 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
     records = load_phantom(cfg.phantom, kind="captions", split="train")
     examples = prepare_examples(records, processor)
     targets = _vision_targets(records)
+    grid = cfg.image_size // cfg.patch_size
+    coverage = _patch_coverage(records, grid, cfg.image_size)
     sizes = [len(c) for _, c in VISION_LABELS]
     head = torch.nn.Linear(cfg.text_hidden, sum(sizes))
+    token_sizes = [1] + sizes[2:]  # lesion here?, finding, side, zone
+    token_head = torch.nn.Linear(cfg.text_hidden, sum(token_sizes))
     params = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.vision_pretrain_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params + list(head.parameters()) + list(token_head.parameters()),
+                            lr=cfg.vision_pretrain_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    ce = torch.nn.functional.cross_entropy
     model.train()
     losses = []
     for _ in range(cfg.vision_pretrain_steps):
@@ -198,9 +224,17 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
         pixels = processor.image_processor([examples.images[examples.image_index[i]] for i in idx],
                                            return_tensors="pt", **NO_RESIZE)["pixel_values"]
         feats = model.get_image_features(pixel_values=pixels).pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B, T, D]
         logits = head(feats.mean(dim=1)).split(sizes, dim=-1)
-        loss = sum(torch.nn.functional.cross_entropy(lg, targets[idx, k]) for k, lg in enumerate(logits))
+        loss = sum(ce(lg, targets[idx, k]) for k, lg in enumerate(logits))
+        tok = token_head(feats).split(token_sizes, dim=-1)  # per token
+        cov = coverage[idx]
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(tok[0].squeeze(-1), (cov > 0.15).float())
+        on = cov > 0.15
+        if on.any():
+            for k, lg in enumerate(tok[1:]):
+                lesion_target = targets[idx, 2 + k].unsqueeze(1).expand_as(cov)
+                loss = loss + ce(lg[on], lesion_target[on])
         loss.backward()
         opt.step()
         opt.zero_grad()

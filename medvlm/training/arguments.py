@@ -81,6 +81,10 @@ class StageArguments(TrainingArguments):
     checkpoint_eval_samples: int = field(
         default=0, metadata={"help": "Questions evaluated at each checkpoint save (0: none)."})
     blank_eval: bool = field(default=True, metadata={"help": "Also evaluate with blanked images (control)."})
+    diagnostics_examples: int = field(
+        default=0, metadata={"help": "Lesion examples probed by the diagnostics at each checkpoint save (0: none); "
+                                     "the probe keeps to 10% of the training time."})
+    diagnostics_split: str = field(default="validation", metadata={"help": "Split the diagnostics probe reads."})
 
     def __post_init__(self):
         # CPU machines: float32 on the CPU (set before transformers picks the device)

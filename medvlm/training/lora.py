@@ -54,13 +54,23 @@ def check_adapter(folder: str, base_model: str) -> dict:
                            "'adapter' folder of a finished stage-1 run (e.g. runs/demo/stage1/adapter).")
     cfg = json.loads(cfg_file.read_text())
     trained_on = cfg.get("base_model_name_or_path")
+    resolved = None
     meta_file = path / "medvlm_adapter.json"
     if meta_file.is_file():
-        trained_on = json.loads(meta_file.read_text()).get("model_name_or_path", trained_on)
+        meta = json.loads(meta_file.read_text())
+        trained_on, resolved = meta.get("model_name_or_path", trained_on), meta.get("resolved_path")
     if trained_on and trained_on != base_model:
         raise AdapterError(f"init_adapter {folder} was trained on base model {trained_on!r}, but this stage "
                            f"loads {base_model!r}. Set model_name_or_path: {trained_on} (or train a new "
                            "stage-1 adapter on this base).")
+    if resolved and base_model.startswith("demo:"):
+        from medvlm.models.registry import resolve_model_path
+
+        now = resolve_model_path(base_model)
+        if now != resolved:
+            raise AdapterError(f"init_adapter {folder} was trained on the tiny base in {resolved}, but "
+                               f"{base_model} now resolves to {now} (the demo base was rebuilt since). "
+                               "Train stage 1 again, or set model_name_or_path to the old folder.")
     return cfg
 
 

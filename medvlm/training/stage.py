@@ -125,6 +125,12 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         sub = eval_records.select(range(n))
         callbacks.append(CheckpointEvalCallback(family, processor, sub, prepare_examples(sub, processor),
                                                 max_new_tokens=data_args.max_new_tokens))
+    if args.diagnostics_examples:
+        from medvlm.diagnostics.callback import DiagnosticsCallback
+
+        probe = load_records(data_args.eval_dataset, args.diagnostics_split, data_args.eval_question_types,
+                             data_args, out)
+        callbacks.append(DiagnosticsCallback(family, processor, probe, max_examples=args.diagnostics_examples))
     trainer = MedVLMTrainer(model=model, args=args, train_dataset=train_examples,
                             data_collator=VLMCollator(family, processor), callbacks=callbacks)
     for cb in callbacks:
@@ -166,7 +172,11 @@ def save_adapter(model, folder: Path, base_model: str) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    atomic_write_json(tmp / "medvlm_adapter.json", {"model_name_or_path": base_model})
+    from medvlm.models.registry import resolve_model_path
+
+    # the resolved folder too: "demo:paligemma" names whichever tiny base is cached now
+    atomic_write_json(tmp / "medvlm_adapter.json", {"model_name_or_path": base_model,
+                                                    "resolved_path": resolve_model_path(base_model)})
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
