@@ -254,8 +254,12 @@ def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
     family = get_family(cfg.family)
     import datasets
 
+    generic = load_phantom(cfg.phantom, kind="generic", split="train")
+    # grounding questions (which half, which part, what it looks like) twice: they are the base's
+    # only short-answer practice at reading *where* and *what* from single image tokens
+    spatial = generic.filter(lambda m: json.loads(m)["qtype"] != "generic_normal", input_columns="meta")
     records = datasets.concatenate_datasets([load_phantom(cfg.phantom, kind="captions", split="train"),
-                                             load_phantom(cfg.phantom, kind="generic", split="train")])
+                                             generic, spatial])
     examples = prepare_examples(records, processor)
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=cfg.pretrain_steps, per_device_train_batch_size=cfg.pretrain_batch_size,
