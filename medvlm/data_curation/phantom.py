@@ -40,7 +40,7 @@ from medvlm.utils.io import atomic_write_json, medvlm_home, sha256_json, write_m
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 9  # bump when the images or questions change: it invalidates caches
+GENERATOR_VERSION = 10  # bump when the images or questions change: it invalidates caches
 
 #: qa: SLAKE-style questions; captions: ROCO-style; cases: MedPix-style case text; generic:
 #: general-domain short-answer VQA (the base model's pre-training mixture, see _generic_questions).
@@ -170,7 +170,11 @@ def _generic_questions(p: Patient, rng: np.random.Generator) -> list[tuple[str, 
     radiological convention flips them) and looks to findings is what fine-tuning has to learn.
     """
     yn = ["yes", "no"]
-    out = [("generic_normal", "Does this scan look normal?", "no" if p.lesion else "yes", "closed", yn)]
+    out = [
+        ("generic_normal", "Does this scan look normal?", "no" if p.lesion else "yes", "closed", yn),
+        ("generic_kind", "What kind of scan is this?", p.modality, "closed", list(MODALITIES)),
+        ("generic_region", "What region is imaged?", p.body_part, "closed", list(BODY_PARTS)),
+    ]
     if p.lesion is not None:
         half = "right half" if p.lesion.side == "left" else "left half"  # patient's left = picture's right
         part = "upper part" if p.lesion.zone in ("upper", "frontal") else "lower part"
@@ -181,6 +185,15 @@ def _generic_questions(p: Patient, rng: np.random.Generator) -> list[tuple[str, 
              ["upper part", "lower part"]),
             ("generic_look", "What does the spot look like?", SPOT_LOOKS[p.lesion.finding], "closed",
              list(SPOT_LOOKS.values())),
+        ]
+        asked_half = half if rng.random() < 0.5 else ("left half" if half == "right half" else "right half")
+        look = SPOT_LOOKS[p.lesion.finding]
+        asked_look = look if rng.random() < 0.5 else [v for v in SPOT_LOOKS.values() if v != look][int(rng.integers(2))]
+        out += [
+            ("generic_half_yn", f"Is the spot on the {asked_half} of the picture?",
+             "yes" if asked_half == half else "no", "closed", yn),
+            ("generic_look_yn", f"Does the spot look like {asked_look}?", "yes" if asked_look == look else "no",
+             "closed", yn),
         ]
     return out
 

@@ -257,7 +257,8 @@ def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
     generic = load_phantom(cfg.phantom, kind="generic", split="train")
     # grounding questions (which half, which part, what it looks like) twice: they are the base's
     # only short-answer practice at reading *where* and *what* from single image tokens
-    spatial = generic.filter(lambda m: json.loads(m)["qtype"] != "generic_normal", input_columns="meta")
+    grounding = ("generic_half", "generic_part", "generic_look", "generic_half_yn", "generic_look_yn")
+    spatial = generic.filter(lambda m: json.loads(m)["qtype"] in grounding, input_columns="meta")
     records = datasets.concatenate_datasets([load_phantom(cfg.phantom, kind="captions", split="train"),
                                              generic, spatial])
     examples = prepare_examples(records, processor)
