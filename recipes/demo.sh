@@ -2,10 +2,10 @@
 # The whole flow on the embedded default, on a CPU, offline (`make demo`):
 #   phantom data → tiny base model (pre-trained on phantom captions, cached) → stage 1 (basic
 #   curriculum) → stage 2 (mix annealing toward clean QA) → test-split evaluation → summary.
-# FAMILY=llava bash recipes/demo.sh runs the LLaVA-style family instead.
+# FAMILY=paligemma bash recipes/demo.sh runs the PaliGemma family instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FAMILY=${FAMILY:-paligemma}
+FAMILY=${FAMILY:-llava}
 OUT=${OUT:-runs/demo-${FAMILY}-$(date +%Y%m%d-%H%M%S)}
 start=$(date +%s)
 
