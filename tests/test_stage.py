@@ -65,7 +65,7 @@ def test_stage2_starts_from_the_stage1_adapter(stage1_run, tiny_paligemma, tmp_p
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["adapter_mode"] == mode and manifest["data"]["train"] == 56
-    mix_manifest = json.loads((out / "mix" / "manifest.json").read_text())
+    mix_manifest = json.loads((out / "mix-mix" / "manifest.json").read_text())  # built from mix.yaml
     assert mix_manifest["counts_per_phase"]["anneal"] == {"phantom-slake": 16}
     stage1_w = load_file(stage1_run / "adapter" / "adapter_model.safetensors")
     stage2_w = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -148,3 +148,12 @@ def test_missing_image_is_named(tiny_paligemma, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gone0.png does not exist" in err
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes" / "configs")
+                                          .glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, tmp_path):
+    model_args, data_args, lora_args, args = parse_stage_config([str(config), "--output_dir", str(tmp_path)])
+    assert model_args.model_name_or_path and args.stage in ("stage1", "stage2")
+    if args.stage == "stage2":
+        assert lora_args.init_adapter, "a stage-2 config starts from a stage-1 adapter"

@@ -47,7 +47,7 @@ def load_records(source: str, split: str, question_types, data_args: DataArgumen
     if path.suffix in (".yaml", ".yml"):
         from medvlm.data_curation.mixing import build_mix
 
-        path = build_mix(path, run_dir / "mix")
+        path = build_mix(path, run_dir / f"mix-{path.stem}")
     if not path.exists():
         raise FileNotFoundError(f"dataset {source} does not exist; use 'phantom', a folder written by "
                                 "data_curation/build_mix.py or Dataset.save_to_disk, or a mix YAML")
