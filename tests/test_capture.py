@@ -8,25 +8,15 @@ import doctest
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, eager_tiny
 
 import medvlm.diagnostics.capture as capture_module
 from medvlm.diagnostics.capture import AttentionNotEagerError, capture, load_image, prepare_example
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
-
-CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    out = {}
-    for fam in FAMILIES:
-        tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
-        model.set_attn_implementation("eager")
-        out[fam] = (model.eval(), processor, get_family(fam))
-    return out
+    return {fam: eager_tiny(fam) for fam in FAMILIES}
 
 
 def image(seed: int = 0) -> np.ndarray:

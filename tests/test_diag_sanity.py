@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.capture import prepare_example
@@ -16,11 +17,8 @@ from medvlm.diagnostics.sanity import (
     randomize_top_layers,
     roi_scores,
 )
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
 
 CORPUS = ["where is the abnormality? the lesion is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +36,10 @@ def lesion_record(tmp_path_factory):
 def setup(lesion_record):
     out = {}
     for fam in FAMILIES:
-        tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
-        model.set_attn_implementation("eager")
-        family = get_family(fam)
+        model, processor, family = eager_tiny(fam, CORPUS)
         ex = prepare_example(model, processor, family, lesion_record["image"], lesion_record["question"],
                              lesion_record["answer"])
-        out[fam] = (model.eval(), family, ex)
+        out[fam] = (model, family, ex)
     return out
 
 

@@ -9,14 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.logit_lens import LogitLens, layer_table, lens_html, logit_lens, write_lens_html
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
-
-CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
 
 
 @pytest.fixture(scope="session")
@@ -24,13 +20,10 @@ def setup():
     out = {}
     rng = np.random.default_rng(2)
     for fam in FAMILIES:
-        tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
-        model.set_attn_implementation("eager")
-        family = get_family(fam)
+        model, processor, family = eager_tiny(fam)
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         ex = prepare_example(model, processor, family, img, "where is the lesion?")
-        out[fam] = (model.eval(), family, processor.tokenizer, ex)
+        out[fam] = (model, family, processor.tokenizer, ex)
     return out
 
 

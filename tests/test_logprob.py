@@ -6,14 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import capture, prepare_example
 from medvlm.diagnostics.logprob import head_contributions, logprob_increase
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
-
-CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
 
 
 @pytest.fixture(scope="session")
@@ -21,14 +17,11 @@ def setup():
     out = {}
     rng = np.random.default_rng(1)
     for fam in FAMILIES:
-        tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
-        model.set_attn_implementation("eager")
-        family = get_family(fam)
+        model, processor, family = eager_tiny(fam)
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         question = prepare_example(model, processor, family, img, "where is the lesion?")
         answered = prepare_example(model, processor, family, img, "where is the lesion?", "left lung")
-        out[fam] = (model.eval(), family, tok, question, answered)
+        out[fam] = (model, family, processor.tokenizer, question, answered)
     return out
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import capture, prepare_example
 from medvlm.diagnostics.gradcam import gradcam
@@ -19,11 +20,6 @@ from medvlm.diagnostics.saliency import (
     raw_attention,
     rollout,
 )
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
-
-CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
 
 
 @pytest.fixture(scope="session")
@@ -31,15 +27,12 @@ def setup():
     out = {}
     rng = np.random.default_rng(0)
     for fam in FAMILIES:
-        tok = build_tokenizer(CORPUS, 300)
-        model, processor = build_tiny(TinyConfig(family=fam, vision_layers=2, text_layers=2, patch_size=8), tok)
-        model.set_attn_implementation("eager")
-        family = get_family(fam)
+        model, processor, family = eager_tiny(fam)
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         ex = prepare_example(model, processor, family, img, "where is the lesion?", "left lung")
         with torch.no_grad():
             ref = model(**ex.inputs, output_attentions=True).attentions
-        out[fam] = (model.eval(), family, ex, [a[0] for a in ref])
+        out[fam] = (model, family, ex, [a[0] for a in ref])
     return out
 
 

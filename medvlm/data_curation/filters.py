@@ -21,7 +21,6 @@ marks the kept ones). Row-wise steps may run in ``num_proc`` processes (``Datase
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 
 from medvlm.data_curation.images import load_image
 from medvlm.eval.normalize import normalize_answer, normalize_text, yes_no
+from medvlm.utils.io import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ BLIND_TEMPLATE = Path(__file__).resolve().parents[2] / "data_curation" / "prompt
 
 class FilterConfigError(ValueError):
     """An unknown step or option; the message lists what is available."""
-
-
-def _did_you_mean(name: str, choices: list[str], what: str) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {what} {name!r}.{hint} Available: {', '.join(sorted(choices))}"
 
 
 def _hash64(text: str) -> int:
@@ -476,11 +470,11 @@ STEPS: dict[str, type[FilterStep]] = {cls.name: cls for cls in (
 
 def _check_step(name: str, options: dict[str, Any]) -> type[FilterStep]:
     if name not in STEPS:
-        raise FilterConfigError(_did_you_mean(name, list(STEPS), "filter step"))
+        raise FilterConfigError(did_you_mean(name, list(STEPS), "filter step"))
     allowed = [f.name for f in dataclasses.fields(STEPS[name])]
     for key in options:
         if key not in allowed:
-            raise FilterConfigError(_did_you_mean(key, allowed, f"option of filter step {name!r}"))
+            raise FilterConfigError(did_you_mean(key, allowed, f"option of filter step {name!r}"))
     return STEPS[name]
 
 

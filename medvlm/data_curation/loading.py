@@ -12,7 +12,6 @@ only as bytes are written to ``image_cache_dir`` (default ``$MEDVLM_HOME/image_c
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import os
@@ -28,6 +27,7 @@ from medvlm.data_curation.images import ImageError, default_cache_dir, image_to_
 from medvlm.data_curation.sources import SOURCES
 from medvlm.data_curation.sources._common import Context, Draft, Skip, looks_like_hub_id, normalise_split
 from medvlm.records import COLUMNS, FEATURES, RecordError, make_record, validate_record
+from medvlm.utils.io import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ class LoadResult:
 
 class UnknownSourceError(ValueError):
     """An unknown dataset name; the message suggests the closest known names."""
-
-
-def _did_you_mean(name: str, choices: list[str], what: str) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {what} {name!r}.{hint} Available: {', '.join(sorted(choices))}"
 
 
 def _clean_answer(value: Any) -> str:
@@ -153,7 +147,7 @@ def _check_options(name: str, module: Any, options: dict[str, Any]) -> dict[str,
     allowed = dict(getattr(module, "OPTIONS", {}))
     for key in options:
         if key not in allowed:
-            raise TypeError(_did_you_mean(key, list(allowed) + list(_COMMON_OPTIONS), f"option for {name!r}"))
+            raise TypeError(did_you_mean(key, list(allowed) + list(_COMMON_OPTIONS), f"option for {name!r}"))
     return {**allowed, **options}
 
 
@@ -200,7 +194,7 @@ def load_source(
         :class:`LoadResult` with the dataset, the skipped rows and warnings.
     """
     if name not in SOURCES:
-        raise UnknownSourceError(_did_you_mean(name, list(SOURCES), "source"))
+        raise UnknownSourceError(did_you_mean(name, list(SOURCES), "source"))
     want = None if split is None else normalise_split(split)
     if want is not None and want not in ("train", "validation", "test"):
         raise ValueError(f"unknown split {split!r}; use train, validation or test (or None for all)")

@@ -32,11 +32,18 @@ import yaml
 from tqdm.auto import tqdm
 
 from medvlm.llm import TextLLM, generate_json, make_llm
-from medvlm.llm.cache import JsonlAppender, read_jsonl
+from medvlm.llm.cache import JsonlAppender, read_journal
 from medvlm.llm.jsonout import InvalidJSONAnswer
 from medvlm.llm.prompts import check_template, load_template, render
 from medvlm.records import RecordError, make_record, validate_record
-from medvlm.utils.io import atomic_write_json, atomic_write_text, hash_rows, sha256_file, write_manifest
+from medvlm.utils.io import (
+    atomic_write_json,
+    atomic_write_text,
+    hash_rows,
+    read_jsonl,
+    sha256_file,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,18 +244,10 @@ def read_input_records(path: str | os.PathLike) -> list[dict]:
         return [dict(r) for r in datasets.load_from_disk(str(path))]
     if not path.is_file():
         raise FileNotFoundError(f"QA generation input {path} does not exist; give a records JSONL or dataset folder")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}:{lineno}: not a JSON line ({err}); fix or remove the line") from err
-            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
-                raise RecordError(f"{path}:{lineno}: a record needs a string 'id' (see medvlm.records)")
-            rows.append(rec)
+    rows = read_jsonl(path, RecordError)
+    for lineno, rec in enumerate(rows, start=1):
+        if not isinstance(rec.get("id"), str):
+            raise RecordError(f"{path}: record {lineno} needs a string 'id' (see medvlm.records)")
     ids = Counter(r["id"] for r in rows)
     dup = [i for i, c in ids.items() if c > 1]
     if dup:
@@ -321,7 +320,7 @@ def generate_qa(
     todo, skipped = _eligible(records, cfg)
 
     journal_path = out_dir / "items.jsonl"
-    done_rows, bad_lines = read_jsonl(journal_path)
+    done_rows, bad_lines = read_journal(journal_path)
     done = {row["item_id"]: row for row in done_rows if "item_id" in row}
     remaining = [r for r in todo if r["id"] not in done]
     logger.info("QA generation: %d items, %d already finished, %d to do", len(todo), len(done), len(remaining))

@@ -15,7 +15,6 @@ costs nothing but the judge section (its items are counted invalid).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import score_records, to_jsonable
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
+from medvlm.utils.io import write_jsonl as io_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +186,7 @@ def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = Fals
 
 def write_jsonl(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """One JSON object per line, written to a temp file then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(to_jsonable(row), ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return io_write_jsonl(path, (to_jsonable(row) for row in rows))
 
 
 # Judge -----------------------------------------------------------------------------------------

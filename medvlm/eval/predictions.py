@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlm.eval.normalize import normalize_answer
+from medvlm.utils.io import read_jsonl as io_read_jsonl
 
 #: Predictions longer than this (characters) are truncated before scoring; see module docstring.
 MAX_PREDICTION_CHARS = 2000
@@ -53,25 +54,7 @@ class PredictionsError(ValueError):
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Objects of a JSONL file (blank lines ignored); a bad line raises naming ``path:line``."""
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionsError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "each line must hold one JSON object"
-                ) from e
-            if not isinstance(obj, dict):
-                raise PredictionsError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
-                )
-            rows.append(obj)
-    return rows
+    return io_read_jsonl(path, PredictionsError)
 
 
 def read_json_or_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from medvlm.eval.generate import generate_answers
 from medvlm.eval.scoring import score_records
 from medvlm.models.base import ModelFamily
 from medvlm.training.data import PreparedExamples
-from medvlm.utils.io import atomic_write_json
+from medvlm.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,7 @@ def evaluate_examples(
                                max_new_tokens=max_new_tokens, progress=progress)
     rows = prediction_rows(records, answers)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(out / f"{name}.jsonl")
+        write_jsonl(Path(out_dir) / f"{name}.jsonl", rows)
     return score_records(rows, bootstrap=bootstrap, slice_by=("qtype", "modality", "body_part"))
 
 

@@ -53,7 +53,7 @@ def cache_key(
     )
 
 
-def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
+def read_journal(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
     """Read an append-only JSONL file written by :class:`JsonlAppender`, tolerating a crash.
 
     Returns ``(rows, bad_lines)``; ``bad_lines`` lists ``(line_number, reason)`` for a truncated
@@ -122,7 +122,7 @@ class ResponseCache:
         self.dir = Path(cache_dir).expanduser()
         self.path = self.dir / CACHE_FILE
         self._writer = JsonlAppender(self.path)
-        rows, self.bad_lines = read_jsonl(self.path)
+        rows, self.bad_lines = read_journal(self.path)
         self._data: dict[str, str] = {}
         for lineno, row in enumerate(rows, start=1):
             if isinstance(row.get("key"), str) and isinstance(row.get("response"), str):

@@ -47,15 +47,14 @@ class LlavaFamily(ModelFamily):
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         image_id = processor.image_token_id
-        for i, prompt in enumerate(self._prompt_texts(processor, questions)):
-            n_image = int((batch["input_ids"][i] == image_id).sum())
-            expanded = prompt.replace(processor.image_token, processor.image_token * n_image, 1)
-            prompt_ids = tok(expanded, add_special_tokens=True)["input_ids"]
+        expanded = [prompt.replace(processor.image_token, processor.image_token * int((ids == image_id).sum()), 1)
+                    for prompt, ids in zip(self._prompt_texts(processor, questions), batch["input_ids"])]
+        for i, prompt_ids in enumerate(tok(expanded, add_special_tokens=True)["input_ids"]):
             n = len(prompt_ids)
             if batch["input_ids"][i, :n].tolist() != prompt_ids:
                 raise ValueError(
                     "the chat template's generation prompt is not a token prefix of the full "
-                    f"conversation for example {i} ({prompt!r}); the answer mask cannot be placed. "
+                    f"conversation for example {i} ({expanded[i][:80]!r}...); the answer mask cannot be placed. "
                     "Use a template whose assistant turn starts at a token boundary."
                 )
             labels[i, :n] = IGNORE_INDEX
@@ -69,8 +68,3 @@ class LlavaFamily(ModelFamily):
                              padding="longest", return_tensors="pt", **kwargs)
         finally:
             processor.tokenizer.padding_side = "right"
-
-    def image_grid(self, model):
-        vc = model.config.vision_config
-        side = vc.image_size // vc.patch_size
-        return side, side

@@ -7,6 +7,7 @@ on every step is what makes naive VLM fine-tuning input-bound on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,16 @@ class PreparedExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.questions)
 
+    def head(self, n: int) -> PreparedExamples:
+        """The first ``n`` examples (sharing the decoded images)."""
+        return dataclasses.replace(self, image_index=self.image_index[:n], questions=self.questions[:n],
+                                   answers=self.answers[:n], ids=self.ids[:n], phases=self.phases[:n],
+                                   lengths=self.lengths[:n])
+
+    def blanked(self) -> PreparedExamples:
+        """The same examples with every image a uniform mid-grey: the "does it look?" control."""
+        return dataclasses.replace(self, images=np.full_like(self.images, 128))
+
     def __getitem__(self, i: int) -> dict:
         return {"image": self.images[self.image_index[i]], "question": self.questions[i],
                 "answer": self.answers[i], "id": self.ids[i]}
@@ -66,7 +77,7 @@ def _column(records, name: str, default=None) -> list:
     return [r.get(name, default) for r in records]
 
 
-def prepare_examples(records, processor, blank_images: bool = False, batch: int = 64) -> PreparedExamples:
+def prepare_examples(records, processor, batch: int = 64) -> PreparedExamples:
     """Unified records (a ``datasets.Dataset`` or dicts) → :class:`PreparedExamples`.
 
     Each distinct image is decoded and resized once; lengths are tokenised for grouping; the
@@ -81,8 +92,6 @@ def prepare_examples(records, processor, blank_images: bool = False, batch: int 
         chunk = [open_image(p) for p in unique[start:start + batch]]
         chunks.append(resize_only(processor, chunk))
     images = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
-    if blank_images:  # the "does it look?" control: every image is the same mid-grey
-        images = np.full_like(images, 128)
     tok = processor.tokenizer
     lengths = np.array([len(x) + len(y) for x, y in zip(
         tok(questions, add_special_tokens=False)["input_ids"],

@@ -123,7 +123,7 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     if args.checkpoint_eval_samples:
         n = min(args.checkpoint_eval_samples, len(eval_records))
         sub = eval_records.select(range(n))
-        callbacks.append(CheckpointEvalCallback(family, processor, sub, prepare_examples(sub, processor),
+        callbacks.append(CheckpointEvalCallback(family, processor, sub, eval_examples.head(n),
                                                 max_new_tokens=data_args.max_new_tokens))
     if args.diagnostics_examples:
         from medvlm.diagnostics.callback import DiagnosticsCallback
@@ -150,9 +150,8 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         metrics = evaluate_examples(unwrapped, processor, family, eval_records, eval_examples, out,
                                     max_new_tokens=data_args.max_new_tokens)
         if args.blank_eval:
-            blank = prepare_examples(eval_records, processor, blank_images=True)
             metrics["blank_image"] = evaluate_examples(
-                unwrapped, processor, family, eval_records, blank, out, name="predictions_blank",
+                unwrapped, processor, family, eval_records, eval_examples.blanked(), out, name="predictions_blank",
                 max_new_tokens=data_args.max_new_tokens)
         metrics["train"] = {"loss": result.training_loss, "steps": result.global_step,
                             "seconds": round(train_seconds, 1), **result.metrics}

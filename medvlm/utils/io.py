@@ -36,6 +36,48 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped); a bad line raises ``error`` naming
+    ``path:line``."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "each line must hold one JSON object") from e
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            rows.append(obj)
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line, through a temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def did_you_mean(name: str, choices: Iterable[str], what: str) -> str:
+    """``unknown <what> 'x'. Did you mean 'y'? Available: ...`` for an error message."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {what} {name!r}.{hint} Available: {', '.join(choices)}"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
