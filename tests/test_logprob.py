@@ -40,24 +40,80 @@ def test_head_contributions_sum_to_the_attention_output(setup, fam):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_delta_equals_a_direct_recomputation(setup, fam):
+    """delta(l, h, j) = log p(w | h_{l-1} + c) - log p(w | h_{l-1}) with h_{l-1} the residual ENTERING layer
+    l (Yu & Ananiadou), read independently from ``output_hidden_states`` (hidden_states[l] is layer l's input)."""
     model, family, tok, ex, _ = setup[fam]
     res = logprob_increase(model, family, ex, tok, chunk=7)  # a chunk that does not divide the count
     q = ex.target_positions[0]
     assert q == ex.inputs["input_ids"].shape[1] - 1
     with torch.no_grad():
-        logits = model(**ex.inputs).logits[0, q]
+        out = model(**ex.inputs, output_hidden_states=True)
+    logits = out.logits[0, q]
     assert res.target_id == int(logits.argmax())  # no answer: the predicted token
     assert res.base_logprob == pytest.approx(float(torch.log_softmax(logits, -1)[res.target_id]), abs=1e-4)
     assert res.delta.shape == (2, 4, 64) and res.positions == res.image_positions
-    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, hidden_states=True)
-    x = cache["resid_post", -1][0, q]
-    for layer, head, j in [(0, 0, 0), (1, 3, 17), (1, 1, 63)]:
-        pos = res.image_positions[j]
-        c = head_contributions(model, family, cache, layer, q, [pos])[head, 0]
+
+    def logp(resid):
         with torch.no_grad():
-            z = family.unembed(model)(family.final_norm(model)(x + c))
-        want = float(torch.log_softmax(z, -1)[res.target_id]) - res.base_logprob
-        assert res.delta[layer, head, j] == pytest.approx(want, abs=1e-5)
+            z = family.unembed(model)(family.final_norm(model)(resid))
+        return float(torch.log_softmax(z, -1)[res.target_id])
+
+    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True)
+    for layer in (0, 1):
+        assert res.layer_base_logprob[layer] == pytest.approx(logp(out.hidden_states[layer][0, q]), abs=1e-5)
+    for layer, head, j in [(0, 0, 0), (1, 3, 17), (1, 1, 63)]:
+        x = out.hidden_states[layer][0, q]
+        c = head_contributions(model, family, cache, layer, q, [res.image_positions[j]])[head, 0]
+        assert res.delta[layer, head, j] == pytest.approx(logp(x + c) - logp(x), abs=1e-5)
+
+
+def test_a_confident_prediction_still_gets_head_attributions(setup):
+    """Measured against the final residual (where p(w) is near 1) every delta would be near 0; against each
+    layer's input a head that carries w's direction raises log p(w) by a visible amount."""
+    model, family, tok, ex, _ = setup["llava"]
+    res = logprob_increase(model, family, ex, tok)
+    o_proj = family.decoder_layers(model)[1].self_attn.o_proj
+    _, cache = capture(model, family, ex.inputs, layers=[1], query_positions=[res.query_position], attention=False,
+                       head_outputs=True)
+    u = cache["head_out", 1][0, 0, 0]  # head 0's output at q: make it write 30 * unit(w) into the residual
+    lm_head = family.unembed(model)
+    w = lm_head.weight[res.target_id]
+    saved = o_proj.weight.detach().clone(), lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            o_proj.weight[:, :u.shape[0]] += 30.0 * torch.outer(w / w.norm(), u / u.dot(u))
+            lm_head.weight[res.target_id] *= 10.0  # random tiny logits are flat; give w a confident logit
+        strong = logprob_increase(model, family, ex, tok, target_id=res.target_id)
+    finally:
+        with torch.no_grad():
+            o_proj.weight.copy_(saved[0])
+            lm_head.weight.copy_(saved[1])
+    assert np.exp(strong.base_logprob) > 0.99  # the model is now confident: the final residual is saturated
+    assert strong.head_scores[1, 0] > 1.0 and strong.top_heads(1)[0][:2] == (1, 0)
+    assert strong.head_scores[1, 0] > 10 * abs(res.head_scores[1, 0])
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_contributions_include_an_unmerged_lora_adapter(setup, fam):
+    """With LoRA on o_proj (unmerged, as during training), the per-head pieces still add up to what o_proj
+    outputs: the adapter's B @ A is part of W_O."""
+    from peft import LoraConfig, get_peft_model
+
+    model, family, _, ex, _ = setup[fam]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False))
+    try:
+        q = ex.target_positions[0]
+        seq = list(range(ex.inputs["input_ids"].shape[1]))
+        _, cache = capture(peft_model, family, ex.inputs, query_positions=[q], values=True, head_outputs=True)
+        o_proj = family.decoder_layers(peft_model)[1].self_attn.o_proj
+        c = head_contributions(peft_model, family, cache, 1, q, seq)
+        with torch.no_grad():
+            want = o_proj(cache["head_out", 1][0, 0].flatten()[None])[0]
+            plain = torch.nn.functional.linear(cache["head_out", 1][0, 0].flatten(), o_proj.base_layer.weight)
+        torch.testing.assert_close(c.sum((0, 1)), want, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(want, plain, atol=1e-3)  # the adapter changes the output
+    finally:
+        peft_model.unload()
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -308,6 +308,7 @@ def capture(
     values: bool = False,
     names_filter: Callable[[str], bool] | Iterable[str] | None = None,
     grad: bool = False,
+    logits_positions: Sequence[int] | None = None,
 ) -> tuple[Any, Cache]:
     """Run ``model(**inputs)`` once and keep only the requested tensors (see the module docstring).
 
@@ -315,6 +316,9 @@ def capture(
     of attention and head outputs to keep (None = all, "last", "image", or ints). ``names_filter``
     further restricts by full name (a predicate or a collection of names). Tensors are detached
     (``grad=False`` also runs without autograd). The model runs in eval mode; its mode is restored.
+    ``logits_positions``: compute the output logits only at these positions (the unembedding of
+    every position is the costliest matmul of a large-vocabulary model); ``output.logits[:, i]``
+    then holds the i-th of these positions, sorted. Default: every position, as a plain forward.
     """
     if attention or attention_mean:
         check_eager(model)
@@ -385,13 +389,19 @@ def capture(
                 handles.append(block.register_forward_pre_hook(
                     lambda m, a, kw, layer=layer: put(layer, "resid_pre", a[0] if a else kw["hidden_states"]),
                     with_kwargs=True))
-        model.eval()
+        if was_training:  # Module.train() walks every submodule: only switch when needed
+            model.eval()
+        extra = {}
+        if logits_positions is not None:
+            keep_rows = resolve_positions(list(logits_positions), seq_len)
+            extra["logits_to_keep"] = torch.tensor(keep_rows, dtype=torch.long)
         with torch.set_grad_enabled(grad):
-            output = model(**inputs, use_cache=False)
+            output = model(**inputs, use_cache=False, **extra)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        if was_training:
+            model.train()
     order = {f"blocks.{layer}.{k}": (layer, KINDS.index(k)) for layer in chosen for k in KINDS}
     tensors = dict(sorted(store.items(), key=lambda kv: order[kv[0]]))
     return output, Cache(tensors, len(blocks), seq_len, rows, head_idx, spans)

@@ -1,18 +1,23 @@
 """Log-probability increase per image position and per attention head.
 
-After Yu & Ananiadou 2024, "Understanding multimodal LLMs: the mechanistic interpretability of
-Llava in visual question answering": for the predicted token w at the query position q,
+After Yu & Ananiadou, "Neuron-level knowledge attribution in large language models" (EMNLP 2024,
+eq. for attention: Imp(v^l) = log p(w | v^l + h^{l-1}) - log p(w | h^{l-1})) as applied to image
+positions in "Understanding multimodal LLMs: the mechanistic interpretability of Llava in visual
+question answering" (2024): for the predicted token w at the query position q,
 
-    delta(l, h, j) = log p(w | x + c_lhj) - log p(w | x)
+    delta(l, h, j) = log p(w | h_{l-1} + c_lhj) - log p(w | h_{l-1})
 
-where x is the final residual stream at q (the last decoder layer's output, before the final norm)
-and c_lhj = a_lh[q, j] · (v_lh[j] @ W_O,h^T) is head h of layer l's weighted value vector from
-source position j, projected through that head's slice of ``o_proj`` (its exact share of the
-attention output: summing c over heads and positions gives ``o_proj``'s output without bias).
+where h_{l-1} is the residual stream at q *entering* decoder layer l (read through the final norm
+and the unembedding, as the logit lens does) and c_lhj = a_lh[q, j] · (v_lh[j] @ W_O,h^T) is head h
+of layer l's weighted value vector from source position j, projected through that head's slice of
+``o_proj`` (its exact share of the attention output: summing c over heads and positions gives
+``o_proj``'s output without bias). The baseline is the layer's own input, not the final residual:
+against the final residual a confident model (p(w) near 1) leaves no room to increase and every
+delta is near 0, whatever the head reads.
 
-Everything comes from ONE forward pass with hooks (attention rows at q, value vectors, the final
-residual); the logits of all (layer, head, position) candidates are then computed in vectorised
-chunks: x + c → final norm → unembedding → log_softmax[w].
+Everything comes from ONE forward pass with hooks (attention rows at q, value vectors, the residual
+entering each layer at q; output logits only at q), then one batched readout of every baseline and
+every (layer, head, position) candidate: h + c → final norm → unembedding → log_softmax[w].
 
 Position map: ``reduce="sum"`` (default) adds delta over all layers and heads, the total evidence
 for w carried from a patch; ``"max"`` keeps the strongest single head, which highlights patches
@@ -35,7 +40,10 @@ from medvlm.models.base import ModelFamily
 
 @dataclass
 class LogProbIncrease:
-    """delta [layers, heads, positions] for one predicted token (see module docstring)."""
+    """delta [layers, heads, positions] for one predicted token (see module docstring).
+
+    ``base_logprob`` is the model's own log p(w) at the query position (its output logits).
+    """
 
     target_id: int
     target_token: str
@@ -47,6 +55,8 @@ class LogProbIncrease:
     image_positions: list[int]
     grid: tuple[int, int]
     delta: np.ndarray
+    #: log p(w | h_{l-1}) per chosen layer: the baseline each layer's deltas are measured from
+    layer_base_logprob: np.ndarray | None = None
 
     def _image_delta(self) -> np.ndarray:
         idx = [self.positions.index(p) for p in self.image_positions]
@@ -77,13 +87,28 @@ class LogProbIncrease:
                 for i in order]
 
 
+def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies, float32: with an unmerged, active peft LoRA adapter the base
+    weight plus each active adapter's scaled delta (B @ A · alpha / r), else ``linear.weight``."""
+    base = getattr(linear, "base_layer", None)
+    if base is None or not hasattr(linear, "get_delta_weight"):
+        return linear.weight.float()
+    weight = base.weight.float()
+    if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
+        return weight  # merged: already in the base weight; disabled: not applied
+    for name in getattr(linear, "active_adapters", []):
+        if name in getattr(linear, "lora_A", {}):
+            weight = weight + linear.get_delta_weight(name).float()
+    return weight
+
+
 def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layer: int, query: int,
                        positions: Sequence[int]) -> torch.Tensor:
     """c for one layer: [heads, positions, D], from captured ``attn`` rows at ``query`` and ``v``."""
     n_heads, _, head_dim = head_layout(model)
     a = cache["attn", layer][0][:, cache.query_index(query), list(positions)].float()  # [H, P]
     v = cache["v", layer][0][list(positions)].float()  # [P, H, d]
-    w_o = attention_module(family.decoder_layers(model)[layer]).o_proj.weight.float()  # [D, H*d]
+    w_o = effective_weight(attention_module(family.decoder_layers(model)[layer]).o_proj)  # [D, H*d]
     w_o = w_o.unflatten(1, (n_heads, head_dim))[:, cache.heads]  # [D, H, d]
     return torch.einsum("hp,phd,Dhd->hpD", a, v, w_o)
 
@@ -101,14 +126,13 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     ``chunk`` candidates are unembedded at a time (chunk x vocab floats).
     """
     n_layers = len(family.decoder_layers(model))
-    last = n_layers - 1
     chosen = sorted({x % n_layers for x in layers}) if layers is not None else list(range(n_layers))
     q = example.target_positions[0] if query_position is None else query_position
     seq_len = int(example.inputs["input_ids"].shape[-1])
     q %= seq_len
-    wanted = {f"blocks.{layer}.{kind}" for layer in chosen for kind in ("attn", "v")} | {f"blocks.{last}.resid_post"}
-    output, cache = capture(model, family, example.inputs, layers=sorted(set(chosen) | {last}), query_positions=[q],
-                            values=True, hidden_states=True, names_filter=wanted)
+    wanted = {f"blocks.{layer}.{kind}" for layer in chosen for kind in ("attn", "v", "resid_pre")}
+    output, cache = capture(model, family, example.inputs, layers=chosen, query_positions=[q], values=True,
+                            resid_pre=True, names_filter=wanted, logits_positions=[q])
     span = cache.image_span
     image_positions = list(range(span.start, span.end))
     if isinstance(positions, str):
@@ -117,15 +141,30 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
         src = image_positions if positions == "image" else list(range(seq_len))
     else:
         src = sorted({int(p) % seq_len for p in positions} | set(image_positions))
+    final = torch.log_softmax(output.logits[0, -1].float(), -1)  # logits were computed at q only
     if target_id is None:
         target_id = (example.target_ids[0] if example.target_ids and query_position is None
-                     else int(output.logits[0, q].argmax()))
-    x = cache["resid_post", last][0, q].float()
-    base = float(torch.log_softmax(residual_to_logits(model, family, x), -1)[target_id])
-    contrib = torch.stack([head_contributions(model, family, cache, layer, q, src) for layer in chosen])
-    flat = contrib.reshape(-1, contrib.shape[-1])  # [L*H*P, D]
-    deltas = torch.cat([torch.log_softmax(residual_to_logits(model, family, x + flat[i:i + chunk]), -1)[:, target_id]
-                        for i in range(0, flat.shape[0], chunk)]) - base
+                     else int(final.argmax()))
+    contrib = layer_contributions(model, family, cache, chosen, q, src)  # [L, H, P, D]
+    h = torch.stack([cache["resid_pre", layer][0, q] for layer in chosen]).float()  # [L, D]
+    candidates = torch.cat([h, (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
+    logp = torch.cat([torch.log_softmax(residual_to_logits(model, family, candidates[i:i + chunk]), -1)[:, target_id]
+                      for i in range(0, candidates.shape[0], chunk)])
+    base, scored = logp[:len(chosen)], logp[len(chosen):].reshape(contrib.shape[:3])
+    delta = scored - base[:, None, None]
     token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
-    return LogProbIncrease(int(target_id), token, q, base, chosen, list(cache.heads), src, image_positions,
-                           span.grid, deltas.reshape(contrib.shape[:3]).double().numpy())
+    return LogProbIncrease(int(target_id), token, q, float(final[target_id]), chosen, list(cache.heads), src,
+                           image_positions, span.grid, delta.double().numpy(), base.double().numpy())
+
+
+def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],
+                        query: int, positions: Sequence[int]) -> torch.Tensor:
+    """:func:`head_contributions` of several layers in one einsum: [layers, heads, positions, D]."""
+    n_heads, _, head_dim = head_layout(model)
+    qi, pos = cache.query_index(query), list(positions)
+    blocks = family.decoder_layers(model)
+    a = torch.stack([cache["attn", layer][0][:, qi, pos] for layer in layers]).float()  # [L, H, P]
+    v = torch.stack([cache["v", layer][0][pos] for layer in layers]).float()  # [L, P, H, d]
+    w_o = torch.stack([effective_weight(attention_module(blocks[layer]).o_proj) for layer in layers])  # [L, D, H*d]
+    w_o = w_o.unflatten(2, (n_heads, head_dim))[:, :, cache.heads]  # [L, D, H, d]
+    return torch.einsum("lhp,lphd,lDhd->lhpD", a, v, w_o)
