@@ -1,0 +1,401 @@
+"""The explorer's engine: one question about one image, answered and explained, without a UI.
+
+:func:`analyze` generates the answer (greedy), then teacher-forces it and runs every saliency
+method of :mod:`medvlm.diagnostics` on it:
+
+- ``attention``: response tokens → image patches, from one capture pass that keeps the attention
+  rows of every layer and head at the response positions only, so the layer / head / fusion
+  controls and a click on a token or a patch re-read that cache instead of running the model;
+- ``rollout`` (Abnar & Zuidema 2020) from a head-mean capture pass over all positions;
+- ``gradcam`` on the vision tower for the answer tokens;
+- ``logprob``: log-probability increase per image position and the top-10 heads
+  (Yu & Ananiadou 2024), from one pass;
+- ``logit_lens``: p(first answer token) per patch, maxed over layers, and the top-5 tokens per
+  patch and layer for the interactive page.
+
+One :class:`ExplorerModel` holds the base model and up to two LoRA adapters (PEFT named adapters
+on one base, switched per request), so stage 1 and stage 2 can be compared on the same input.
+The Gradio app (:mod:`medvlm.diagnostics.explorer_app`) is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medvlm.diagnostics.attention_quality import map_summary
+from medvlm.diagnostics.capture import Cache, Example, capture, head_layout, load_image, prepare_example
+from medvlm.diagnostics.gradcam import gradcam
+from medvlm.diagnostics.logit_lens import LogitLens, lens_html
+from medvlm.diagnostics.logprob import logprob_increase
+from medvlm.diagnostics.overlay import overlay
+from medvlm.diagnostics.probe import _lens_from_cache as lens_from_cache
+from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
+from medvlm.models.registry import LoadedModel
+from medvlm.utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens")
+BASE = "base model"
+#: Overlays are drawn at least this many pixels wide (the demo model sees 64x64 images).
+MIN_DISPLAY = 256
+
+
+class ExplorerError(ValueError):
+    """A request the explorer cannot serve; the message says what to change."""
+
+
+# -- the model and its adapters -------------------------------------------------------------------
+class ExplorerModel:
+    """A base model with up to two named LoRA adapters; :meth:`use` switches between them.
+
+    ``adapters`` maps a display name (e.g. ``"A: stage1"``) to an adapter folder. All adapters sit
+    on the one base model (PEFT named adapters), so two adapters cost one base in memory.
+    """
+
+    def __init__(self, loaded: LoadedModel, adapters: dict[str, str] | None = None, name: str = ""):
+        self.processor, self.family, self.name = loaded.processor, loaded.family, name
+        self.model = loaded.model
+        self.adapters: dict[str, str] = {}
+        self.adapter_paths: list[str] = []
+        for i, (label, folder) in enumerate((adapters or {}).items()):
+            self._load_adapter(label, folder, first=i == 0)
+        self.model.eval()
+        self.n_layers = len(self.family.decoder_layers(self.model))
+        self.n_heads = head_layout(self.model)[0]
+
+    def _load_adapter(self, label: str, folder: str, first: bool) -> None:
+        from peft import PeftModel
+
+        path = Path(folder)
+        if (path / "adapter" / "adapter_config.json").is_file():  # a stage folder of a medvlm run
+            path = path / "adapter"
+        if not (path / "adapter_config.json").is_file():
+            raise ExplorerError(f"adapter {folder}: no adapter_config.json; pass a LoRA adapter folder "
+                                "(e.g. runs/<run>/stage2/adapter) or a stage folder holding adapter/")
+        key = f"adapter{len(self.adapters)}"
+        if first:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=key)
+        else:
+            self.model.load_adapter(str(path), adapter_name=key)
+        self.adapters[label] = key
+        self.adapter_paths.append(str(folder))
+
+    @property
+    def variants(self) -> list[str]:
+        """What a request can pick: the adapters, or the base model when there is none."""
+        return list(self.adapters) or [BASE]
+
+    @contextlib.contextmanager
+    def use(self, variant: str) -> Iterator[torch.nn.Module]:
+        """The model with ``variant`` active (an adapter label, or :data:`BASE`)."""
+        if variant == BASE:
+            ctx = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+            with ctx:
+                yield self.model
+            return
+        if variant not in self.adapters:
+            raise ExplorerError(f"unknown variant {variant!r}; choose one of {self.variants + [BASE]}")
+        self.model.set_adapter(self.adapters[variant])
+        yield self.model
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+
+def adapter_label(letter: str, folder: str | Path) -> str:
+    """``"A: stage1"`` for ``runs/<run>/stage1/adapter`` or ``runs/<run>/stage1``."""
+    path = Path(folder)
+    return f"{letter}: {path.parent.name if path.name == 'adapter' else path.name}"
+
+
+def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str = "float32") -> ExplorerModel:
+    """Load ``model`` (hub id, folder or ``demo:<family>``) with eager attention and up to two
+    adapters, labelled A and B. Raises :class:`ExplorerError` with the reason when it cannot."""
+    from medvlm.models.registry import load_model_and_processor
+
+    if not model:
+        raise ExplorerError("give a model: a hub id, a model folder or demo:llava / demo:paligemma")
+    if len(adapters) > 2:
+        raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
+    try:
+        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as err:
+        raise ExplorerError(f"cannot load model {model!r}: {err}") from err
+    labels = {adapter_label(letter, folder): str(folder) for letter, folder in zip("AB", adapters, strict=False)}
+    return ExplorerModel(loaded, labels, name=model)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def read_image(path: str | Path, window: str | None = None, level: float | None = None,
+               width: float | None = None) -> Image.Image:
+    """An uploaded file as an RGB image: PNG / JPEG, or DICOM through a VOI window.
+
+    ``window`` is a preset (``lung``, ``mediastinum``, ``brain``, ``bone``), ``"custom"`` (then
+    ``level`` and ``width`` are used) or None / ``"file"`` (the file's own window). Raises
+    :class:`ExplorerError` naming the file when it is not an image.
+    """
+    from medvlm.data_curation.images import WINDOW_PRESETS, is_dicom
+    from medvlm.data_curation.images import load_image as load_record_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExplorerError(f"{path.name}: file not found")
+    if is_dicom(path):
+        if window == "custom":
+            if level is None or width is None or width < 1:
+                raise ExplorerError("custom window: give a level and a width >= 1")
+            win: Any = (float(level), float(width))
+        elif window in (None, "", "file"):
+            win = None
+        elif window in WINDOW_PRESETS:
+            win = window
+        else:
+            raise ExplorerError(f"unknown window {window!r}; choose file, custom or one of {sorted(WINDOW_PRESETS)}")
+        try:
+            return load_record_image(path, win)
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
+            raise ExplorerError(f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})") from err
+    try:
+        return load_image(path, name=path.name)
+    except ValueError as err:
+        raise ExplorerError(f"{path.name} is not an image this app can read (PNG, JPEG or DICOM): {err}") from err
+
+
+# -- the analysis ---------------------------------------------------------------------------------
+@dataclass
+class Token:
+    """One answer token: its text, id, probability under the model, and the top alternatives."""
+
+    text: str
+    id: int
+    prob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Analysis:
+    """Everything the page shows for one (variant, image, question)."""
+
+    variant: str
+    question: str
+    answer: str
+    tokens: list[Token]
+    image: np.ndarray  # uint8 HxWx3 at the model's input resolution
+    grid: tuple[int, int]
+    n_layers: int
+    n_heads: int
+    maps: dict[str, np.ndarray]
+    scores: dict[str, dict[str, Any]]
+    top_heads: list[dict[str, Any]]
+    lens: LogitLens | None
+    timings: dict[str, float]
+    errors: dict[str, str] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    attn: Cache | None = None  # attention rows of every layer and head at ``positions``
+    mean_attn: Cache | None = None  # head-mean rows of every layer at every position (rollout)
+    mask: np.ndarray | None = None
+
+    def attention(self, token: int | None = None, layer: int | None = None, head: int | None = None,
+                  fusion: str = "mean") -> np.ndarray:
+        """Response tokens (or one, by index into :attr:`tokens`) → image patches."""
+        if self.attn is None:
+            raise ExplorerError(self.errors.get("attention", "attention was not captured"))
+        return attention_map(self.attn, self._positions(token), layer=layer, head=head,
+                             layers=None if layer is not None else last_quarter(self.n_layers), fusion=fusion)
+
+    def rollout(self, token: int | None = None) -> np.ndarray:
+        if self.mean_attn is None:
+            raise ExplorerError(self.errors.get("rollout", "attention was not captured"))
+        return rollout(self.mean_attn, self._positions(token))
+
+    def patch_to_tokens(self, row: int, col: int, layer: int | None = None, head: int | None = None,
+                        fusion: str = "mean") -> list[tuple[str, float]]:
+        """The reverse reading: how much each response token attends to image patch (row, col)."""
+        if self.attn is None:
+            raise ExplorerError(self.errors.get("attention", "attention was not captured"))
+        weights = image_to_response(self.attn, (row, col), self.positions, layer=layer, head=head,
+                                    layers=None if layer is not None else last_quarter(self.n_layers),
+                                    fusion=fusion)
+        return [(t.text, float(w)) for t, w in zip(self.tokens, weights, strict=True)]
+
+    def _positions(self, token: int | None) -> list[int]:
+        if token is None:
+            return self.positions
+        if not 0 <= token < len(self.positions):
+            raise ExplorerError(f"token {token} out of range: the answer has {len(self.positions)} tokens")
+        return [self.positions[token]]
+
+    def numbers(self) -> dict[str, Any]:
+        """A JSON-ready summary: answer, token probabilities, maps, scores, top heads, timings."""
+        return {"variant": self.variant, "question": self.question, "answer": self.answer,
+                "tokens": [{"text": t.text, "id": t.id, "prob": t.prob, "top": t.top} for t in self.tokens],
+                "grid": list(self.grid), "maps": {k: v.tolist() for k, v in self.maps.items()},
+                "scores": self.scores, "top_heads": self.top_heads, "errors": self.errors,
+                "seconds": self.timings}
+
+
+def _token_table(model, processor, ex: Example, logits: torch.Tensor, k: int = 5) -> list[Token]:
+    tok = processor.tokenizer
+    probs = torch.softmax(logits[0, ex.target_positions].float(), -1)
+    out = []
+    for row, tid in zip(probs, ex.target_ids, strict=True):
+        top = row.topk(k)
+        out.append(Token(tok.decode([tid]), int(tid), float(row[tid]),
+                         [(tok.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)]))
+    return out
+
+
+def _generate(model, processor, family, image: Image.Image, question: str, max_new_tokens: int) -> str:
+    from medvlm.eval.generate import generate_answers
+
+    return generate_answers(model, processor, family, [image], [question], batch_size=1,
+                            max_new_tokens=max_new_tokens, resized=False, progress=False)[0]
+
+
+def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, question: str, *,
+            mask: np.ndarray | None = None, max_new_tokens: int = 16,
+            progress: Callable[[float, str], None] | None = None) -> Analysis:
+    """Answer ``question`` about ``image`` with ``variant`` and run every saliency method on it.
+
+    ``mask`` (bool HxW, any size), when known, adds ROI mass and the pointing game to each
+    method's scores. ``progress(fraction, text)`` is called between steps. A method that fails is
+    reported in ``errors`` and the others still run.
+    """
+    question = (question or "").strip()
+    if not question:
+        raise ExplorerError("type a question")
+    step = progress or (lambda f, t: None)
+    timings: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    pil = load_image(image)
+    with em.use(variant) as model:
+        family, processor = em.family, em.processor
+        t0 = time.perf_counter()
+        step(0.05, "generating the answer")
+        answer = _generate(model, processor, family, pil, question, max_new_tokens)
+        timings["generate"] = time.perf_counter() - t0
+        try:
+            ex = prepare_example(model, processor, family, pil, question, answer or None)
+        except ValueError as err:
+            if answer:  # an answer that tokenises to nothing: explain the next-token prediction
+                ex = prepare_example(model, processor, family, pil, question)
+            else:
+                raise ExplorerError(str(err)) from err
+        step(0.25, "attention, rollout and logit lens")
+        t = time.perf_counter()
+        maps: dict[str, np.ndarray] = {}
+        attn_cache = mean_cache = None
+        try:
+            out, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
+            _, mean_cache = capture(model, family, ex.inputs, attention=False, attention_mean=True,
+                                    hidden_states=True)
+        except RuntimeError as err:  # no eager attention: the other methods still run
+            errors["attention"] = errors["rollout"] = str(err)
+            out, mean_cache = capture(model, family, ex.inputs, attention=False, hidden_states=True)
+        tokens = _token_table(model, processor, ex, out.logits) if ex.target_ids else []
+        pred = ex.target_ids[0] if ex.target_ids else int(out.logits[0, ex.target_positions[0]].argmax())
+        if attn_cache is not None:
+            maps["attention"] = attention_map(attn_cache, ex.target_positions, layers=last_quarter(em.n_layers))
+            maps["rollout"] = rollout(mean_cache, ex.target_positions)
+        lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer, pred)
+        timings["attention + logit lens"] = time.perf_counter() - t
+        step(0.45, "Grad-CAM")
+        t = time.perf_counter()
+        try:
+            maps["gradcam"] = gradcam(model, family, ex)
+        except (RuntimeError, ValueError, KeyError) as err:
+            errors["gradcam"] = str(err)
+        timings["gradcam"] = time.perf_counter() - t
+        step(0.65, "log-probability increase")
+        t = time.perf_counter()
+        heads: list[dict[str, Any]] = []
+        try:
+            lpi = logprob_increase(model, family, ex, processor.tokenizer)
+            maps["logprob"] = lpi.position_map("sum")
+            heads = [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)]
+        except (RuntimeError, ValueError, KeyError) as err:
+            errors["logprob"] = str(err)
+        timings["logprob"] = time.perf_counter() - t
+    grid = (attn_cache or mean_cache).grid
+    scores = {name: score(grid_map, mask) for name, grid_map in maps.items()}
+    timings["total"] = time.perf_counter() - t0
+    return Analysis(variant, question, answer, tokens, ex.image, grid, em.n_layers, em.n_heads,
+                    {m: maps[m] for m in METHODS if m in maps}, scores, heads, lens, timings, errors,
+                    list(ex.target_positions), attn_cache, mean_cache, mask)
+
+
+def score(grid_map: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    """Focus, Gini and (with a mask) ROI mass and pointing game of a map; signed maps are clipped
+    at 0 (where the positive evidence lies). A map with no positive mass scores NaN."""
+    g = np.clip(np.asarray(grid_map, float), 0.0, None)
+    if not np.isfinite(g).all() or g.sum() <= 0:
+        return {"focus": float("nan"), "gini": float("nan"), "note": "no positive mass"}
+    return map_summary(g, mask)
+
+
+# -- pictures and files ---------------------------------------------------------------------------
+def display_image(image: np.ndarray) -> Image.Image:
+    """The model-resolution image enlarged (nearest) to at least :data:`MIN_DISPLAY` pixels."""
+    pil = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    scale = max(1, -(-MIN_DISPLAY // max(pil.size)))
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+
+
+def draw_overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The map (positive part, min-max scaled) over the enlarged image."""
+    return overlay(display_image(image), np.clip(np.asarray(grid_map, float), 0.0, None), alpha=alpha)
+
+
+def overlays(analysis: Analysis, alpha: float = 0.5) -> dict[str, Image.Image]:
+    """One overlay per method that produced a map, in :data:`METHODS` order."""
+    return {name: draw_overlay(analysis.image, grid_map, alpha) for name, grid_map in analysis.maps.items()}
+
+
+def patch_of(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The (row, col) of the grid cell under pixel (x, y) of an image of ``size`` (width, height)."""
+    col = min(int(x * grid[1] / size[0]), grid[1] - 1)
+    row = min(int(y * grid[0] / size[1]), grid[0] - 1)
+    return max(row, 0), max(col, 0)
+
+
+def lens_page(analysis: Analysis) -> str:
+    """The self-contained logit-lens page (all text escaped)."""
+    if analysis.lens is None:
+        raise ExplorerError("the logit lens did not run")
+    return lens_html(analysis.lens, np.asarray(display_image(analysis.image)), analysis.question,
+                     title=f"Logit lens: {analysis.variant}")
+
+
+def export(analyses: Sequence[Analysis], out_dir: str | Path) -> list[Path]:
+    """Write each analysis's overlays (PNG), logit-lens page (HTML) and one ``numbers.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, a in enumerate(analyses):
+        tag = "".join(c if c.isalnum() else "_" for c in a.variant).strip("_") or f"variant{i}"
+        for name, img in overlays(a).items():
+            path = out_dir / f"{tag}_{name}.png"
+            img.save(path)
+            files.append(path)
+        if a.lens is not None:
+            files.append(atomic_write_text(out_dir / f"{tag}_logit_lens.html", lens_page(a)))
+    files.append(atomic_write_json(out_dir / "numbers.json", {"analyses": [a.numbers() for a in analyses]}))
+    return files
+
+
+def check_fusion(fusion: str) -> str:
+    if fusion not in FUSIONS:
+        raise ExplorerError(f"fusion {fusion!r}; choose one of {FUSIONS}")
+    return fusion

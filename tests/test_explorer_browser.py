@@ -1,0 +1,192 @@
+"""The explorer driven in a real browser (Debian's chromium through Playwright), as a person would:
+upload a scan, ask, wait for the answer and the overlays, click a token and a patch, switch the
+fusion, read the downloads, and see errors as messages while the app keeps serving.
+
+The model has the demo model's architecture (random weights, two random LoRA adapters), so the
+answer latency printed here is the demo model's. Screenshots and the latency go to
+``$MEDVLM_ARTIFACTS`` (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if os.environ.get("MEDVLM_REQUIRE_BROWSER"):  # make test: a missing browser is a failure, not a skip
+    if not CHROMIUM:
+        raise RuntimeError("the browser tests need Debian's chromium: apt-get install chromium (make test does)")
+    import playwright.sync_api as playwright
+else:
+    if not CHROMIUM:
+        pytest.skip("chromium is not installed (make test installs it)", allow_module_level=True)
+    playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+from explorer_fixtures import build_model_with_adapters  # noqa: E402
+
+# Flags for a machine without network: no background fetches, no sandbox (root in CI).
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"]
+XSS = "Where is the abnormality? <script>window.__pwned = 1</script>"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_phantom):
+    from medvlm.diagnostics.explorer import load_explorer_model
+    from medvlm.diagnostics.explorer_app import Server, build_app, launch
+    from medvlm.diagnostics.explorer_samples import samples
+
+    root = tmp_path_factory.mktemp("browser")
+    folder, adapters = build_model_with_adapters(root, "llava", small_phantom)
+    server = Server(load_explorer_model(str(folder), [str(a) for a in adapters]), load_explorer_model,
+                    samples(root / "samples"))
+    app = build_app(server)
+    port = _free_port()
+    launch(app, "127.0.0.1", port, block=False)
+    yield server, f"http://127.0.0.1:{port}/", root
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1500, "height": 1200})
+        pg.set_default_timeout(60_000)
+        pg.goto(served[1])
+        pg.wait_for_selector("#ask")
+        yield pg
+        browser.close()
+
+
+def _artifacts(root: Path) -> Path:
+    out = Path(os.environ.get("MEDVLM_ARTIFACTS", root / "artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _upload(page, path) -> None:
+    clear = page.query_selector("#upload button[aria-label='Clear']")
+    if clear:  # a file is shown: remove it, as a person would, to get the drop zone back
+        clear.click()
+    page.set_input_files("#upload input[type=file]", str(path))
+
+
+def _src(page, selector: str) -> str:
+    return page.get_attribute(selector, "src") or ""
+
+
+def _toast(page) -> str:
+    page.wait_for_selector(".toast-body", timeout=30_000)
+    text = page.inner_text(".toast-body")
+    for close in page.query_selector_all(".toast-close"):
+        close.click()
+    return text
+
+
+def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
+    server, _, root = served
+    case = next(s for s in server.samples if s.mask)
+    _upload(page, case.image)
+    page.wait_for_selector("#preview img")
+    page.fill("#question textarea", XSS)
+    start = time.perf_counter()
+    page.click("#ask")
+    page.wait_for_function("document.querySelectorAll('#gallery0 img').length >= 5"
+                           " && document.querySelectorAll('#gallery1 img').length >= 5")
+    seconds = time.perf_counter() - start
+    analyses = json.loads(Path(next(f for f in _downloads(page, server) if f.endswith("numbers.json")))
+                          .read_text())["analyses"]
+    assert [a["variant"] for a in analyses] == ["A: stage1", "B: stage2"]
+    for i, a in enumerate(analyses):  # each side shows its own variant's answer and numbers
+        assert a["variant"] in page.inner_text(f"#header{i}")
+        assert page.input_value(f"#answer{i} textarea") == a["answer"]
+        if a["tokens"]:
+            shown = page.inner_text(f"#probs{i}")
+            assert f"{a['tokens'][0]['prob']:.4f}".rstrip("0") in shown
+        captions = page.inner_text(f"#gallery{i}")
+        for method in ("attention", "rollout", "gradcam", "logprob", "logit_lens"):
+            assert method in captions
+        assert len(page.query_selector_all(f"#heads{i} [role=row]")) == 11  # header + top-10 heads
+    # the question with a script tag is text everywhere: in the page and inside the logit-lens frame
+    assert page.evaluate("window.__pwned") is None
+    lens = next(f for f in page.frames if f.url == "about:srcdoc")
+    assert "<script>window.__pwned = 1</script>" in lens.inner_text("body")
+    assert lens.evaluate("window.__pwned") is None
+    out = _artifacts(root)
+    page.screenshot(path=str(out / "explorer.png"), full_page=True)
+    (out / "explorer_latency.json").write_text(json.dumps({"first_answer_with_all_overlays_s": seconds,
+                                                           "variants": 2}))
+    print(f"\nexplorer: first answer with all overlays for two adapters in {seconds:.2f} s "
+          f"(screenshot {out / 'explorer.png'})")
+
+
+def _downloads(page, server) -> list[str]:
+    names = page.inner_text("#downloads")
+    files = sorted(str(p) for p in server.out_root.rglob("*") if p.is_file())
+    assert files and all(Path(f).name.split(".")[0][:12] in names for f in files[-3:])
+    newest = max(server.out_root.iterdir(), key=lambda p: p.stat().st_mtime)
+    return [str(p) for p in newest.iterdir()]
+
+
+def test_clicking_a_token_and_a_patch_and_switching_fusion(served, page):
+    tokens = page.query_selector_all("#tokens1 .token")
+    if not tokens:
+        pytest.fail("the answer of B has no tokens to click")
+    tokens[0].click()
+    page.wait_for_selector("#tokenmap1 img")
+    assert "attention to the image" in page.inner_text("#tokenmap1")
+    box = page.query_selector("#preview img").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.2)  # row 0, col 3
+    page.wait_for_selector("#patch1 .token")
+    assert "row 0, col 3" in page.inner_text("#patch1")
+    before = _src(page, "#attn1 img")
+    page.click("#fusion label:has-text('max')")
+    page.wait_for_function(f"document.querySelector('#attn1 img').src !== {json.dumps(before)}")
+    assert _src(page, "#attn1 img") != before
+
+
+def test_dicom_upload_with_a_window_preset(served, page):
+    server, _, _ = served
+    ct = next(s.image for s in server.samples if s.image.endswith("CT_small.dcm"))
+    _upload(page, ct)
+    page.wait_for_selector("#preview img")
+    first = _src(page, "#preview img")
+    page.click("#window input")
+    page.click("ul[role=listbox] li:has-text('bone')")
+    page.wait_for_function(f"document.querySelector('#preview img').src !== {json.dumps(first)}")
+
+
+def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page):
+    server, _, root = served
+    bad = root / "not-a-scan.png"
+    bad.write_text("plain text, not an image")
+    _upload(page, bad)
+    assert "not-a-scan.png is not an image" in _toast(page)
+    page.click("button:has-text('Model')")
+    model_box = page.get_by_label("model (hub id, folder or demo:llava)")
+    model_box.fill(str(root / "no-such-model"))
+    page.click("#load")
+    assert "cannot load model" in _toast(page)
+    # still serving the model it had: a phantom case is answered
+    page.click("#sample input")
+    page.click("ul[role=listbox] li:has-text('phantom X-ray chest')")
+    page.wait_for_function("document.querySelector('#question textarea').value.length > 0")
+    before = page.inner_text("#status")
+    page.click("#ask")
+    page.wait_for_function(f"document.querySelector('#status').innerText !== {json.dumps(before)}"
+                           " && document.querySelector('#status').innerText.includes('Answered')")
+    assert server.model.name.endswith("demo-arch-llava")
