@@ -168,3 +168,29 @@ def test_bad_requests_give_clear_errors(explorer, tmp_path):
         load_explorer_model("demo:llava", ["a", "b", "c"])
     with pytest.raises(ExplorerError, match="no adapter_config.json"):
         load_explorer_model(str(next(root.glob("demo-arch-*"))), [str(tmp_path)])
+
+
+def test_the_command_line_finds_a_runs_stages_and_defaults_to_the_demo(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("explore", Path(__file__).parents[1] / "diagnostics" / "explore.py")
+    explore = importlib.util.module_from_spec(spec)
+    sys.modules["explore"] = explore
+    spec.loader.exec_module(explore)
+    assert explore.default_sources(tmp_path / "runs") == ("demo:llava", [])
+    run = tmp_path / "runs" / "demo-llava-1"
+    for stage in ("stage1", "stage2"):
+        (run / stage / "adapter").mkdir(parents=True)
+        (run / stage / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+        (run / stage / "adapter" / "medvlm_adapter.json").write_text(json.dumps({"model_name_or_path": "demo:llava"}))
+    assert explore.default_sources(tmp_path / "runs") == ("demo:llava", [])  # unfinished runs are not served
+    (run / "stage2" / "manifest.json").write_text("{}")
+    base, adapters = explore.default_sources(tmp_path / "runs")
+    assert base == "demo:llava" and adapters == [str(run / "stage1" / "adapter"), str(run / "stage2" / "adapter")]
+    with pytest.raises(ExplorerError, match="no stage1/adapter"):
+        explore.run_sources(tmp_path)
+    args = explore.parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860
+    assert explore.main(["--model", str(tmp_path / "nothing-here")]) == 2  # a clear error, no traceback
