@@ -208,6 +208,8 @@ def test_script_runs_from_a_yaml_config(tmp_path, monkeypatch, capsys):
             f"llm: {{backend: ollama, model: stub-model, host: '{stub.host}', cache_dir: '{tmp_path / 'c'}'}}\n"
         )
         monkeypatch.setattr(sys, "argv", ["generate_qa.py", str(path), "limit=2", "concurrency=2"])
-        runpy.run_path("data_curation/generate_qa.py", run_name="__main__")
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path("data_curation/generate_qa.py", run_name="__main__")
+    assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["complete"] and printed["n_finished"] == 2 and printed["n_records"] == 2 * (4 + 2)

@@ -15,13 +15,14 @@ A mix YAML (see ``data_curation/mixes/``)::
 saved by ``Dataset.save_to_disk``, or a JSON-lines file / folder of ``*.jsonl`` files holding unified
 records (``generated.jsonl`` of ``data_curation/generate_qa.py``). ``filters`` lists
 :mod:`medvlm.data_curation.filters` steps run on the source before mixing (rejects go to
-``filters/<name>/rejects.jsonl``).
+``filters/<name>/rejects.jsonl``; rows a dataset loader refused go to ``filters/<name>/load_skipped.jsonl``).
 
 Each phase with ``weights`` interleaves its sources with ``datasets.interleave_datasets``
 (probabilities = the normalised weights, seeded per phase): ``undersample`` stops when the first
 source runs out, ``oversample`` repeats sources until all are exhausted, ``once`` uses each example
-exactly once; the phase is then cut at ``size`` rows. A phase with ``count`` takes exactly that many
-shuffled rows of each source (repeating a source only under ``oversample``) and shuffles them
+exactly once; the phase is then cut at ``size`` rows (under ``oversample``, a phase whose sources
+yield fewer rows than ``size`` repeats them until it has ``size`` rows). A phase with ``count``
+takes exactly that many shuffled rows of each source (repeating a source only under ``oversample``) and shuffles them
 together. Rows carry ``phase`` (0, 1, ...) and ``phase_name``; the training sampler visits phases
 in order, so the annealing phase comes last.
 
@@ -36,7 +37,6 @@ written to Arrow under ``out_dir/.cache`` (removed at the end), never held as a 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
@@ -48,9 +48,15 @@ from typing import Any
 import datasets
 import yaml
 
-from medvlm.data_curation.filters import KEY_FIELDS, FilterConfigError, FilterPipeline, FilterStep
-from medvlm.data_curation.loading import UnknownSourceError
-from medvlm.records import COLUMNS, FEATURES
+from medvlm.data_curation.filters import FilterConfigError, FilterPipeline
+from medvlm.data_curation.mix_sources import (  # noqa: F401 - load_mix_source re-exported
+    TAGGED,
+    MixError,
+    SourceSpec,
+    load_mix_source,
+    prepare_sources,
+)
+from medvlm.records import FEATURES
 from medvlm.utils.io import atomic_write_text, hash_rows, sha256_file, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -58,24 +64,6 @@ logger = logging.getLogger(__name__)
 STRATEGIES = {"undersample": "first_exhausted", "oversample": "all_exhausted",
               "once": "all_exhausted_without_replacement"}
 _BATCH = 1000
-#: Rows while a mix is built: the unified record plus the name of the mix source they came from.
-_TAGGED = datasets.Features({**FEATURES, "_mix_source": datasets.Value("string")})
-
-
-class MixError(ValueError):
-    """A mix config that cannot be built; the message names the source or phase and the fix."""
-
-
-@dataclass
-class SourceSpec:
-    name: str
-    source: str                      # 'phantom', a load_source name, a saved dataset folder, or JSONL
-    path: str | None = None          # the dataset as the user has it (for load_source names)
-    split: str = "train"
-    options: dict[str, Any] = field(default_factory=dict)
-    filters: list[Any] = field(default_factory=list)   # filter steps run before mixing
-    streaming: bool = False          # read JSONL / hub sources lazily (see the module docstring)
-    shuffle_buffer: int = 10_000     # rows held for shuffling a streamed source
 
 
 @dataclass
@@ -149,144 +137,6 @@ def _validate_phase(phase: PhaseSpec, names: set[str], origin: str) -> None:
                        f"{sum(phase.count.values())}; drop `size` or make them agree")
 
 
-# ---------------------------------------------------------------- load sources
-
-def _jsonl_files(path: Path) -> list[str]:
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        return [str(path)]
-    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        return sorted(str(p) for p in path.glob("*.jsonl"))
-    return []
-
-
-def _unified_stream(ds: datasets.IterableDataset, origin: str) -> datasets.IterableDataset:
-    """Streamed JSON rows → the unified columns (features are unknown until the first row)."""
-    def gen():
-        for n, row in enumerate(ds):
-            missing = [c for c in COLUMNS if c not in row]
-            if missing:
-                raise MixError(f"{origin}: row {n} lacks unified columns {missing}")
-            yield {c: row[c] for c in COLUMNS}
-
-    return datasets.IterableDataset.from_generator(gen, features=FEATURES)
-
-
-def _unified(ds: datasets.Dataset | datasets.IterableDataset, origin: str):
-    if isinstance(ds, datasets.IterableDataset):
-        return _unified_stream(ds, origin)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise MixError(f"{origin}: records lack unified columns {missing}; build them with medvlm loaders")
-    extra = [c for c in ds.column_names if c not in COLUMNS]
-    ds = ds.remove_columns(extra) if extra else ds
-    return ds.cast(FEATURES) if ds.features != FEATURES else ds
-
-
-def load_mix_source(spec: SourceSpec) -> datasets.Dataset | datasets.IterableDataset:
-    """The source's unified records (an ``IterableDataset`` when ``spec.streaming``)."""
-    if spec.source == "phantom":
-        from medvlm.data_curation.phantom import load_phantom_source
-
-        ds = load_phantom_source(spec.path, split=spec.split, **spec.options)
-        return ds.to_iterable_dataset() if spec.streaming else ds
-    where = Path(spec.path if spec.source in ("json", "jsonl") else spec.source).expanduser()
-    files = _jsonl_files(where)
-    if files:
-        ds = datasets.load_dataset("json", data_files=files, split="train", streaming=spec.streaming)
-        ds = _unified(ds, f"mix source {spec.name!r} ({where})")
-        if spec.split:
-            ds = ds.filter(lambda s: s in (spec.split, ""), input_columns="split")
-        return ds
-    if where.is_dir():
-        ds = datasets.load_from_disk(str(where))
-        if isinstance(ds, datasets.DatasetDict):
-            if spec.split not in ds:
-                raise MixError(f"mix source {spec.name!r}: {where} has splits {list(ds)}, not {spec.split!r}")
-            ds = ds[spec.split]
-        return ds.to_iterable_dataset() if spec.streaming else ds
-    from medvlm.data_curation import load_source
-
-    result = load_source(spec.source, spec.path, split=spec.split, **spec.options)
-    if result.skipped:
-        logger.warning("mix source %s: the loader skipped %d rows", spec.name, len(result.skipped))
-    return result.dataset.to_iterable_dataset() if spec.streaming else result.dataset
-
-
-def _load(spec: SourceSpec):
-    try:
-        return load_mix_source(spec)
-    except UnknownSourceError as err:
-        raise MixError(f"mix source {spec.name!r}: {spec.source!r} is not 'phantom', an existing dataset "
-                       f"folder or JSONL file, nor a known dataset: {err}") from err
-    except FileNotFoundError as err:
-        raise MixError(f"mix source {spec.name!r} ({spec.source}): {err}") from err
-
-
-def _filter_stream(ds: datasets.IterableDataset, steps: list[FilterStep], out: Path, stats: dict):
-    """Row-wise filters applied lazily; rejects appended as rows are consumed; ``stats`` updated."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rejects.jsonl").unlink(missing_ok=True)  # appended while phases consume rows
-
-    def gen():
-        with open(out / "rejects.jsonl", "a", encoding="utf-8") as fh:
-            for batch in ds.iter(batch_size=_BATCH):
-                batch = {c: batch[c] for c in COLUMNS}
-                for step in steps:
-                    n = len(batch["id"])
-                    reasons, _ = step.judge(batch, list(range(n)))
-                    keep = [i for i, r in enumerate(reasons) if not r]
-                    for i, r in enumerate(reasons):
-                        if r:
-                            fh.write(json.dumps({"id": batch["id"][i], "step": step.name, "reason": r,
-                                                 **{k: batch[k][i] for k in KEY_FIELDS}}) + "\n")
-                    s = stats.setdefault(step.name, {"step": step.name, "in": 0, "out": 0, "rejected": 0})
-                    s["in"], s["out"], s["rejected"] = s["in"] + n, s["out"] + len(keep), s["rejected"] + n - len(keep)
-                    batch = {k: [v[i] for i in keep] for k, v in batch.items()}
-                for i in range(len(batch["id"])):
-                    yield {k: v[i] for k, v in batch.items()}
-
-    return datasets.IterableDataset.from_generator(gen, features=FEATURES)
-
-
-def _llm_specs(specs: list[Any]) -> list[Any]:
-    """A ``blind_check`` given ``llm: {backend: ..., model: ...}`` gets a backend from ``medvlm.llm``
-    (imported only then: the filters themselves accept any object with ``generate``)."""
-    out = []
-    for spec in specs:
-        if isinstance(spec, dict) and "step" not in spec and len(spec) == 1:
-            spec = {"step": next(iter(spec)), **(next(iter(spec.values())) or {})}
-        if isinstance(spec, dict) and spec.get("step") == "blind_check" and isinstance(spec.get("llm"), dict):
-            from medvlm.llm import make_llm
-
-            spec = {**spec, "llm": make_llm(spec["llm"])}
-        out.append(spec)
-    return out
-
-
-def _prepare_sources(cfg: MixConfig, out: Path, llm: Any) -> tuple[dict, dict]:
-    loaded, filtered = {}, {}
-    for spec in cfg.sources:
-        ds = _load(spec)
-        if spec.filters:
-            pipe = FilterPipeline.from_config(_llm_specs(spec.filters), llm=llm)
-            folder = out / "filters" / spec.name
-            if spec.streaming:
-                stats: dict = {}
-                ds = _filter_stream(ds, pipe.steps, folder, stats)
-                filtered[spec.name] = {"steps": pipe.describe(), "counts": stats, "streamed": True}
-            else:
-                result = pipe.run(ds, folder)
-                ds = result.dataset
-                filtered[spec.name] = {"steps": pipe.describe(), "counts": result.counts,
-                                       "rejects_sha256": sha256_file(result.rejects_path)}
-        ds = ds.map(_tag, batched=True, fn_kwargs={"name": spec.name}, features=_TAGGED)  # counts per mix source
-        if not spec.streaming and len(ds) == 0:
-            raise MixError(f"mix source {spec.name!r} ({spec.source}) has no rows"
-                           f"{' left after its filters' if spec.filters else ''}; check its path/split/filters")
-        loaded[spec.name] = ds
-    return loaded, filtered
-
-
 # ---------------------------------------------------------------- phases
 
 def _shuffled(ds, seed: int, spec: SourceSpec):
@@ -300,7 +150,7 @@ def _materialise(ds: datasets.IterableDataset, cache: Path) -> datasets.Dataset:
     def gen(token):
         yield from ds
 
-    return datasets.Dataset.from_generator(gen, features=_TAGGED, cache_dir=str(cache),
+    return datasets.Dataset.from_generator(gen, features=TAGGED, cache_dir=str(cache),
                                            gen_kwargs={"token": uuid.uuid4().hex}, fingerprint=uuid.uuid4().hex)
 
 
@@ -334,16 +184,17 @@ def _build_phase(i: int, phase: PhaseSpec, loaded: dict, specs: dict, cfg: MixCo
         if phase.size is None:
             raise MixError(f"phase {phase.name!r} uses a streamed source and needs a `size`")
         return _materialise(ds.take(phase.size), cache)
+    if phase.size is not None and phase.size > len(ds) and cfg.stopping_strategy == "oversample" and len(ds):
+        # interleave's all_exhausted stops once every source was seen; oversampling means repeating
+        # the interleaved rows (index mapping, no copy) until the phase has its size
+        ds = ds.select([k % len(ds) for k in range(phase.size)])
     if phase.size is not None:
         if phase.size > len(ds):
-            logger.warning("phase %s: asked for %d rows, the %s strategy yields %d", phase.name,
+            logger.warning("phase %s: asked for %d rows, the %s strategy yields %d (each example at most "
+                           "once); use stopping_strategy: oversample to repeat rows", phase.name,
                            phase.size, cfg.stopping_strategy, len(ds))
         ds = ds.select(range(min(phase.size, len(ds))))
     return ds
-
-
-def _tag(batch: dict[str, list], name: str) -> dict[str, list]:
-    return {"_mix_source": [name] * len(batch["id"])}
 
 
 def _add_phase(batch: dict[str, list], index: int, name: str) -> dict[str, list]:
@@ -362,6 +213,11 @@ def _ids_hash(ds: datasets.Dataset) -> str:
     return hash_rows(i for b in ds.select_columns(["id"]).iter(batch_size=10 * _BATCH) for i in b["id"])
 
 
+def _dataset_hash(data_dir: Path) -> str:
+    """sha256 over the saved Arrow files (name and content hash, in name order): the bytes trained on."""
+    return hash_rows(f"{p.name}:{sha256_file(p)}" for p in sorted(data_dir.glob("*.arrow")))
+
+
 def build_mix(config: str | Path | MixConfig, out_dir: str | Path, *, llm: Any = None,
               report: bool = True) -> Path:
     """Build the mix into ``out_dir/dataset`` (Arrow); returns that folder. Reused if complete.
@@ -377,7 +233,7 @@ def build_mix(config: str | Path | MixConfig, out_dir: str | Path, *, llm: Any =
         return data_dir
     cfg = config if isinstance(config, MixConfig) else MixConfig.from_yaml(config)
     cfg.validate(str(config) if not isinstance(config, MixConfig) else "mix")
-    loaded, filtered = _prepare_sources(cfg, out, llm)
+    loaded, filtered, loads = prepare_sources(cfg.sources, out, llm)
     specs = {s.name: s for s in cfg.sources}
     cache = out / ".cache"
     parts, counts, by_spec = [], {}, {}
@@ -394,21 +250,22 @@ def build_mix(config: str | Path | MixConfig, out_dir: str | Path, *, llm: Any =
         counts[phase.name] = _column_counts(ds, "source")
         parts.append(ds)
     mixed = datasets.concatenate_datasets(parts)
+    shutil.rmtree(data_dir, ignore_errors=True)  # left by a run that died before its manifest
     mixed.save_to_disk(str(data_dir))
     atomic_write_text(out / "mix.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     files = {}
     if report:
         from medvlm.data_curation.reports import write_mix_report
 
-        mixed = datasets.load_from_disk(str(data_dir))
-        phases = {p.name: mixed.filter(lambda x, i=i: [v == i for v in x], input_columns="phase",
-                                       batched=True) for i, p in enumerate(cfg.phases)}
-        paths = write_mix_report(phases, out, title=f"mix {out.name}")
+        # the phase parts themselves: filtering the saved dataset would write cache files into dataset/
+        paths = write_mix_report({p.name: part for p, part in zip(cfg.phases, parts, strict=True)}, out,
+                                 title=f"mix {out.name}")
         files = {p.name: sha256_file(p) for p in paths.values()}
     shutil.rmtree(cache, ignore_errors=True)
     write_manifest(out, rows=len(mixed), counts_per_phase=counts, counts_per_phase_by_mix_source=by_spec,
-                   ids_hash=_ids_hash(mixed),
+                   ids_hash=_ids_hash(mixed), dataset_sha256=_dataset_hash(data_dir),
                    config_sha256=sha256_file(out / "mix.yaml"), filters=filtered, files=files,
                    sources={s.name: {"source": s.source, "streamed": s.streaming,
-                                     "rows": None if s.streaming else len(loaded[s.name])} for s in cfg.sources})
+                                     "rows": None if s.streaming else len(loaded[s.name]),
+                                     "loader": loads.get(s.name, {"skipped": 0})} for s in cfg.sources})
     return data_dir

@@ -12,6 +12,7 @@ Outputs in ``output_dir`` (see :func:`generate_qa`):
     generated.jsonl  the unified records (``medvlm.records``), in input order
     rejects.jsonl    one line per rejected reply or question, with the reason
     config.json      the config that made the folder
+    llm_cache/       the LLM responses (unless ``llm.cache_dir`` points elsewhere)
     manifest.json    counts and hashes, written last (its presence means the run finished)
 """
 
@@ -304,9 +305,10 @@ def generate_qa(
 ) -> dict:
     """Run QA generation for ``cfg``; resumable. Returns the summary also written to the manifest.
 
-    ``llm`` defaults to ``make_llm(cfg.llm)``. ``on_item_done`` is called in the main thread after
-    each item is journaled (a progress hook; an exception it raises stops the run, keeping all
-    finished items). A non-retryable backend error (server down, model missing) stops the run
+    ``llm`` defaults to ``make_llm(cfg.llm)`` with ``cache_dir`` defaulting to
+    ``<output_dir>/llm_cache`` (so a re-run after a kill never sends a prompt twice). ``on_item_done``
+    is called in the main thread after each item is journaled (a progress hook; an exception it
+    raises stops the run, keeping all finished items). A non-retryable backend error (server down, model missing) stops the run
     the same way. Items whose backend calls kept failing are left unfinished for a re-run and
     listed in ``incomplete.json``; the manifest is written only when every item finished.
     """
@@ -314,7 +316,10 @@ def generate_qa(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
     atomic_write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    llm = llm or make_llm(cfg.llm)
+    if llm is None:
+        # Responses are always cached on disk: without a cache, the requests in flight when a run is
+        # killed would be sent again by the re-run. Default: next to the outputs.
+        llm = make_llm({"cache_dir": str(out_dir / "llm_cache"), **cfg.llm})
     gen = QAGenerator(cfg, llm)
     records = read_input_records(cfg.input)
     todo, skipped = _eligible(records, cfg)

@@ -1,0 +1,164 @@
+"""Curation as a user runs it: script exit codes and messages, the default LLM cache, loader skips and
+hashes in a mix folder, oversampled phase sizes, candidate-mix comparison."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+from fixtures_sources import write_slake
+from ollama_stub import OllamaStub, StubHTTPError
+from test_qa_generation import caption_records, qa_responder, write_jsonl
+
+from medvlm.data_curation.mixing import build_mix
+from medvlm.data_curation.qa_generation import QAGenConfig, generate_qa
+from medvlm.utils.io import hash_rows, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+PHANTOM = {"n_patients": 30, "kind": "qa"}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDVLM_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """Run a top-level script in this process as ``python <script> args...`` (exit code + output)."""
+    def run(script: str, *args) -> Ran:
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        out = capsys.readouterr()
+        return Ran(exit_info.value.code, out.out, out.err)
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- QA generation
+
+def test_responses_are_cached_next_to_the_outputs_by_default(tmp_path):
+    """No ``llm.cache_dir`` in the config: answers still land on disk, so items lost by a kill (their
+    journal lines never written) are re-made from the cache without a single new request."""
+    with OllamaStub(responder=qa_responder) as stub:
+        cfg = QAGenConfig(input=write_jsonl(tmp_path / "in.jsonl", caption_records(3)), output_dir=str(tmp_path / "out"),
+                          n_questions={"image": 2, "literature": 1},
+                          llm={"backend": "ollama", "model": "stub-model", "host": stub.host})
+        first = generate_qa(cfg)
+        sent = stub.n_requests
+        assert sent == 4 * 2 and (tmp_path / "out" / "llm_cache" / "responses.jsonl").is_file()
+        (tmp_path / "out" / "items.jsonl").unlink()  # as if the run died before journaling anything
+        second = generate_qa(cfg)
+        assert stub.n_requests == sent  # nothing asked twice
+    assert second["n_records"] == first["n_records"] == 4 * 3 and second["complete"]
+
+
+def test_generate_qa_script_exit_codes(tmp_path, run_script):
+    rows = write_jsonl(tmp_path / "in.jsonl", caption_records(2))
+    cfg = tmp_path / "qa.yaml"
+    cfg.write_text(yaml.safe_dump({"input": rows, "output_dir": str(tmp_path / "out"), "kinds": ["image"],
+                                   "retries": 0, "llm": {"backend": "ollama", "model": "stub-model"}}))
+    down = run_script("data_curation/generate_qa.py", cfg, f"llm.host=http://127.0.0.1:{free_port()}")
+    assert down.returncode == 2 and "ollama serve" in down.stderr and "Traceback" not in down.stderr
+
+    def responder(prompt, request):
+        if "case 1)" in prompt:
+            raise StubHTTPError(500, "GPU out of memory")
+        return qa_responder(prompt, request)
+
+    with OllamaStub(responder=responder) as stub:
+        partial = run_script("data_curation/generate_qa.py", cfg, f"llm.host={stub.host}")
+    assert partial.returncode == 3 and "run the same command again" in partial.stderr
+    assert json.loads((tmp_path / "out" / "incomplete.json").read_text())["failed"].keys() == {"rocov2-img1"}
+    bad_key = run_script("data_curation/generate_qa.py", cfg, "n_question=3")
+    assert bad_key.returncode == 2 and "unknown keys ['n_question']" in bad_key.stderr
+
+
+# ---------------------------------------------------------------- mixes
+
+def slake_with_bad_rows(root: Path) -> Path:
+    """The SLAKE fixture plus a row whose image escapes the root and one with a non-string answer."""
+    write_slake(root)
+    rows = json.loads((root / "train.json").read_text())
+    rows += [{**rows[0], "qid": 100, "img_name": "../../etc/passwd"}, {**rows[0], "qid": 101, "answer": ["Yes"]}]
+    (root / "train.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_loader_skips_and_dataset_hash_reach_the_mix_folder(tmp_path):
+    slake = slake_with_bad_rows(tmp_path / "slake")
+    mix = {"seed": 0, "stopping_strategy": "oversample",
+           "sources": [{"name": "slake", "source": "slake", "path": str(slake), "split": "train",
+                        "filters": ["format"]}],
+           "phases": [{"name": "main", "size": 11, "weights": {"slake": 1.0}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    out = tmp_path / "out"
+    (out / "dataset").mkdir(parents=True)
+    (out / "dataset" / "stale.arrow").write_text("left by a run that died before its manifest")
+    data_dir = build_mix(tmp_path / "mix.yaml", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = [json.loads(x) for x in (out / "filters" / "slake" / "load_skipped.jsonl").read_text().splitlines()]
+    reasons = " | ".join(s["reason"] for s in skipped)
+    assert len(skipped) == 3 and "empty answer" in reasons and "escapes the dataset root" in reasons
+    assert "answer is list" in reasons and {s["file"] for s in skipped} == {"train.json"}
+    loader = manifest["sources"]["slake"]["loader"]
+    assert loader["skipped"] == 3 and loader["skipped_sha256"] == sha256_file(out / "filters/slake/load_skipped.jsonl")
+    assert any("difficulty" in w for w in loader["warnings"])  # the unknown column, kept in meta
+    # oversample: 4 good English train rows repeated up to the phase size
+    ds = datasets.load_from_disk(str(data_dir))
+    assert manifest["rows"] == len(ds) == 11 and len(set(ds["id"])) == 4
+    # the dataset folder holds only the saved dataset (no stale files, no report cache files), hashed
+    assert sorted(p.name for p in data_dir.iterdir()) == ["data-00000-of-00001.arrow", "dataset_info.json",
+                                                          "state.json"]
+    assert manifest["dataset_sha256"] == hash_rows(f"{p.name}:{sha256_file(p)}" for p in sorted(data_dir.glob("*.arrow")))
+
+
+def test_undersample_phase_stays_below_its_size_and_says_so(tmp_path, caplog):
+    mix = {"seed": 0, "stopping_strategy": "undersample",
+           "sources": [{"name": "a", "source": "phantom", "options": PHANTOM}],
+           "phases": [{"name": "main", "size": 10_000, "weights": {"a": 1.0}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    build_mix(tmp_path / "mix.yaml", tmp_path / "out", report=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == manifest["sources"]["a"]["rows"] < 10_000  # each example at most once
+    assert "use stopping_strategy: oversample" in caplog.text
+
+
+def test_build_mix_script_builds_compares_and_refuses_bad_mixes(tmp_path, run_script):
+    good = {"seed": 0, "sources": [{"name": "a", "source": "phantom", "options": PHANTOM}],
+            "phases": [{"name": "main", "size": 40, "weights": {"a": 1.0}}]}
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    built = run_script("data_curation/build_mix.py", tmp_path / "good.yaml", "--output", tmp_path / "m1")
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout.split("\n", 1)[1])
+    assert summary["rows"] == 40 and summary["loader_skipped"] == {"a": 0} and len(summary["dataset_sha256"]) == 64
+    compared = run_script("data_curation/build_mix.py", "--compare", tmp_path / "m1", tmp_path / "m1",
+                          "--output", tmp_path / "cmp")
+    assert compared.returncode == 0 and (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    bad = {**good, "phases": [{"name": "main", "weights": {"a": 1.0, "medpix": 0.3}}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    refused = run_script("data_curation/build_mix.py", tmp_path / "bad.yaml", "--output", tmp_path / "m2")
+    assert refused.returncode == 2 and "['medpix']" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "m2" / "manifest.json").exists()
