@@ -134,6 +134,25 @@ def test_sdpa_model_gives_a_clear_error(tiny, fam):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
+def test_every_attention_method_refuses_sdpa_with_the_fix_and_hidden_state_methods_still_run(tiny, fam):
+    from medvlm.diagnostics.gradcam import gradcam
+    from medvlm.diagnostics.logit_lens import logit_lens
+    from medvlm.diagnostics.logprob import logprob_increase
+    from medvlm.diagnostics.saliency import attention_rollout, raw_attention
+
+    model, processor, family, ex = example(tiny, fam)
+    model.set_attn_implementation("sdpa")
+    try:
+        for method in (raw_attention, attention_rollout, logprob_increase):
+            with pytest.raises(AttentionNotEagerError, match="attn_implementation='eager'"):
+                method(model, family, ex)
+        assert logit_lens(model, family, ex, processor.tokenizer).top_ids.shape[1] == 64  # needs no weights
+        assert gradcam(model, family, ex).shape == (8, 8)
+    finally:
+        model.set_attn_implementation("eager")
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_sequence_without_image_tokens_is_rejected(tiny, fam):
     model, processor, family = tiny[fam]
     ids = processor.tokenizer("where is the lesion?", return_tensors="pt")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
+from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.probe import (
     METHODS,
     probe_example,
@@ -15,6 +17,7 @@ from medvlm.diagnostics.probe import (
     select_probe_records,
     trust_verdict,
 )
+from medvlm.diagnostics.probe_summary import summarize_methods
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +93,46 @@ def test_probe_set_is_fixed_diverse_and_records_missing_masks(phantom_records, t
     assert skipped == [{"id": "broken", "reason": f"mask {tmp_path / 'gone.png'} does not exist"}]
 
 
-def test_trust_rule_needs_better_than_chance_and_a_passed_randomisation_test():
-    methods = {"a": {"roi_ratio_mean": 2.0}, "b": {"roi_ratio_mean": 0.8}, "c": {"roi_ratio_mean": 3.0},
-               "d": {"roi_ratio_mean": float("nan")}}
-    sanity = {"a": {"passes": True}, "b": {"passes": True}, "c": {"passes": False}, "d": {"passes": True}}
+def _rows(method: str, masses: list[float], chance: float = 0.02) -> list[dict]:
+    return [{"methods": {method: {"roi_mass": m, "roi_chance": chance, "roi_mass_ratio": m / chance}}}
+            for m in masses]
+
+
+def test_trust_rule_needs_consistently_better_than_chance_and_a_passed_randomisation_test():
+    consistent = summarize_methods(_rows("a", [0.05, 0.04, 0.06, 0.03, 0.05, 0.07]), ["a"])["a"]
+    one_lucky = summarize_methods(_rows("b", [0.3, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]), ["b"])["b"]
+    assert one_lucky["roi_ratio_mean"] > 2 and one_lucky["n_above_chance"] == 1  # the mean alone would pass it
+    assert consistent["above_chance_p"] < 0.05 < one_lucky["above_chance_p"]
+    methods = {"a": consistent, "b": one_lucky, "c": {**consistent}, "d": {"roi_ratio_mean": float("nan")},
+               "e": {"roi_ratio_mean": 0.8, "above_chance_p": 0.9},
+               "f": summarize_methods(_rows("f", [0.05, 0.04]), ["f"])["f"]}
+    sanity = {k: {"passes": k != "c"} for k in "abcdef"}
     verdict = trust_verdict(methods, sanity)
-    assert [verdict[k]["trusted"] for k in "abcd"] == [True, False, False, None]
-    assert "chance" in verdict["b"]["reason"] and "randomised" in verdict["c"]["reason"]
-    assert trust_verdict({"a": {"roi_ratio_mean": 2.0}}, None)["a"]["trusted"] is None
+    assert [verdict[k]["trusted"] for k in "abcdef"] == [True, False, False, None, False, None]
+    assert "1 of 7 examples" in verdict["b"]["reason"] and "randomised" in verdict["c"]["reason"]
+    assert "chance" in verdict["e"]["reason"] and "too few examples" in verdict["f"]["reason"]
+    assert trust_verdict({"a": consistent}, None)["a"]["trusted"] is None
+
+
+@pytest.mark.parametrize("fam", ["paligemma", "llava"])
+def test_probe_reads_the_models_own_first_answer_token(loaded, phantom_records, fam):
+    """The probe's prediction, entropy and first-token check come from the position that predicts the first
+    answer token: the same token and distribution as the first step of greedy generation."""
+    import torch
+
+    lm = loaded[fam]
+    rec = select_probe_records(phantom_records, 1)[0][0]
+    row, _, ex, _ = probe_example(lm.model, lm.processor, lm.family, rec, ["attention"], Counter())
+    with torch.no_grad():
+        gen = lm.model.generate(**ex.inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+    first = gen.scores[0][0].float()
+    logp = torch.log_softmax(first, -1)
+    assert row["predicted_token_id"] == int(gen.sequences[0, -1]) == int(first.argmax())
+    assert row["answer_entropy"] == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-4)
+    answered = prepare_example(lm.model, lm.processor, lm.family, rec["image"], rec["question"], rec["answer"])
+    assert ex.target_positions[0] == answered.target_positions[0]  # same position with and without the answer
+    assert row["first_token_correct"] == (row["predicted_token_id"] == answered.target_ids[0])
 
 
 def test_time_budget_stops_the_probe_and_lists_what_was_skipped(loaded, phantom_records, tmp_path):

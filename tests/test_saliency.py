@@ -134,3 +134,15 @@ def test_overlay_blends_a_coloured_map_over_the_image(tmp_path):
         overlay(img, np.zeros(64))
     with pytest.raises(ValueError, match="NaN"):
         overlay(img, np.full((8, 8), np.nan))
+
+
+def test_overlay_outlines_the_lesion_mask():
+    img = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((128, 128), bool)  # another resolution over the same extent
+    mask[40:80, 40:80] = True  # image pixels 20..39
+    out = np.asarray(overlay(img, np.zeros((4, 4)), alpha=0.0, outline=mask))
+    white = (out == 255).all(-1)
+    assert white[20, 25] and white[39, 30] and white[30, 20]  # the boundary
+    assert not white[30, 30] and not white[5, 5]  # not the inside, not the background
+    with pytest.raises(ValueError, match="2-D"):
+        overlay(img, np.zeros((4, 4)), outline=np.zeros(5))

@@ -42,22 +42,44 @@ def heatmap(grid: Any, size: tuple[int, int], cmap: str = "jet") -> np.ndarray:
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
-def overlay(image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
-    """RGB image with the coloured map blended over it (``alpha`` = weight of the map, in [0, 1])."""
+def overlay(image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet", outline: Any = None) -> Image.Image:
+    """RGB image with the coloured map blended over it (``alpha`` = weight of the map, in [0, 1]).
+
+    ``outline``: an optional ground-truth mask (2-D, nonzero = ROI, any resolution covering the same
+    extent) whose boundary is drawn in white, so a reader can see whether the map is on the lesion.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; expected a value in [0, 1]")
     base = load_image(image)
     heat = Image.fromarray(heatmap(grid, base.size, cmap))
-    return Image.blend(base, heat, alpha)
+    out = Image.blend(base, heat, alpha)
+    if outline is not None:
+        out = draw_outline(out, outline)
+    return out
 
 
-def save_overlay(path: str | os.PathLike, image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet") -> Path:
+def draw_outline(image: Image.Image, mask: Any) -> Image.Image:
+    """``image`` with the boundary of ``mask`` (resized to the image, nearest) drawn in white."""
+    from scipy.ndimage import binary_erosion
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"outline mask must be 2-D, got shape {m.shape}")
+    m = np.asarray(Image.fromarray((m != 0).astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)) > 0
+    edge = m & ~binary_erosion(m)
+    arr = np.asarray(image).copy()
+    arr[edge] = 255
+    return Image.fromarray(arr)
+
+
+def save_overlay(path: str | os.PathLike, image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet",
+                 outline: Any = None) -> Path:
     """Write :func:`overlay` to ``path`` (format from the suffix) atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        overlay(image, grid, alpha, cmap).save(tmp)
+        overlay(image, grid, alpha, cmap, outline).save(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -356,7 +356,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
             for name, grid in maps.items():
                 rel = f"overlays/{len(rows):02d}_{name}.png"
                 try:
-                    save_overlay(out_dir / rel, ex.image, np.clip(grid, 0, None))
+                    save_overlay(out_dir / rel, ex.image, np.clip(grid, 0, None), outline=load_mask(rec["roi"]))
                     row["overlays"][name] = rel
                 except ValueError as err:
                     row["errors"][f"overlay_{name}"] = str(err)

@@ -10,10 +10,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import wilcoxon
 
-TRUST_RULE = ("a method is trusted when its mean ROI ratio over the probe examples is above 1 (more "
-              "map mass on the lesion than a uniform map) AND it passes the parameter-randomisation test "
-              "(its map changes when the top decoder layer is re-initialised: Spearman rho <= the threshold)")
+#: One-sided significance level of the better-than-chance test.
+ALPHA = 0.05
+TRUST_RULE = ("a method is trusted when it beats chance on the lesion, i.e. its mean ROI ratio over the probe "
+              "examples is above 1 AND its ROI mass exceeds the chance level (the lesion's area share) "
+              f"consistently across examples (one-sided Wilcoxon signed-rank test, p < {ALPHA}; so one lucky "
+              "example cannot carry the mean), AND it passes the parameter-randomisation test (its map changes "
+              "when the top decoder layer is re-initialised: Spearman rho <= the threshold)")
+
+
+def above_chance_p(masses: list[float], chances: list[float]) -> float:
+    """One-sided Wilcoxon signed-rank p-value that ROI mass exceeds chance (paired per example).
+
+    NaN with fewer than 5 examples (the smallest attainable p is then above 0.05) or when every
+    difference is 0. The test ranks the paired differences, so it asks whether the map is on the
+    lesion *consistently*, which a mean ratio driven by one example does not show.
+    """
+    diffs = np.asarray(masses, float) - np.asarray(chances, float)
+    diffs = diffs[np.isfinite(diffs)]
+    if diffs.size < 5 or not np.any(diffs):
+        return float("nan")
+    return float(wilcoxon(diffs, alternative="greater", zero_method="wilcox").pvalue)
 
 
 def mean_finite(values: list) -> float:
@@ -33,6 +52,11 @@ def summarize_methods(rows: list[dict], methods: Sequence[str]) -> dict[str, dic
                      "roi_mass_mean": mean_finite([s["roi_mass"] for s in defined]),
                      "roi_chance_mean": mean_finite([s["roi_chance"] for s in defined]),
                      "roi_ratio_mean": mean_finite([s["roi_mass_ratio"] for s in defined]),
+                     "roi_ratio_median": (float(np.median([s["roi_mass_ratio"] for s in defined])) if defined
+                                          else float("nan")),
+                     "n_above_chance": int(sum(s["roi_mass"] > s["roi_chance"] for s in defined)),
+                     "above_chance_p": above_chance_p([s["roi_mass"] for s in defined],
+                                                      [s["roi_chance"] for s in defined]),
                      "pointing_game_rate": float(np.mean(hits)) if hits else float("nan"),
                      "focus_mean": mean_finite([s.get("focus") for s in defined]),
                      "gini_mean": mean_finite([s.get("gini") for s in defined]),
@@ -61,19 +85,31 @@ def trust_verdict(methods: dict[str, dict], sanity: dict[str, dict] | None) -> d
     out = {}
     for name, m in methods.items():
         ratio = m.get("roi_ratio_mean", float("nan"))
-        chance_ok = None if not np.isfinite(ratio) else bool(ratio > 1.0)
-        passes = (sanity or {}).get(name, {}).get("passes")
+        p_value = m.get("above_chance_p", float("nan"))
         reasons = []
-        if chance_ok is None:
+        if not np.isfinite(ratio):
+            chance_ok = None
             reasons.append("ROI ratio undefined")
-        elif not chance_ok:
+        elif ratio <= 1.0:
+            chance_ok = False
             reasons.append(f"ROI ratio {ratio:.2f} <= 1 (no better than chance)")
+        elif not np.isfinite(p_value):
+            chance_ok = None
+            reasons.append(f"too few examples ({m.get('n', 0)}) to test the ROI mass against chance (needs 5)")
+        elif p_value >= ALPHA:
+            chance_ok = False
+            reasons.append(f"mean ROI ratio {ratio:.2f} but mass above chance on only {m.get('n_above_chance')} "
+                           f"of {m.get('n')} examples (Wilcoxon p = {p_value:.2f}): not consistently on the lesion")
+        else:
+            chance_ok = True
+        passes = (sanity or {}).get(name, {}).get("passes")
         if passes is None:
             reasons.append("randomisation test not run or undefined")
         elif not passes:
             reasons.append("map barely changes when the top decoder layer is randomised")
         trusted = False if False in (chance_ok, passes) else (None if None in (chance_ok, passes) else True)
-        out[name] = {"roi_ratio_mean": ratio, "better_than_chance": chance_ok, "passes_randomization": passes,
+        out[name] = {"roi_ratio_mean": ratio, "above_chance_p": p_value, "better_than_chance": chance_ok,
+                     "passes_randomization": passes,
                      "trusted": trusted, "reason": "; ".join(reasons)}
     return out
 

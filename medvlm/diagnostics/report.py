@@ -115,6 +115,13 @@ def _rouge(metrics: dict | None) -> float:
     return _get(metrics, "open", "rougeL") if _get(metrics, "open", "n") > 0 else float("nan")
 
 
+def _above(diag: dict, method: str) -> str:
+    """"k/n": probe examples whose ROI mass on the lesion exceeds chance, of those with a defined map."""
+    n = _get(diag, "summary", method, "n")
+    k = _get(diag, "summary", method, "n_above_chance")
+    return f"{int(k)}/{int(n)}" if np.isfinite(n) and np.isfinite(k) else "n/a"
+
+
 def _get(d: dict | None, *keys: str) -> float:
     for k in keys:
         d = d.get(k) if isinstance(d, dict) else None
@@ -264,10 +271,12 @@ def _stage_blocks(stage: dict) -> list[tuple]:
         return blocks + [("p", "No diagnostics for this stage.")]
     d = point["diagnostics"]
     blocks += [("h3", f"Which saliency methods can be trusted ({point['name']})"), ("p", f"Rule: {TRUST_RULE}.")]
-    blocks.append(("table", ["method", "ROI mass", "chance", "ratio", "pointing game", "randomisation rho",
-                             "passes", "trusted", "why"],
+    blocks.append(("table", ["method", "ROI mass", "chance", "ratio", "median ratio", "above chance", "Wilcoxon p",
+                             "pointing game", "randomisation rho", "passes", "trusted", "why"],
                    [[m, fmt(_get(d, "summary", m, "roi_mass_mean")), fmt(_get(d, "summary", m, "roi_chance_mean")),
-                     fmt(_get(d, "summary", m, "roi_ratio_mean"), 2), fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
+                     fmt(_get(d, "summary", m, "roi_ratio_mean"), 2), fmt(_get(d, "summary", m, "roi_ratio_median"), 2),
+                     _above(d, m), fmt(_get(d, "summary", m, "above_chance_p"), 3),
+                     fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
                      fmt(_get(d, "sanity", "summary", m, "spearman_mean"), 2), fmt(t.get("passes_randomization")),
                      fmt(t.get("trusted")), t.get("reason", "")] for m, t in (d.get("trust") or {}).items()]))
     lin = (d.get("geometry") or {}).get("linearity") or []
