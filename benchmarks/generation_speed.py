@@ -1,8 +1,10 @@
 """Generation speed: batching and one-call sampling against their naive baselines, side by side.
 
-    MEDVLM_HOME=/tmp/mh HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/generation_speed.py --n 32
+    MEDVLM_HOME=/tmp/mh HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/generation_speed.py --n 32 \\
+        --adapter runs/demo-llava-<t>/stage2/adapter
 
-On the same N phantom test questions and the same model (default ``demo:paligemma``), in one process:
+On the same N phantom test questions and the same model (default ``demo:llava``, the demo's family;
+``--adapter`` merges a run's LoRA adapter first, as ``eval/run_eval.py`` does), in one process:
 
 1. greedy answers in batches of 32 (left padding, KV cache) vs one question per ``generate`` call;
 2. five sampled answers per question from one ``generate`` (``num_return_sequences=5``) vs five
@@ -38,7 +40,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo:paligemma")
+    parser.add_argument("--model", default="demo:llava", help="hub id, folder, demo:llava or demo:paligemma")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder merged into the model (optional)")
     parser.add_argument("--n", type=int, default=32, help="questions (default 32)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=5)
@@ -47,6 +50,10 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model_and_processor(args.model, attn_implementation="sdpa")
+    if args.adapter:
+        from peft import PeftModel
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, args.adapter).merge_and_unload()
     model, processor, family = loaded.model.eval(), loaded.processor, loaded.family
     records = load_phantom(PhantomConfig(), kind="qa", split="test").select(range(args.n))
     ex = prepare_examples(records, processor)
@@ -59,7 +66,7 @@ def main() -> None:
                                 progress=False, **kw)
 
     sample_kw = dict(do_sample=True, temperature=0.7, seed=0)
-    print(f"model {args.model}, {args.n} questions, max_new_tokens {mnt}, torch threads {torch.get_num_threads()}, "
+    print(f"model {args.model}{' + ' + args.adapter if args.adapter else ''}, {args.n} questions, max_new_tokens {mnt}, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats}")
 
     # 1. batched vs one at a time

@@ -3,8 +3,10 @@
     python eval/run_eval.py --predictions runs/stage2/predictions.jsonl --output runs/stage2/eval
     python eval/run_eval.py --predictions answers.jsonl --questions test.json \\
         --suite eval/suites/llava_med_vqa.yaml --output runs/eval-llava-med
-    python eval/run_eval.py --model demo:paligemma --adapter runs/demo/stage2/adapter --dataset phantom \\
+    python eval/run_eval.py --model demo:llava --adapter runs/demo/stage2/adapter --dataset phantom \\
         --max-samples 200 --consistency --robustness --output runs/demo/eval
+    python eval/run_eval.py --predictions runs/stage2/predictions.jsonl --judge-backend transformers \\
+        --judge-model smollm2 --output runs/stage2/judged
     python eval/run_eval.py --model google/paligemma-3b-mix-448 --dataset data/slake --split test \\
         --judge-backend ollama --judge-model llama3.1:8b --output runs/eval-slake
 
@@ -23,9 +25,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from medvlm.eval.judge import judge_llm_config
 from medvlm.eval.metrics import UnknownMetricError
 from medvlm.eval.predictions import PredictionsError
-from medvlm.eval.scoring import format_summary, score_file, scoring_kwargs, write_metrics
+from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--model", metavar="ID|DIR",
                       help="model to run: hub id, local folder, or demo:paligemma / demo:llava")
     add_model_arguments(parser)
+    add_judge_arguments(parser)
 
     preds = parser.add_argument_group("predictions mode")
     preds.add_argument("--questions", metavar="FILE",
@@ -86,12 +90,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     checks.add_argument("--robustness", action="store_true",
                         help="answer reworded versions of each question (paraphrase groups): flip rate, latency")
 
-    judge = parser.add_argument_group("model mode: LLM judge of open answers")
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LLM judge's options (both modes): off unless --judge-backend and --judge-model are given."""
+    judge = parser.add_argument_group("LLM judge of open answers (both modes)")
     judge.add_argument("--judge-backend", choices=["ollama", "transformers"], help="judge backend (off by default)")
-    judge.add_argument("--judge-model", metavar="NAME", help="judge model (llama3.1:8b, a local folder, smollm2)")
+    judge.add_argument("--judge-model", metavar="NAME",
+                       help="judge model: an Ollama name (llama3.1:8b), a local folder, or smollm2 (offline)")
     judge.add_argument("--judge-host", metavar="URL", help="Ollama server (default $OLLAMA_HOST or localhost)")
     judge.add_argument("--judge-cache", metavar="DIR", help="judge response cache (default OUTPUT/judge_cache)")
     judge.add_argument("--judge-concurrency", type=int, default=1, help="parallel judge requests (default 1)")
+    judge.add_argument("--judge-timeout", type=float, metavar="S",
+                       help="seconds per judge server request before the item is retried, then invalid (default 120)")
+    judge.add_argument("--judge-template", default="correctness", metavar="NAME|FILE",
+                       help="template in eval/judge_templates/ or a file path (default correctness)")
 
 
 def model_config(args: argparse.Namespace):
@@ -105,8 +118,18 @@ def model_config(args: argparse.Namespace):
         consistency=args.consistency, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
         seed=args.sample_seed, robustness=args.robustness, judge_backend=args.judge_backend,
         judge_model=args.judge_model, judge_host=args.judge_host, judge_cache=args.judge_cache,
-        judge_concurrency=args.judge_concurrency,
+        judge_concurrency=args.judge_concurrency, judge_template=args.judge_template,
+        judge_timeout=args.judge_timeout,
     )
+
+
+def print_judge(metrics: dict) -> None:
+    """One line about the judge section, when there is one."""
+    judge = metrics.get("judge")
+    if judge:
+        print(f"judge: mean score {judge.get('mean_score')}, yes rate {judge.get('yes_rate')}, "
+              f"{judge.get('n_invalid')} of {judge.get('n')} items invalid {judge.get('invalid_reasons') or ''}"
+              + (f"; error: {judge['error']}" if judge.get("error") else ""))
 
 
 def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
@@ -120,10 +143,7 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
         return 2
     if not args.quiet:
         print(format_summary(metrics))
-        judge = metrics.get("judge")
-        if judge:
-            print(f"judge: mean score {judge.get('mean_score')}, yes rate {judge.get('yes_rate')}, "
-                  f"{judge.get('n_invalid')} of {judge.get('n')} items invalid")
+        print_judge(metrics)
         print(f"wrote {args.output}/predictions.jsonl and metrics.json")
     return 0
 
@@ -133,21 +153,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    # Score
+    # Score (and judge)
     try:
         kwargs = scoring_kwargs(args.suite, bootstrap=args.bootstrap, seed=args.seed, slice_by=args.slice_by)
         if args.model is not None:
             return run_model_mode(args, kwargs)
-        metrics = score_file(args.predictions, questions=args.questions, **kwargs)
+        judge = None
+        if args.judge_backend or args.judge_model:
+            if not (args.judge_backend and args.judge_model):
+                raise ValueError("the judge needs both --judge-backend and --judge-model "
+                                 "(e.g. --judge-backend ollama --judge-model llama3.1:8b)")
+            judge = judge_llm_config(args.judge_backend, args.judge_model, args.output, host=args.judge_host,
+                                     cache=args.judge_cache, concurrency=args.judge_concurrency,
+                                     timeout=args.judge_timeout)
         inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
+        metrics = score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
+                                         judge=judge, judge_template=args.judge_template,
+                                         judge_concurrency=args.judge_concurrency, **kwargs)
     except (PredictionsError, UnknownMetricError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 
-    # Write
-    path = write_metrics(args.output, metrics, inputs=inputs)
+    # Report
     if not args.quiet:
         print(format_summary(metrics))
-        print(f"wrote {path}")
+        print_judge(metrics)
+        print(f"wrote {args.output}/metrics.json" + (" and judge.jsonl" if "judge" in metrics else ""))
     return 0
 
 

@@ -81,9 +81,11 @@ def test_consistency_samples_come_from_one_generate_call(run_eval, tiny_paligemm
     assert [r["samples"] for r in _read(again / "predictions.jsonl")] == [r["samples"] for r in rows]
 
 
-def test_robustness_evaluates_paraphrase_groups_with_latency(run_eval, tiny_paligemma, tmp_path):
+def test_robustness_evaluates_paraphrase_groups_with_latency(run_eval, tiny_paligemma, tmp_path, generate_calls):
     out = tmp_path / "rob"
     assert run_eval.main(_argv(tiny_paligemma, out, "--robustness")) == 0
+    # the base wording is the main pass's answer, reused: only the 3 x 8 new wordings are generated
+    assert [c["batch"] for c in generate_calls] == [8, 24]
 
     para = _read(out / "predictions_paraphrase.jsonl")
     groups: dict[str, list[dict]] = {}
@@ -97,6 +99,8 @@ def test_robustness_evaluates_paraphrase_groups_with_latency(run_eval, tiny_pali
     assert rob["n_groups"] == 8 and rob["n_flip_pairs"] == 24 and rob["n_not_paraphrased"] == 0
     assert set(rob["per_variant"]) == {"base", "p1", "p2", "p3"}
     assert rob["full_consistency_rate"] is not None and rob["latency"]["n"] == 32
+    main = {r["id"]: r["prediction"] for r in _read(out / "predictions.jsonl")}
+    assert {r["id"]: r["prediction"] for r in para if r["variant"] == "base"} == main
 
 
 def test_adapter_is_applied_and_recorded(run_eval, tiny_paligemma, tmp_path):

@@ -143,3 +143,17 @@ def test_a_template_missing_a_field_is_refused_before_any_request(tmp_path):
         with pytest.raises(TemplateError, match=r"missing fields \['reference'\], unknown fields \['answr'\]"):
             judge_records(ITEMS, OllamaLLM("stub-model", host=stub.host), template="terse", templates_dir=tmp_path)
         assert stub.n_requests == 0
+
+
+def test_caption_block_is_filled_from_caption_or_llava_med_fig_caption_and_dropped_without():
+    from medvlm.eval.judge import TEMPLATES_DIR, judge_prompt
+    from medvlm.llm.prompts import load_template
+
+    tmpl = load_template("correctness", TEMPLATES_DIR)
+    base = {"id": "q", "question": "What is shown?", "answer": "a nodule", "prediction": "a mass"}
+    with_fig = judge_prompt({**base, "fig_caption": "Figure 2: CT of the chest, nodule in the right lung."}, tmpl)
+    with_meta = judge_prompt({**base, "meta": json.dumps({"caption": "Chest CT with a nodule."})}, tmpl)
+    without = judge_prompt(base, tmpl)
+    assert "Figure 2: CT of the chest, nodule in the right lung." in with_fig
+    assert "Chest CT with a nodule." in with_meta
+    assert "caption" not in without.lower() and "Reference answer: a nodule" in without

@@ -68,3 +68,27 @@ def test_robustness_scores_of_paraphrase_predictions():
     assert scored["flip_rate"] == pytest.approx(1 / 6)  # only a~p2 flips against its base
     assert scored["full_consistency_rate"] == 0.5 and scored["per_variant"]["p2"]["accuracy"] == 0.5
     assert scored["latency"]["mean"] == 0.5
+
+
+def test_dataset_paraphrase_groups_are_kept_as_the_dataset_worded_them():
+    """cxr_paraphrase records carry their group and variant in meta: used as is, never re-worded."""
+    from medvlm.eval.run import prediction_rows
+    from medvlm.eval.scoring import score_records
+
+    wordings = ["Is there an effusion?", "Do you see pleural fluid?", "Any effusion present?"]
+    records = [{"id": f"cxr-{s}-{v}", "question": q, "answer": ans, "answer_type": "closed", "choices": [],
+                "meta": json.dumps({"question_variant": str(v), "paraphrase_group": f"{s}|img|{ans}"})}
+               for s, ans in (("s1", "Yes"), ("s2", "No")) for v, q in enumerate(wordings)]
+    rows, skipped = paraphrase_records(records)
+    assert skipped == [] and [r["question"] for r in rows] == wordings * 2
+    assert [(r["group"], r["variant"]) for r in rows[:3]] == [("s1|img|Yes", "0"), ("s1|img|Yes", "1"),
+                                                              ("s1|img|Yes", "2")]
+
+    # the plain predictions of such a dataset carry the groups, so robustness is scored without paraphrasing
+    preds = prediction_rows(records, ["yes", "no", "yes", "no", "no", "no"])
+    assert [(p["group"], p["variant"]) for p in preds] == [(r["group"], r["variant"]) for r in rows]
+    rob = score_records(preds, bootstrap=0, slice_by=())["robustness"]
+    assert rob["n_groups"] == 2 and rob["n_flip_pairs"] == 4
+    assert rob["flip_rate"] == 0.25  # s1: variant 1 answered "no" (wrong) while the base was right
+    assert rob["per_variant"]["1"] == {"n": 2, "accuracy": 0.5}
+    assert rob["full_consistency_rate"] == 0.5

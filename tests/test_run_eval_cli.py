@@ -72,6 +72,8 @@ def test_cli_llava_med_with_questions_and_suite(run_eval, tmp_path):
                    "--output", str(out), "--bootstrap", "10", "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["config"]["metrics"]["closed"] == ["substring", "accuracy"]
+    # the suite picks token recall/F1; ROUGE and BLEU are always in metrics.json
+    assert metrics["config"]["metrics"]["open"] == ["token_recall", "token_f1", "rouge1", "rouge2", "rougeL", "bleu"]
     assert metrics["closed"]["substring"] == 1.0 and metrics["config"]["bootstrap"] == 10
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["inputs"]) == {"predictions", "questions", "suite"}
@@ -92,3 +94,62 @@ def test_cli_requires_predictions_and_output(run_eval):
         run_eval.main(["--output", "x"])
     with pytest.raises(SystemExit):
         run_eval.main(["--predictions", "x.jsonl"])
+
+
+def test_cli_judges_a_predictions_file_after_writing_its_scores(run_eval, tmp_path):
+    """Predictions mode with --judge-*: open answers judged into judge.jsonl and the judge section."""
+    from ollama_stub import OllamaStub
+
+    preds = _write(tmp_path / "preds.jsonl", ROWS)
+    out = tmp_path / "eval"
+    reply = json.dumps({"score": 8, "verdict": "yes", "reason": "same place"})
+    with OllamaStub(responder=lambda prompt, request: reply) as stub:
+        argv = ["--predictions", str(preds), "--output", str(out), "--bootstrap", "10", "--quiet",
+                "--judge-backend", "ollama", "--judge-model", "stub-model", "--judge-host", stub.host]
+        assert run_eval.main(argv) == 0
+        assert stub.n_requests == 1  # one open question with a reference (row 4 has none: skipped)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["closed"]["accuracy"] == 0.5  # the scores are still there
+    judge = metrics["judge"]
+    assert judge["n"] == judge["n_valid"] == 1 and judge["mean_score"] == 8.0 and judge["yes_rate"] == 1.0
+    assert [json.loads(line)["id"] for line in (out / "judge.jsonl").read_text().splitlines()] == ["3"]
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["outputs"] == ["metrics.json", "judge.jsonl"]
+
+
+def test_cli_judge_server_errors_count_items_invalid_and_keep_scores(run_eval, tmp_path):
+    from ollama_stub import OllamaStub
+
+    preds = _write(tmp_path / "preds.jsonl", ROWS)
+    out = tmp_path / "eval"
+    with OllamaStub() as stub:
+        stub.fail_status = 500
+        argv = ["--predictions", str(preds), "--output", str(out), "--bootstrap", "10", "--quiet",
+                "--judge-backend", "ollama", "--judge-model", "stub-model", "--judge-host", stub.host]
+        assert run_eval.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["open"]["n"] == 1 and metrics["closed"]["n"] == 2
+    judge = metrics["judge"]
+    assert judge["n_invalid"] == 1 and judge["mean_score"] is None and judge["invalid_reasons"] == {"LLMServerError": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--judge-backend", "ollama"], "--judge-model"),
+    (["--judge-model", "llama3.1:8b"], "--judge-backend"),
+    (["--judge-backend", "ollama", "--judge-model", "m", "--judge-timeout", "0"], "timeout must be > 0"),
+])
+def test_cli_incomplete_judge_options_are_usage_errors(run_eval, tmp_path, capsys, argv, message):
+    preds = _write(tmp_path / "preds.jsonl", ROWS)
+    with pytest.raises(SystemExit) as e:
+        run_eval.main(["--predictions", str(preds), "--output", str(tmp_path / "eval"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "metrics.json").exists()  # refused before any scoring
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_cli_refuses_an_empty_predictions_file(run_eval, tmp_path, capsys, content):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        run_eval.main(["--predictions", str(preds), "--output", str(tmp_path / "eval")])
+    assert e.value.code == 2 and "holds no records" in capsys.readouterr().err

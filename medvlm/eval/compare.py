@@ -139,6 +139,8 @@ def entry_row(e: Entry) -> dict[str, Any]:
         "flip_rate": e.number("robustness", "flip_rate"),
         "slices": {f: {v: (d.get("closed") or {}).get("accuracy")
                        for v, d in (e.metrics.get("slices") or {}).get(f, {}).items()} for f in SLICE_FIELDS},
+        "open_slices": {f: {v: (d.get("open") or {}).get("rougeL")
+                            for v, d in (e.metrics.get("slices") or {}).get(f, {}).items()} for f in SLICE_FIELDS},
     }
 
 
@@ -152,19 +154,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def slice_tables(rows: Sequence[dict]) -> list[tuple[str, str, str, list[str]]]:
+    """``(row key, title, field, values)`` of each slice table worth showing: closed accuracy, then open
+    ROUGE-L, per slicing field, keeping only values that have a score in some row."""
+    out = []
+    for key, title in (("slices", "Closed accuracy"), ("open_slices", "Open ROUGE-L")):
+        for f in SLICE_FIELDS:
+            values = sorted({v for r in rows for v, x in r[key][f].items() if x is not None})
+            if values:
+                out.append((key, title, f, values))
+    return out
+
+
 def to_markdown(rows: Sequence[dict], skipped: Sequence[dict], plots: Sequence[str]) -> str:
     def cell(v: Any) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+        return _fmt(v).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")  # no raw HTML in cells
 
     lines = ["# Comparison", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    for f in SLICE_FIELDS:
-        values = sorted({v for r in rows for v in r["slices"][f]})
-        if values:
-            lines += ["", f"## Closed accuracy by {f}", "", "| label | " + " | ".join(cell(v) for v in values) + " |",
-                      "|" + "---|" * (len(values) + 1)]
-            lines += ["| " + cell(r["label"]) + " | " + " | ".join(cell(r["slices"][f].get(v)) for v in values) + " |"
-                      for r in rows]
+    for key, title, f, values in slice_tables(rows):
+        lines += ["", f"## {title} by {f}", "", "| label | " + " | ".join(cell(v) for v in values) + " |",
+                  "|" + "---|" * (len(values) + 1)]
+        lines += ["| " + cell(r["label"]) + " | " + " | ".join(cell(r[key][f].get(v)) for v in values) + " |"
+                  for r in rows]
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- {cell(s['path'])}: {cell(s['reason'])}" for s in skipped]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -185,12 +197,9 @@ def to_html(rows: Sequence[dict], skipped: Sequence[dict], plots: dict[str, byte
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
              "img{max-width:100%}</style></head><body><h1>Comparison</h1>",
              table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])]
-    for f in SLICE_FIELDS:
-        values = sorted({v for r in rows for v in r["slices"][f]})
-        if values:
-            parts.append(f"<h2>Closed accuracy by {esc(f)}</h2>")
-            parts.append(table(["label", *values], [[r["label"], *(r["slices"][f].get(v) for v in values)]
-                                                    for r in rows]))
+    for key, title, f, values in slice_tables(rows):
+        parts.append(f"<h2>{esc(title)} by {esc(f)}</h2>")
+        parts.append(table(["label", *values], [[r["label"], *(r[key][f].get(v) for v in values)] for r in rows]))
     if skipped:
         parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{esc(s['path'])}: {esc(s['reason'])}</li>"
                                                       for s in skipped) + "</ul>")
@@ -215,25 +224,43 @@ def _figure_bytes(fig) -> bytes:
 
 
 def plot_curves(rows: Sequence[dict]) -> bytes:
-    """Closed accuracy (CI error bars) and ROUGE-L per run against the step (entry order without steps)."""
+    """Closed accuracy (CI error bars) and ROUGE-L per run against the step (entry order without steps).
+
+    Checkpoints (evaluated on the small fixed subset) are joined by a line; a run's final evaluation
+    (usually the whole test split) is a separate star, so two sample sizes are never drawn as one curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in dict.fromkeys(r["run"] for r in rows):
+    def nan(v: Any) -> float:
+        return float("nan") if v is None else v
+
+    fig, (ax_acc, ax_rouge) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+        color = f"C{i % 10}"
         pts = [r for r in rows if r["run"] == run]
-        xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(pts)]
-        acc = [r["accuracy"] if r["accuracy"] is not None else float("nan") for r in pts]
-        lo = [a - r["accuracy_ci"][0] if r["accuracy_ci"] and r["accuracy"] is not None else 0 for a, r in zip(acc, pts)]
-        hi = [r["accuracy_ci"][1] - a if r["accuracy_ci"] and r["accuracy"] is not None else 0 for a, r in zip(acc, pts)]
-        ax_acc.errorbar(xs, acc, yerr=[lo, hi], marker="o", capsize=3, label=run)
-        ax_rouge.plot(xs, [r["rougeL"] if r["rougeL"] is not None else float("nan") for r in pts], marker="o",
-                      label=run)
+        xs = [r["step"] if r["step"] is not None else j for j, r in enumerate(pts)]
+        for final, marker, style in ((False, "o", "-"), (True, "*", "none")):
+            sel = [(x, r) for x, r in zip(xs, pts) if r["label"].endswith("(final)") == final]
+            if not sel:
+                continue
+            x = [x for x, _ in sel]
+            acc = [nan(r["accuracy"]) for _, r in sel]
+            err = [[a - r["accuracy_ci"][0] if r["accuracy_ci"] and r["accuracy"] is not None else 0
+                    for a, (_, r) in zip(acc, sel)],
+                   [r["accuracy_ci"][1] - a if r["accuracy_ci"] and r["accuracy"] is not None else 0
+                    for a, (_, r) in zip(acc, sel)]]
+            n = sorted({r["closed_n"] for _, r in sel if r["closed_n"] is not None})
+            label = f"{run} {'final' if final else 'checkpoints'} (n={'/'.join(map(str, n)) or '?'})"
+            ms = 12 if final else 6
+            ax_acc.errorbar(x, acc, yerr=err, marker=marker, markersize=ms, linestyle=style, capsize=3, color=color,
+                            label=label)
+            ax_rouge.plot(x, [nan(r["rougeL"]) for _, r in sel], marker=marker, markersize=ms, linestyle=style,
+                          color=color, label=label)
     ax_acc.set(title="Closed accuracy (95% CI)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
     ax_rouge.set(title="Open ROUGE-L", xlabel="step", ylabel="ROUGE-L F", ylim=(0, 1.02))
-    ax_acc.legend(fontsize=8)
+    ax_rouge.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _figure_bytes(fig)
 
 
@@ -247,7 +274,8 @@ def plot_slices(rows: Sequence[dict], field_name: str) -> bytes | None:
 
     if len(rows) > MAX_SLICE_BARS:
         rows = [[r for r in rows if r["run"] == run][-1] for run in dict.fromkeys(r["run"] for r in rows)]
-    values = sorted({v for r in rows for v in r["slices"][field_name]})
+    # slice values with no closed question (open-only question types) would be empty bar groups
+    values = sorted({v for r in rows for v, acc in r["slices"][field_name].items() if acc is not None})
     if not values:
         return None
     x = np.arange(len(values))
@@ -258,7 +286,7 @@ def plot_slices(rows: Sequence[dict], field_name: str) -> bytes | None:
         ax.bar(x + i * width - 0.4 + width / 2, [np.nan if y is None else y for y in ys], width, label=r["label"])
     ax.set_xticks(x, values, rotation=30, ha="right")
     ax.set(title=f"Closed accuracy by {field_name}", ylabel="accuracy", ylim=(0, 1.02))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _figure_bytes(fig)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from medvlm.eval.consistency import DEFAULT_THRESHOLD
 from medvlm.eval.generate import generate_answers
+from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import score_records, to_jsonable
@@ -70,6 +71,7 @@ class ModelEvalConfig:
     judge_host: str | None = field(default=None, metadata={"help": "Ollama server (default $OLLAMA_HOST)"})
     judge_cache: str | None = field(default=None, metadata={"help": "response cache (default output/judge_cache)"})
     judge_concurrency: int = field(default=1, metadata={"help": "parallel judge requests"})
+    judge_timeout: float | None = field(default=None, metadata={"help": "seconds per judge request (120)"})
     judge_template: str = field(default="correctness", metadata={"help": "eval/judge_templates/<name>.txt"})
 
     def __post_init__(self) -> None:
@@ -84,15 +86,11 @@ class ModelEvalConfig:
 
     def judge_llm_config(self) -> dict[str, Any]:
         """The ``make_llm`` config of the judge (validated, nothing contacted)."""
-        from medvlm.llm import LLMConfig
+        from medvlm.eval.judge import judge_llm_config
 
-        cfg: dict[str, Any] = {"backend": self.judge_backend, "model": self.judge_model,
-                               "cache_dir": self.judge_cache or str(Path(self.output) / "judge_cache"),
-                               "concurrency": self.judge_concurrency}
-        if self.judge_host:
-            cfg["host"] = self.judge_host
-        LLMConfig(**cfg)  # raises ValueError naming a bad backend before any generation
-        return cfg
+        return judge_llm_config(self.judge_backend, self.judge_model, self.output, host=self.judge_host,
+                                cache=self.judge_cache, concurrency=self.judge_concurrency,
+                                timeout=self.judge_timeout)
 
 
 # Inputs ----------------------------------------------------------------------------------------
@@ -184,35 +182,35 @@ def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = Fals
     return rows
 
 
+def answer_paraphrases(loaded, groups: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                       cfg: ModelEvalConfig) -> list[dict[str, Any]]:
+    """Prediction rows for paraphrase ``groups`` (:func:`~medvlm.eval.paraphrase.paraphrase_records`).
+
+    A wording the main pass already answered (same id, same question: the base wording, and every
+    row of a dataset's own paraphrase groups) reuses that row, so the base answer is the one scored
+    in ``predictions.jsonl``; only the new wordings are generated."""
+    done = {r["id"]: r for r in rows}
+
+    def answered(g: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        main = done.get(str(g["id"]))
+        return main if main is not None and main["question"] == g["question"] else None
+
+    todo = [g for g in groups if answered(g) is None]
+    new = iter(answer_records(loaded, todo, cfg) if todo else [])
+    out = []
+    for g in groups:
+        main = answered(g)
+        if main is None:
+            out.append(next(new))
+        else:
+            out.append({**{k: v for k, v in main.items() if k != "samples"}, "group": g["group"],
+                        "variant": g["variant"]})
+    return out
+
+
 def write_jsonl(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """One JSON object per line, written to a temp file then renamed."""
     return io_write_jsonl(path, (to_jsonable(row) for row in rows))
-
-
-# Judge -----------------------------------------------------------------------------------------
-
-def judge_open_rows(rows: Sequence[Mapping[str, Any]], cfg: ModelEvalConfig, out: Path) -> dict[str, Any]:
-    """Judge the open questions through ``make_llm`` (cached); items go to ``judge.jsonl``.
-
-    A server that is down makes items invalid (counted); a backend that cannot even be built
-    (missing local model) gives a section with ``error`` and every item invalid.
-    """
-    from medvlm.eval.judge import judge_records
-    from medvlm.llm import LLMError, make_llm
-
-    open_rows = [r for r in rows if r.get("answer_type") == "open"]
-    logger.info("judging %d open predictions with %s:%s", len(open_rows), cfg.judge_backend, cfg.judge_model)
-    try:
-        llm = make_llm(cfg.judge_llm_config())
-        result = judge_records(open_rows, llm, cfg.judge_template, concurrency=cfg.judge_concurrency)
-    except (LLMError, OSError, ValueError) as e:
-        logger.error("judge could not run: %s", e)
-        ids = [str(r["id"]) for r in open_rows]
-        return {"error": f"{type(e).__name__}: {e}", "n": len(ids), "n_valid": 0, "n_invalid": len(ids),
-                "invalid_ids": ids, "mean_score": None, "yes_rate": None,
-                "backend": cfg.judge_backend, "model": cfg.judge_model}
-    write_jsonl(out / "judge.jsonl", result["items"])
-    return result["judge"]
 
 
 # Orchestration ---------------------------------------------------------------------------------
@@ -247,7 +245,7 @@ def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = Non
     outputs = ["predictions.jsonl", "metrics.json"]
     if cfg.robustness:
         groups, unmatched = paraphrase_records(records, max_variants=cfg.paraphrases)
-        para_rows = answer_records(loaded, groups, cfg) if groups else []
+        para_rows = answer_paraphrases(loaded, groups, rows, cfg)
         write_jsonl(out / "predictions_paraphrase.jsonl", para_rows)
         scored = score_records(para_rows, bootstrap=kwargs.get("bootstrap", 1000), seed=kwargs.get("seed", 0),
                                slice_by=())
@@ -260,9 +258,10 @@ def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = Non
 
     # Judge (after the predictions are safe on disk)
     if cfg.judge_backend:
-        metrics["judge"] = judge_open_rows(rows, cfg, out)
+        metrics["judge"] = judge_open_rows(rows, cfg.judge_llm_config(), out, template=cfg.judge_template,
+                                           concurrency=cfg.judge_concurrency)
         atomic_write_json(out / "metrics.json", to_jsonable(metrics))
-        outputs.append("judge.jsonl")
+        outputs += [] if "error" in metrics["judge"] else ["judge.jsonl"]
 
     write_manifest(out, step="eval.model", config=asdict(cfg), scoring={k: list(v) if isinstance(v, tuple) else v
                                                                          for k, v in kwargs.items()},

@@ -69,7 +69,8 @@ def _field(item: Mapping[str, Any], *names: str) -> str:
 
 
 def _caption(item: Mapping[str, Any]) -> str:
-    caption = _field(item, "caption")
+    # LLaVA-Med's question files call it fig_caption; our records keep it in meta["caption"].
+    caption = _field(item, "caption", "fig_caption")
     if caption or not item.get("meta"):
         return caption
     try:
@@ -166,3 +167,56 @@ def judge_records(
         **llm.describe(),
     }
     return {**summary, "items": items, "judge": judge_section}
+
+
+def judge_llm_config(
+    backend: str, model: str, output: str | Path, *, host: str | None = None, cache: str | None = None,
+    concurrency: int = 1, timeout: float | None = None,
+) -> dict[str, Any]:
+    """The validated ``make_llm`` config of a judge (nothing contacted); the cache defaults to
+    ``output/judge_cache``, ``timeout`` (seconds per server request) to the backend's.
+    Raises ``ValueError`` naming a bad backend or an empty model."""
+    from medvlm.llm import LLMConfig
+
+    cfg: dict[str, Any] = {"backend": backend, "model": model, "concurrency": concurrency,
+                           "cache_dir": cache or str(Path(output) / "judge_cache")}
+    if host:
+        cfg["host"] = host
+    if timeout is not None:
+        if timeout <= 0:
+            raise ValueError(f"the judge timeout must be > 0 seconds, got {timeout}")
+        cfg["timeout"] = float(timeout)
+    LLMConfig(**cfg)
+    return cfg
+
+
+def judge_open_rows(
+    rows: Iterable[Mapping[str, Any]], llm_config: Mapping[str, Any], output: str | Path, *,
+    template: str = "correctness", concurrency: int = 1,
+) -> dict[str, Any]:
+    """Judge the open questions of prediction ``rows`` and write one line per item to
+    ``output/judge.jsonl``; returns the ``judge`` section of ``metrics.json``.
+
+    A server that is down, slow or failing makes items invalid (counted, listed by id); a backend
+    that cannot even be built (missing local model, bad template) gives a section with ``error``
+    and every item invalid. Never raises for those, so finished predictions and metrics are kept.
+    """
+    from medvlm.eval.scoring import to_jsonable
+    from medvlm.llm import LLMError, make_llm
+    from medvlm.utils.io import write_jsonl
+
+    open_rows = [r for r in rows if r.get("answer_type") == "open"]
+    logger.info("judging %d open predictions with %s:%s", len(open_rows), llm_config.get("backend"),
+                llm_config.get("model"))
+    try:
+        llm = make_llm(dict(llm_config))
+        result = judge_records(open_rows, llm, template, concurrency=concurrency)
+    except (LLMError, OSError, ValueError) as e:
+        logger.error("judge could not run: %s", e)
+        ids = [str(r.get("id")) for r in open_rows]
+        return {"error": f"{type(e).__name__}: {e}", "n": len(ids), "n_valid": 0, "n_invalid": len(ids),
+                "invalid_ids": ids, "invalid_reasons": {type(e).__name__: len(ids)}, "mean_score": None,
+                "yes_rate": None, "template": str(template), "backend": llm_config.get("backend"),
+                "model": llm_config.get("model")}
+    write_jsonl(Path(output) / "judge.jsonl", (to_jsonable(it) for it in result["items"]))
+    return result["judge"]

@@ -12,9 +12,12 @@ Every other field (image, answer, choices, modality, meta, ...) is copied, so th
 records ready for :func:`medvlm.training.data.prepare_examples`, and their predictions are scored by
 :func:`medvlm.eval.robustness.robustness_scores` (``variant == "base"`` marks the original wording).
 
-Records from other datasets are matched by wording when their ``meta`` has no ``qtype``, so SLAKE
-questions phrased like the phantom's get paraphrased too. A record no pattern matches is skipped
-and listed with its reason, never dropped silently.
+Records that already belong to a paraphrase group (the ``cxr_paraphrase`` source keeps
+``meta.paraphrase_group`` and ``meta.question_variant``, variant ``0`` being the base wording) are
+used as they are, one row each, with that group and variant: their wordings are the dataset's.
+Other records are matched by wording when their ``meta`` has no ``qtype``, so SLAKE questions
+phrased like the phantom's get paraphrased too. A record no pattern matches is skipped and listed
+with its reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -86,13 +89,28 @@ PARAPHRASES: dict[str, tuple[str, tuple[str, ...]]] = {
 _COMPILED = {k: re.compile(pat, re.IGNORECASE) for k, (pat, _) in PARAPHRASES.items()}
 
 
-def _qtype(record: Mapping[str, Any]) -> str | None:
+def _meta(record: Mapping[str, Any]) -> dict[str, Any]:
     meta = record.get("meta") or "{}"
     try:
         meta = json.loads(meta) if isinstance(meta, str) else dict(meta)
     except (json.JSONDecodeError, TypeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _qtype(record: Mapping[str, Any]) -> str | None:
+    return _meta(record).get("qtype")
+
+
+def dataset_group(record: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(group, variant)`` of a record whose dataset already groups paraphrases (``meta.paraphrase_group``,
+    ``meta.question_variant``; a missing variant reads as ``""``), else ``None``."""
+    meta = _meta(record)
+    group = meta.get("paraphrase_group")
+    if group in (None, ""):
         return None
-    return meta.get("qtype") if isinstance(meta, dict) else None
+    variant = meta.get("question_variant")
+    return str(group), "" if variant is None else str(variant)
 
 
 def paraphrases(question: str, qtype: str | None = None) -> list[str] | None:
@@ -113,8 +131,8 @@ def paraphrase_records(
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Paraphrase groups of ``records`` (unified records: dicts or ``datasets`` rows).
 
-    Returns ``(rows, skipped)``: for each matched record its base row then up to ``max_variants``
-    reworded rows (``id`` ``<id>~p<k>``, ``group`` the original id, ``variant`` ``base``/``p<k>``);
+    Returns ``(rows, skipped)``: a record of a dataset paraphrase group as it is (see the module
+    docstring); for each other matched record its base row then up to ``max_variants`` reworded rows (``id`` ``<id>~p<k>``, ``group`` the original id, ``variant`` ``base``/``p<k>``);
     ``skipped`` lists ``{"id", "reason"}`` for records whose wording no pattern matches.
     """
     if max_variants < 1:
@@ -123,6 +141,10 @@ def paraphrase_records(
     skipped: list[dict[str, str]] = []
     for rec in records:
         rid = str(rec["id"])
+        grouped = dataset_group(rec)
+        if grouped is not None:
+            rows.append({**rec, "group": grouped[0], "variant": grouped[1]})
+            continue
         qtype = _qtype(rec)
         alternatives = paraphrases(str(rec.get("question", "")), qtype)
         if alternatives is None:

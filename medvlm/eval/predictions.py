@@ -29,7 +29,8 @@ Checks made by :func:`prepare_records` (nothing is dropped silently, nothing rai
 * ``choices`` that is not a list -> skipped, reason recorded;
 * a duplicate ``id`` -> the later record is skipped, reason recorded.
 
-A malformed JSONL line raises :class:`PredictionsError` naming the file and line number.
+A malformed JSONL line raises :class:`PredictionsError` naming the file and line number; so does a
+file without any record (an empty predictions file is a mistake, not a score of "no data").
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def load_predictions(
     Returns ``(records, skipped)``; records still need :func:`prepare_records`.
     """
     rows = read_jsonl(path)
+    if not rows:
+        raise PredictionsError(f"{path} holds no records (the file is empty); expected one JSON object per line "
+                               "with id/answer/prediction, or a LLaVA-Med answer file")
     if is_llava_med(rows):
         if questions is None:
             raise PredictionsError(

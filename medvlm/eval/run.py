@@ -24,6 +24,8 @@ SLICE_FIELDS = ("answer_type", "modality", "body_part", "source", "split")
 
 
 def prediction_rows(records, answers: list[str]) -> list[dict]:
+    """One predictions-file row per record: id, question, answer, prediction, choices, the slicing
+    fields, ``qtype`` from meta, and ``group``/``variant`` when the dataset groups paraphrases."""
     rows = []
     for rec, pred in zip(records, answers):
         meta = json.loads(rec.get("meta") or "{}")
@@ -32,6 +34,9 @@ def prediction_rows(records, answers: list[str]) -> list[dict]:
         row.update({k: rec.get(k, "") for k in SLICE_FIELDS})
         if "qtype" in meta:
             row["qtype"] = meta["qtype"]
+        if meta.get("paraphrase_group") not in (None, ""):  # cxr_paraphrase: groups scored for robustness
+            row["group"] = str(meta["paraphrase_group"])
+            row["variant"] = "" if meta.get("question_variant") is None else str(meta["question_variant"])
         rows.append(row)
     return rows
 

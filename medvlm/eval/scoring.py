@@ -37,6 +37,9 @@ from medvlm.eval.robustness import latency_summary, robustness_scores
 logger = logging.getLogger(__name__)
 
 DEFAULT_SLICES: tuple[str, ...] = ("modality", "answer_type", "body_part", "source")
+#: Reported by eval/run_eval.py whatever a suite selects (see :func:`scoring_kwargs`): the columns its
+#: metrics.json promises. The checkpoint callback keeps its exact, cheaper selection.
+ALWAYS_REPORTED: dict[str, tuple[str, ...]] = {"closed": ("accuracy",), "open": ("rouge1", "rouge2", "rougeL", "bleu")}
 #: Metrics reported inside each slice (all metrics everywhere would bury the table).
 SLICE_METRICS: dict[str, tuple[str, ...]] = {"closed": ("accuracy",), "open": ("token_f1", "rougeL")}
 MISSING = "(missing)"
@@ -245,12 +248,13 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
 
 
 def write_metrics(
-    output_dir: str | os.PathLike, metrics: Mapping[str, Any], *, inputs: Mapping[str, Any]
+    output_dir: str | os.PathLike, metrics: Mapping[str, Any], *, inputs: Mapping[str, Any],
+    outputs: Sequence[str] = ("metrics.json",),
 ) -> Path:
     """Write ``metrics.json`` atomically, then ``manifest.json`` (inputs' paths and hashes, counts).
 
-    ``inputs`` maps a role (``"predictions"``, ``"questions"``) to a file path or ``None``.
-    Returns the path of ``metrics.json``.
+    ``inputs`` maps a role (``"predictions"``, ``"questions"``) to a file path or ``None``;
+    ``outputs`` lists the files of the folder the manifest vouches for. Returns the path of ``metrics.json``.
     """
     from medvlm.utils.io import atomic_write_json, sha256_file, write_manifest
 
@@ -261,9 +265,41 @@ def write_metrics(
         for role, p in inputs.items()
         if p is not None
     }
-    write_manifest(out, step="eval.score_predictions", inputs=files, outputs=["metrics.json"],
+    write_manifest(out, step="eval.score_predictions", inputs=files, outputs=list(outputs),
                    counts=metrics.get("counts", {}), config=metrics.get("config", {}))
     return path
+
+
+def score_predictions_file(
+    predictions: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    questions: str | os.PathLike | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    judge: Mapping[str, Any] | None = None,
+    judge_template: str = "correctness",
+    judge_concurrency: int = 1,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Predictions mode of ``eval/run_eval.py``: score a file into ``output/metrics.json`` (+ manifest),
+    then, when ``judge`` (a ``make_llm`` config) is given, judge its open answers into
+    ``output/judge.jsonl`` and add the ``judge`` section. The scores are on disk before the judge
+    starts, so a judge that fails costs nothing but its own section. Returns the metrics."""
+    records, skipped = load_predictions(predictions, questions)
+    logger.info("read %d records from %s (%d skipped while joining)", len(records), predictions, len(skipped))
+    metrics = score_records(records, skipped=skipped, **kwargs)
+    inputs = dict(inputs or {"predictions": predictions, "questions": questions})
+    write_metrics(output, metrics, inputs=inputs)
+    if judge:
+        from medvlm.eval.judge import judge_open_rows
+
+        clean, _, _ = prepare_records(records, max_prediction_chars=kwargs.get("max_prediction_chars",
+                                                                               MAX_PREDICTION_CHARS))
+        metrics["judge"] = judge_open_rows(clean, judge, output, template=judge_template,
+                                           concurrency=judge_concurrency)
+        outputs = ["metrics.json"] + (["judge.jsonl"] if "error" not in metrics["judge"] else [])
+        write_metrics(output, metrics, inputs=inputs, outputs=outputs)
+    return metrics
 
 
 #: Keys a suite YAML may set, and the :func:`score_records` argument each one feeds.
@@ -315,7 +351,12 @@ def load_suite(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def scoring_kwargs(suite: str | os.PathLike | None = None, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for :func:`score_records`: a suite's, then every override that is not ``None``."""
+    """Keyword arguments for :func:`score_records`: a suite's, then every override that is not ``None``;
+    a suite's metric selection is completed with :data:`ALWAYS_REPORTED`."""
     kwargs = load_suite(suite) if suite is not None else {}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    for t in ANSWER_TYPES:  # a suite's selection adds to ALWAYS_REPORTED, in the suite's order
+        key = f"{t}_metrics"
+        if kwargs.get(key) is not None:
+            kwargs[key] = list(kwargs[key]) + [n for n in ALWAYS_REPORTED[t] if n not in kwargs[key]]
     return kwargs
