@@ -15,9 +15,11 @@ from medvlm.diagnostics.explorer import (
     METHODS,
     ExplorerError,
     analyze,
+    draw_overlay,
     export,
     lens_page,
     load_explorer_model,
+    overlays,
     patch_of,
     read_image,
 )
@@ -89,6 +91,8 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
     inc = [h["increase"] for h in a.top_heads]
     assert inc == sorted(inc, reverse=True)
     assert "roi_mass" in a.scores["attention"]  # the phantom mask scores every map
+    outlined = np.asarray(overlays(a)["attention"])  # ... and is outlined on every overlay
+    assert not np.array_equal(outlined, np.asarray(draw_overlay(a.image, a.maps["attention"])))
     assert a.lens is not None and a.lens.top_ids.shape[:2] == (em.n_layers, 16)
 
 

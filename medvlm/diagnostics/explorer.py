@@ -353,14 +353,18 @@ def display_image(image: np.ndarray) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
 
 
-def draw_overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The map (positive part, min-max scaled) over the enlarged image."""
-    return overlay(display_image(image), np.clip(np.asarray(grid_map, float), 0.0, None), alpha=alpha)
+def draw_overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5,
+                 mask: np.ndarray | None = None) -> Image.Image:
+    """The map (positive part, min-max scaled) over the enlarged image; the lesion outlined when
+    its ``mask`` is known."""
+    return overlay(display_image(image), np.clip(np.asarray(grid_map, float), 0.0, None), alpha=alpha,
+                   outline=mask)
 
 
 def overlays(analysis: Analysis, alpha: float = 0.5) -> dict[str, Image.Image]:
     """One overlay per method that produced a map, in :data:`METHODS` order."""
-    return {name: draw_overlay(analysis.image, grid_map, alpha) for name, grid_map in analysis.maps.items()}
+    return {name: draw_overlay(analysis.image, grid_map, alpha, analysis.mask)
+            for name, grid_map in analysis.maps.items()}
 
 
 def patch_of(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:

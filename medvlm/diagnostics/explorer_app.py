@@ -112,7 +112,7 @@ def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str) -> list
     if a is None:
         return [gr.update(visible=False)] + [None] * 7
     lay, hd = _layer_head(layer, head)
-    attn = draw_overlay(a.image, a.attention(None, lay, hd, fusion)) if a.attn is not None else None
+    attn = draw_overlay(a.image, a.attention(None, lay, hd, fusion), mask=a.mask) if a.attn is not None else None
     lens = ("<iframe sandbox='allow-scripts' style='width:100%;height:560px;border:0' srcdoc=\""
             + html.escape(lens_page(a), quote=True) + "\"></iframe>") if a.lens is not None else ""
     errors = "".join(f"\n\n*{html.escape(k)} failed:* {html.escape(v)}" for k, v in a.errors.items())
@@ -238,7 +238,7 @@ def build_app(server: Server) -> gr.Blocks:
         def on_controls(analyses, layer_v, head_v, fusion_v):
             lay, hd = _layer_head(layer_v, head_v)
             try:
-                return [draw_overlay(a.image, a.attention(None, lay, hd, fusion_v)) if a.attn is not None else None
+                return [draw_overlay(a.image, a.attention(None, lay, hd, fusion_v), mask=a.mask) if a.attn is not None else None
                         for a in analyses] + [None] * (SLOTS - len(analyses))
             except Exception as err:  # noqa: BLE001
                 raise _fail(err) from err
@@ -255,7 +255,7 @@ def build_app(server: Server) -> gr.Blocks:
                     grid = a.attention(evt.index if isinstance(evt.index, int) else evt.index[0], *lay_hd, fusion_v)
                 except Exception as err:  # noqa: BLE001
                     raise _fail(err) from err
-                return gr.update(value=draw_overlay(a.image, grid),
+                return gr.update(value=draw_overlay(a.image, grid, mask=a.mask),
                                  label=f"Selected token {a.tokens[evt.index].text!r}: attention to the image"
                                  if isinstance(evt.index, int) else "Selected token")
 

@@ -118,7 +118,7 @@ def layer_table(lens: LogitLens, n: int = 5) -> list[dict]:
 # -- the interactive page ------------------------------------------------------------------------
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 .wrap{display:flex;gap:2em;align-items:flex-start}
-.img{position:relative;width:384px;height:384px;background-size:100% 100%;image-rendering:pixelated}
+.img{position:relative;flex:none;width:384px;height:384px;background-size:100% 100%;image-rendering:pixelated}
 .grid{position:absolute;inset:0;display:grid}
 .cell{border:1px solid rgba(255,255,255,.15);box-sizing:border-box}
 .cell:hover{outline:2px solid #fff}
