@@ -220,6 +220,16 @@ def test_consistency_aggregates_rates():
     assert out["mean_agreement"] == pytest.approx((1 + 0.4 + 1) / 3)
 
 
+def test_consistency_also_scores_the_greedy_answer_when_present():
+    recs = [{**_q(["yes"] * 5, rid="a"), "prediction": "no"},  # consistent, but the greedy answer is wrong
+            {**_q(["yes", "yes", "no", "no", "x"], rid="b"), "prediction": "yes"},  # right, but inconsistent
+            {**_q(["yes"] * 4 + ["no"], rid="c"), "prediction": "Yes."}]
+    out = consistency_scores(recs, n_resamples=20)
+    assert out["n_greedy"] == 3 and out["consistent_greedy_accuracy"] == pytest.approx(1 / 3)
+    assert out["consistent_accuracy"] == pytest.approx(2 / 3)
+    assert "consistent_greedy_accuracy" not in consistency_scores([_q(["yes"] * 5)], n_resamples=0)
+
+
 @pytest.mark.parametrize("samples", [["yes"] * 4, ["yes"] * 6, None, "yes"])
 def test_consistency_requires_exactly_k_samples_and_names_the_id(samples):
     with pytest.raises(ValueError, match="'q17'.*k=5"):

@@ -16,7 +16,10 @@ The rule (defaults ``k=5`` runs, ``threshold=3``):
 
 Reported: ``consistency_rate`` (share of consistent questions), ``consistent_accuracy`` (mean of
 the scores above, with a bootstrap CI), ``mode_accuracy`` (accuracy of the mode ignoring
-consistency), ``mean_agreement`` (mean share of runs agreeing with the mode) and ``n``.
+consistency), ``mean_agreement`` (mean share of runs agreeing with the mode) and ``n``. When the
+records also carry the greedy ``prediction`` (model mode does), ``consistent_greedy_accuracy`` is
+the other reading of "loses its point": the greedy answer's point (``accuracy`` rule), kept only
+when the question is consistent (``n_greedy`` questions).
 
 >>> recs = [{"id": "q1", "answer": "yes", "samples": ["Yes", "yes.", "no", "yes", "No"]}]
 >>> consistency_scores(recs)["consistent_accuracy"]   # 2 runs disagree: consistent, mode correct
@@ -29,7 +32,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from medvlm.eval.metrics import canonical_answer, canonical_reference, summarize_values
+from medvlm.eval.metrics import canonical_answer, canonical_reference, is_correct, summarize_values
 
 DEFAULT_K = 5
 DEFAULT_THRESHOLD = 3
@@ -48,7 +51,8 @@ def question_consistency(
 ) -> dict[str, Any]:
     """Score one record's ``samples`` by the rule in the module docstring.
 
-    Returns ``{"id", "mode", "disagreeing", "consistent", "mode_correct", "score"}``.
+    Returns ``{"id", "mode", "disagreeing", "consistent", "mode_correct", "score", "greedy_score"}``
+    (``greedy_score`` is ``None`` without a ``prediction``).
     Raises ``ValueError`` naming the record id when it does not carry exactly ``k`` samples.
     """
     samples = record.get("samples")
@@ -64,6 +68,7 @@ def question_consistency(
     mode, disagreeing = modal_answer(canon)
     consistent = disagreeing < threshold
     mode_correct = bool(mode) and mode == canonical_reference(reference, record)
+    greedy = record.get("prediction")
     return {
         "id": rid,
         "mode": mode,
@@ -71,6 +76,7 @@ def question_consistency(
         "consistent": consistent,
         "mode_correct": mode_correct,
         "score": float(consistent and mode_correct),
+        "greedy_score": None if greedy is None else float(consistent and is_correct(str(greedy), reference, record)),
     }
 
 
@@ -96,4 +102,8 @@ def consistency_scores(
     out["mode_accuracy"] = sum(q["mode_correct"] for q in per_q) / n if n else None
     out["mean_agreement"] = sum((k - q["disagreeing"]) / k for q in per_q) / n if n else None
     out["n_inconsistent"] = sum(not q["consistent"] for q in per_q)
+    greedy = [q["greedy_score"] for q in per_q if q["greedy_score"] is not None]
+    if greedy:
+        out["n_greedy"] = len(greedy)
+        out.update(summarize_values("consistent_greedy_accuracy", greedy, n_resamples=n_resamples, seed=seed))
     return out

@@ -235,6 +235,10 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
         rows.append(("consistency", str(cons["n"]), "consistent_accuracy", fmt(cons.get("consistent_accuracy")),
                      "n/a" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"))
         rows.append(("consistency", str(cons["n"]), "consistency_rate", fmt(cons.get("consistency_rate")), ""))
+        if cons.get("n_greedy"):
+            ci = cons.get("consistent_greedy_accuracy_ci")
+            rows.append(("consistency", str(cons["n_greedy"]), "consistent_greedy_accuracy",
+                         fmt(cons.get("consistent_greedy_accuracy")), "n/a" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"))
     rob = metrics.get("robustness")
     if rob:
         rows.append(("robustness", str(rob["n_flip_pairs"]), "flip_rate", fmt(rob.get("flip_rate")), ""))
