@@ -3,6 +3,7 @@ hashes in a mix folder, oversampled phase sizes, candidate-mix comparison."""
 
 from __future__ import annotations
 
+import csv
 import json
 import runpy
 import socket
@@ -162,3 +163,33 @@ def test_build_mix_script_builds_compares_and_refuses_bad_mixes(tmp_path, run_sc
     refused = run_script("data_curation/build_mix.py", tmp_path / "bad.yaml", "--output", tmp_path / "m2")
     assert refused.returncode == 2 and "['medpix']" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "m2" / "manifest.json").exists()
+
+
+def test_review_sheet_round_trip_through_a_mix(tmp_path):
+    """review_sample writes a sheet; the filled sheet, named by ``review``, rejects and edits rows."""
+    source = {"name": "gen", "source": "phantom", "options": PHANTOM, "filters": ["format"], "review_sample": 4}
+    mix = {"seed": 0, "stopping_strategy": "oversample", "sources": [source],
+           "phases": [{"name": "main", "size": 400, "weights": {"gen": 1.0}}]}
+    (tmp_path / "r1.yaml").write_text(yaml.safe_dump(mix))
+    build_mix(tmp_path / "r1.yaml", tmp_path / "o1", report=False)
+    rows = list(csv.DictReader(open(tmp_path / "o1" / "review" / "gen.csv", encoding="utf-8")))
+    assert len(rows) == 4 and all(r["decision"] == "" for r in rows)
+    rows[0].update(decision="reject", note="laterality wrong")
+    rows[1].update(decision="edit", corrected_answer="left kidney", note="more precise")
+    with open(tmp_path / "filled.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    del source["review_sample"]
+    source["review"] = str(tmp_path / "filled.csv")
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(mix))
+    ds = datasets.load_from_disk(str(build_mix(tmp_path / "r2.yaml", tmp_path / "o2", report=False)))
+    assert rows[0]["id"] not in set(ds["id"])
+    edited = ds.filter(lambda i: i == rows[1]["id"], input_columns="id")
+    assert len(edited) and set(edited["answer"]) == {"left kidney"}
+    assert json.loads(edited[0]["meta"])["review"]["original_answer"] == rows[1]["answer"]
+    manifest = json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    step = manifest["filters"]["gen"]["counts"][-1]
+    assert step["step"] == "human_review" and step["rejected"] == 1 and step["n_edit"] == 1
+    last = json.loads((tmp_path / "o2" / "filters" / "gen" / "rejects.jsonl").read_text().splitlines()[-1])
+    assert last["id"] == rows[0]["id"] and last["reason"] == "human review: laterality wrong"

@@ -44,6 +44,8 @@ class SourceSpec:
     filters: list[Any] = field(default_factory=list)   # filter steps run before mixing
     streaming: bool = False          # read JSONL / hub sources lazily (see the module docstring)
     shuffle_buffer: int = 10_000     # rows held for shuffling a streamed source
+    review: str | None = None        # a filled review sheet (CSV) applied after the filters
+    review_sample: int = 0           # rows written to review/<name>.csv for a reviewer (seeded sample)
 
 
 def _jsonl_files(path: Path) -> list[str]:
@@ -165,8 +167,8 @@ def _llm_specs(specs: list[Any]) -> list[Any]:
     return out
 
 
-def prepare_sources(specs: list[SourceSpec], out: Path, llm: Any = None) -> tuple[dict, dict, dict]:
-    """Load and filter each source; returns (name -> tagged records, filter info, loader info).
+def prepare_sources(specs: list[SourceSpec], out: Path, llm: Any = None, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Load, filter and review each source; returns (name -> tagged records, filter info, loader info).
 
     Rows a loader skipped go to ``out/filters/<name>/load_skipped.jsonl`` (one ``{source, file, row,
     reason}`` per line); the loader info holds their count, the file's hash and the loader's warnings.
@@ -193,6 +195,8 @@ def prepare_sources(specs: list[SourceSpec], out: Path, llm: Any = None) -> tupl
                 ds = result.dataset
                 filtered[spec.name] = {"steps": pipe.describe(), "counts": result.counts,
                                        "rejects_sha256": sha256_file(result.rejects_path)}
+        if spec.review or spec.review_sample:
+            ds = _review(spec, ds, out, filtered.setdefault(spec.name, {"steps": [], "counts": []}), seed)
         ds = ds.map(_tag, batched=True, fn_kwargs={"name": spec.name}, features=TAGGED)  # counts per mix source
         if not spec.streaming and len(ds) == 0:
             raise MixError(f"mix source {spec.name!r} ({spec.source}) has no rows"
@@ -200,6 +204,32 @@ def prepare_sources(specs: list[SourceSpec], out: Path, llm: Any = None) -> tupl
                            f"{f' (the loader skipped {len(skipped)} rows: see load_skipped.jsonl)' if skipped else ''}")
         loaded[spec.name] = ds
     return loaded, filtered, loads
+
+
+def _review(spec: SourceSpec, ds: datasets.Dataset, out: Path, info: dict, seed: int) -> datasets.Dataset:
+    """Human review of a filtered source: write a sheet to fill (``review_sample`` rows, seeded) and/or
+    apply a filled sheet (``review``): rejected rows join ``filters/<name>/rejects.jsonl`` with the
+    reviewer's note, edits replace the answer (the original stays in ``meta["review"]``)."""
+    from medvlm.data_curation.review import ReviewError, apply_review, export_review_sheet
+
+    if spec.review_sample:
+        n = min(int(spec.review_sample), len(ds))
+        sheet = export_review_sheet(ds.shuffle(seed=seed).select(range(n)), out / "review" / f"{spec.name}.csv")
+        logger.info("mix source %s: review sheet of %d rows written to %s", spec.name, n, sheet)
+        info["review_sheet"] = str(sheet)
+    if spec.review:
+        try:
+            result = apply_review(ds, spec.review, rejects_path=out / "filters" / spec.name / "rejects.jsonl")
+        except (ReviewError, FileNotFoundError) as err:
+            raise MixError(f"mix source {spec.name!r}: review sheet: {err}") from err
+        n_in = len(ds)
+        ds = result.dataset
+        info["counts"].append({"step": "human_review", "in": n_in, "out": len(ds), "rejected": n_in - len(ds),
+                               "noted": 0, **{f"n_{k}": v for k, v in result.counts.items()}})
+        info["review_sha256"] = sha256_file(spec.review)
+        if "rejects_sha256" in info or result.counts["reject"]:
+            info["rejects_sha256"] = sha256_file(out / "filters" / spec.name / "rejects.jsonl")
+    return ds
 
 
 def _reason_kind(reason: str) -> str:

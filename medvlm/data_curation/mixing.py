@@ -16,6 +16,10 @@ saved by ``Dataset.save_to_disk``, or a JSON-lines file / folder of ``*.jsonl`` 
 records (``generated.jsonl`` of ``data_curation/generate_qa.py``). ``filters`` lists
 :mod:`medvlm.data_curation.filters` steps run on the source before mixing (rejects go to
 ``filters/<name>/rejects.jsonl``; rows a dataset loader refused go to ``filters/<name>/load_skipped.jsonl``).
+Human review per source: ``review_sample: 200`` writes ``review/<name>.csv`` (a seeded sample of the
+filtered rows, columns ``decision`` = accept | reject | edit, ``corrected_answer``, ``note`` to fill);
+``review: <filled sheet>`` applies it on the next build (rejects with the reviewer's note, edited
+answers; counts as a ``human_review`` step in the manifest).
 
 Each phase with ``weights`` interleaves its sources with ``datasets.interleave_datasets``
 (probabilities = the normalised weights, seeded per phase): ``undersample`` stops when the first
@@ -112,6 +116,9 @@ class MixConfig:
                 FilterPipeline.check_config(spec.filters, streaming=spec.streaming)
             except FilterConfigError as err:
                 raise MixError(f"{origin}: source {spec.name!r}: {err}") from err
+            if spec.streaming and (spec.review or spec.review_sample):
+                raise MixError(f"{origin}: source {spec.name!r}: human review needs the whole source; drop "
+                               "`streaming` or the review keys")
         for phase in self.phases:
             _validate_phase(phase, names, origin)
 
@@ -233,7 +240,7 @@ def build_mix(config: str | Path | MixConfig, out_dir: str | Path, *, llm: Any =
         return data_dir
     cfg = config if isinstance(config, MixConfig) else MixConfig.from_yaml(config)
     cfg.validate(str(config) if not isinstance(config, MixConfig) else "mix")
-    loaded, filtered, loads = prepare_sources(cfg.sources, out, llm)
+    loaded, filtered, loads = prepare_sources(cfg.sources, out, llm, seed=cfg.seed)
     specs = {s.name: s for s in cfg.sources}
     cache = out / ".cache"
     parts, counts, by_spec = [], {}, {}
