@@ -193,3 +193,23 @@ def test_review_sheet_round_trip_through_a_mix(tmp_path):
     assert step["step"] == "human_review" and step["rejected"] == 1 and step["n_edit"] == 1
     last = json.loads((tmp_path / "o2" / "filters" / "gen" / "rejects.jsonl").read_text().splitlines()[-1])
     assert last["id"] == rows[0]["id"] and last["reason"] == "human review: laterality wrong"
+
+
+def test_a_generate_qa_folder_is_a_mix_source(tmp_path):
+    """The QA output folder also holds items.jsonl and rejects.jsonl: only generated.jsonl is read."""
+    rows = caption_records(3) + [{**caption_records(1)[0], "id": "rocov2-empty", "answer": " "}]
+    with OllamaStub(responder=qa_responder) as stub:
+        cfg = QAGenConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output_dir=str(tmp_path / "qa"),
+                          kinds=["image"], n_questions={"image": 2},
+                          llm={"backend": "ollama", "model": "stub-model", "host": stub.host})
+        summary = generate_qa(cfg)
+    assert summary["n_rejects"] == 1 and (tmp_path / "qa" / "items.jsonl").is_file()
+    mix = {"seed": 0, "sources": [{"name": "gen", "source": "json", "path": str(tmp_path / "qa"), "split": "train",
+                                   "filters": ["format"]}],
+           "phases": [{"name": "main", "weights": {"gen": 1.0}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    ds = datasets.load_from_disk(str(build_mix(tmp_path / "mix.yaml", tmp_path / "mix", report=False)))
+    generated = [json.loads(line) for line in open(tmp_path / "qa" / "generated.jsonl", encoding="utf-8")]
+    assert len(generated) == 4 * 2  # 3 ROCOv2 train items + the MedPix test case, 2 questions each
+    assert sorted(ds["id"]) == sorted(r["id"] for r in generated if r["split"] == "train")
+    assert len(ds) == 3 * 2 and set(ds["source"]) == {"rocov2-gen"}

@@ -48,11 +48,19 @@ class SourceSpec:
     review_sample: int = 0           # rows written to review/<name>.csv for a reviewer (seeded sample)
 
 
+#: JSON-lines files written next to records that are not records (journals, rejects, notes).
+NOT_RECORDS = ("items.jsonl", "rejects.jsonl", "filter_notes.jsonl", "load_skipped.jsonl")
+
+
 def _jsonl_files(path: Path) -> list[str]:
+    """Record files of a JSONL source: the file itself; in a folder, ``generated.jsonl`` when present
+    (a ``generate_qa`` output folder), else every ``*.jsonl`` except :data:`NOT_RECORDS`."""
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         return [str(path)]
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        return sorted(str(p) for p in path.glob("*.jsonl"))
+        if (path / "generated.jsonl").is_file():
+            return [str(path / "generated.jsonl")]
+        return sorted(str(p) for p in path.glob("*.jsonl") if p.name not in NOT_RECORDS)
     return []
 
 
@@ -94,7 +102,12 @@ def _load_with_skips(spec: SourceSpec) -> tuple[datasets.Dataset | datasets.Iter
     where = Path(spec.path if spec.source in ("json", "jsonl") else spec.source).expanduser()
     files = _jsonl_files(where)
     if files:
-        ds = datasets.load_dataset("json", data_files=files, split="train", streaming=spec.streaming)
+        try:
+            ds = datasets.load_dataset("json", data_files=files, split="train", streaming=spec.streaming)
+        except datasets.exceptions.DatasetGenerationError as err:
+            raise MixError(f"mix source {spec.name!r}: cannot read {files} as unified records "
+                           f"({err.__cause__ or err}); every line must be one record with the same "
+                           "columns (see medvlm.records)") from err
         ds = _unified(ds, f"mix source {spec.name!r} ({where})")
         if spec.split:
             ds = ds.filter(lambda s: s in (spec.split, ""), input_columns="split")
