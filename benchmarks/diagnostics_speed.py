@@ -29,35 +29,15 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.capture import capture, prepare_example
 from medvlm.diagnostics.logprob import logprob_increase
+from medvlm.diagnostics.occlusion import occlusion
 from medvlm.models.registry import get_family
 from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
-
-
-def occlusion(model, example, grid: tuple[int, int]) -> np.ndarray:
-    """Drop in log p(predicted token) when each patch is replaced by the image mean: one forward each."""
-    inputs = example.inputs
-    q = example.target_positions[0]
-    with torch.no_grad():
-        base = torch.log_softmax(model(**inputs).logits[0, q], -1)
-        target = int(base.argmax())
-        px = inputs["pixel_values"]
-        ph, pw = px.shape[-2] // grid[0], px.shape[-1] // grid[1]
-        mean = px.mean(dim=(-2, -1), keepdim=True)
-        out = np.zeros(grid)
-        for r in range(grid[0]):
-            for c in range(grid[1]):
-                occluded = px.clone()
-                occluded[..., r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = mean
-                logp = torch.log_softmax(model(**{**inputs, "pixel_values": occluded}).logits[0, q], -1)
-                out[r, c] = float(base[target] - logp[target])
-    return out
 
 
 def peak_tensor_bytes(fn) -> tuple[int, object]:
@@ -98,8 +78,7 @@ def speed(model, family, example, tok, repeats: int) -> tuple[float, float, floa
         res = logprob_increase(model, family, example, tok)
         return res.position_map(), res.top_heads(10)
 
-    grid = example.span.grid
-    calls = [plain, lp, lambda: occlusion(model, example, grid)]
+    calls = [plain, lp, lambda: occlusion(model, family, example, batch_size=1)]  # one forward per patch
     times: list[list[float]] = [[], [], []]
     for fn in calls:  # warm-up
         fn()

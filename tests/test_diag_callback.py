@@ -64,7 +64,7 @@ def test_trainer_run_writes_diagnostics_into_every_checkpoint(tiny_llava, probe_
     for step in (1, 2):
         data = json.loads((tmp_path / f"checkpoint-{step}" / "diagnostics" / "diagnostics.json").read_text())
         assert data["status"] == "ok" and data["global_step"] == step and data["n_examples"] == 3
-        assert set(data["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens"}
+        assert set(data["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion"}
         assert data["budget"]["skipped"] == [] and data["budget"]["train_seconds_since_last_save"] == 100.0
         assert data["geometry"]["groups"]["image"] > 3 * 16  # more images than the probe set, for geometry
     assert diag.cost and diag.train_seconds == 200.0
@@ -92,7 +92,8 @@ def test_budget_shrinks_the_probe_and_records_what_was_skipped(paligemma, probe_
     assert len(data["sanity"]["examples"]) == 1
     skipped = {(s["what"], s.get("name"), s.get("n")) for s in data["budget"]["skipped"]}
     assert skipped == {("examples", None, 6), ("randomisation_test_examples", None, 1),
-                       ("method", "gradcam", None), ("method", "logprob", None)}
+                       ("method", "occlusion", None), ("method", "gradcam", None),
+                       ("method", "logprob", None)}
     assert data["budget"]["estimate_s"] <= 10.0
     # almost no training since: the budget cannot hold one example -> skipped, and said so
     cb.cost = {"capture": 50.0}

@@ -152,7 +152,7 @@ def test_time_budget_stops_the_probe_and_lists_what_was_skipped(loaded, phantom_
 def test_bad_probe_input_is_refused_with_the_fix(loaded, phantom_records, tmp_path):
     lm = loaded["paligemma"]
     with pytest.raises(ValueError, match="unknown probe methods"):
-        run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, methods=("occlusion",))
+        run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, methods=("occlusion_v2",))
     healthy = [dict(r) for r in phantom_records if not r["roi"]]
     with pytest.raises(ValueError, match="no record has a lesion mask"):
         run_probe(lm.model, lm.processor, lm.family, healthy, tmp_path)

@@ -188,7 +188,7 @@ def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stag
     assert script.main([str(run), "--max-examples", "2", "--model-name-or-path", str(tiny_paligemma)]) == 0
     diag = json.loads((run / "stage2" / "diagnostics" / "diagnostics.json").read_text())
     assert diag["status"] == "ok" and diag["n_examples"] == 2 and diag["checkpoint"] == "final adapter"
-    assert set(diag["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens"}
+    assert set(diag["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion"}
     assert np.isfinite(diag["summary"]["attention"]["roi_mass_mean"])
     assert (run / "report" / "report.html").is_file() and (run / "stage2" / "adapter" / "README.md").is_file()
     assert calls == []

@@ -105,8 +105,8 @@ def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
     page.fill("#question textarea", XSS)
     start = time.perf_counter()
     page.click("#ask")
-    page.wait_for_function("document.querySelectorAll('#gallery0 img').length >= 5"
-                           " && document.querySelectorAll('#gallery1 img').length >= 5")
+    page.wait_for_function("document.querySelectorAll('#gallery0 img').length >= 6"
+                           " && document.querySelectorAll('#gallery1 img').length >= 6")
     seconds = time.perf_counter() - start
     analyses = json.loads(Path(next(f for f in _downloads(page, server) if f.endswith("numbers.json")))
                           .read_text())["analyses"]
@@ -118,7 +118,7 @@ def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
             shown = page.inner_text(f"#probs{i}")
             assert f"{a['tokens'][0]['prob']:.4f}".rstrip("0") in shown
         captions = page.inner_text(f"#gallery{i}")
-        for method in ("attention", "rollout", "gradcam", "logprob", "logit_lens"):
+        for method in ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion"):
             assert method in captions
         assert len(page.query_selector_all(f"#heads{i} [role=row]")) == 11  # header + top-10 heads
     # the question with a script tag is text everywhere: in the page and inside the logit-lens frame

@@ -9,7 +9,7 @@ time so far`` (so an unused budget carries over and an overrun is paid back at t
 The cost of a probe is estimated from the previous probes' measured per-example timings; when
 the estimate exceeds the budget the probe shrinks in this order: fewer examples (down to
 ``min_examples``), fewer randomisation-test examples (down to 1), drop the costliest methods
-(gradcam, logprob, logit_lens), no randomisation test, a single example; if even that does not
+(occlusion, gradcam, logprob, logit_lens), no randomisation test, a single example; if even that does not
 fit, the probe is skipped. Whatever is left out is listed under ``"budget"`` in the JSON, never
 silently. Before any measurement (the first save) the probe runs in full and stops early inside
 :func:`run_probe` once its measured time would overrun the budget.
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: Methods dropped first when the budget is tight (costliest first); attention and rollout come
 #: from the one capture pass every example needs and are never dropped.
-DROP_ORDER = ("gradcam", "logprob", "logit_lens")
+DROP_ORDER = ("occlusion", "gradcam", "logprob", "logit_lens")
 #: Sanity cost per example / probe cost per example before it is measured: the randomisation test
 #: recomputes every map on the model and on its randomised copy (2x), plus the copy.
 DEFAULT_SANITY_RATIO = 2.5
@@ -99,7 +99,7 @@ def costs_from_timings(timings: dict[str, float], previous: dict[str, float] | N
     n = int(timings.get("n_examples") or 0)
     if n == 0:
         return cost
-    for key in ("capture", "logit_lens", "gradcam", "logprob"):
+    for key in ("capture", *DROP_ORDER):
         if key in timings:
             cost[key] = timings[key] / n
     if "geometry" in timings:

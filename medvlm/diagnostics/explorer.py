@@ -11,7 +11,9 @@ method of :mod:`medvlm.diagnostics` on it:
 - ``logprob``: log-probability increase per image position and the top-10 heads
   (Yu & Ananiadou 2024), from one pass;
 - ``logit_lens``: p(first answer token) per patch, maxed over layers, and the top-5 tokens per
-  patch and layer for the interactive page.
+  patch and layer for the interactive page;
+- ``occlusion`` (Zeiler & Fergus 2014): the drop in log p(answer) when each image cell is hidden,
+  the faithful reference the other maps can be compared with (one forward per cell, batched).
 
 One :class:`ExplorerModel` holds the base model and up to two LoRA adapters (PEFT named adapters
 on one base, switched per request), so stage 1 and stage 2 can be compared on the same input.
@@ -37,6 +39,7 @@ from medvlm.diagnostics.capture import Cache, Example, capture, head_layout, loa
 from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
+from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import overlay
 from medvlm.diagnostics.probe import _lens_from_cache as lens_from_cache
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
@@ -45,7 +48,9 @@ from medvlm.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens")
+METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion")
+#: Occlusion costs one forward per image cell: run it up to this many cells (the demo grid is 16).
+OCCLUSION_MAX_CELLS = 256
 BASE = "base model"
 #: Overlays are drawn at least this many pixels wide (the demo model sees 64x64 images).
 MIN_DISPLAY = 256
@@ -328,6 +333,15 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
         except (RuntimeError, ValueError, KeyError) as err:
             errors["logprob"] = str(err)
         timings["logprob"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cells = ex.span.grid[0] * ex.span.grid[1]
+        if cells <= OCCLUSION_MAX_CELLS:
+            step(0.8, f"occlusion ({cells} cells)")
+            maps["occlusion"] = occlusion(model, family, ex)
+        else:
+            errors["occlusion"] = (f"skipped: {cells} image cells would cost {cells} forward passes "
+                                   f"(the explorer runs occlusion up to {OCCLUSION_MAX_CELLS})")
+        timings["occlusion"] = time.perf_counter() - t
     grid = (attn_cache or mean_cache).grid
     scores = {name: score(grid_map, mask) for name, grid_map in maps.items()}
     timings["total"] = time.perf_counter() - t0

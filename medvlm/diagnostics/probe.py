@@ -11,7 +11,8 @@ position; no answer is teacher-forced):
   ``rollout`` map, the ``logit_lens`` map and best layers, the answer entropy, and the hidden
   states for the geometry;
 - ``gradcam`` and ``logprob`` (log-probability increase, top heads) need gradients / value vectors
-  and run their own pass.
+  and run their own pass; ``occlusion`` (the faithful reference: the drop in p(predicted token)
+  when each image cell is hidden) runs one batched pass per 16 cells.
 
 Each map is scored against the lesion mask with :func:`~medvlm.diagnostics.attention_quality.map_summary`
 (ROI mass, chance, ratio, pointing game, focus, gini). Geometry pools the hidden states of all
@@ -48,6 +49,7 @@ from medvlm.diagnostics.capture import (
 from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, layer_table, residual_to_logits
 from medvlm.diagnostics.logprob import logprob_increase
+from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
@@ -64,7 +66,7 @@ from medvlm.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens")
+METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion")
 #: Question types asked about the lesion, preferred for the probe (most image-dependent first).
 LESION_QTYPES = ("location", "finding", "presence", "side", "finding_yn", "side_yn")
 # -- the probe set -------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
         "gradcam": gradcam,
         "logprob": lambda m, f, e: logprob_increase(m, f, e).position_map("sum"),
         "logit_lens": logit_lens_map,
+        "occlusion": occlusion,
     }
     return {name: table[name] for name in methods}
 
@@ -262,13 +265,15 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     hidden = _hidden_from_cache(cache)
     del cache
     timings["logit_lens" if "logit_lens" in methods else "capture"] += clock() - t
-    for name in ("gradcam", "logprob"):
+    for name in ("gradcam", "logprob", "occlusion"):
         if name not in methods:
             continue
         t = clock()
         try:
             if name == "gradcam":
                 maps[name] = gradcam(model, family, ex)
+            elif name == "occlusion":
+                maps[name] = occlusion(model, family, ex)
             else:
                 lpi = logprob_increase(model, family, ex, processor.tokenizer)
                 maps[name] = lpi.position_map("sum")

@@ -1,0 +1,62 @@
+"""Occlusion saliency: one hidden cell at a time, the drop in the answer's log-probability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import FAMILIES, eager_tiny
+
+from medvlm.diagnostics.capture import prepare_example
+from medvlm.diagnostics.occlusion import occlusion
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return eager_tiny(request.param)
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def test_map_covers_the_grid_and_batching_does_not_change_it(tiny):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(), "where is the lesion?", "left lung")
+    one_by_one = occlusion(model, family, ex, batch_size=1)
+    batched = occlusion(model, family, ex, batch_size=7)  # chunks that do not divide the grid
+    assert one_by_one.shape == ex.span.grid == (8, 8)
+    assert np.allclose(one_by_one, batched, atol=1e-4)
+    assert np.abs(one_by_one).max() > 0
+
+
+def test_a_cell_equals_the_drop_computed_by_hand(tiny):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(1), "where is the lesion?", "left lung")
+    grid = occlusion(model, family, ex)
+    px = ex.inputs["pixel_values"]
+    ph = px.shape[-1] // 8
+    hidden = px.clone()
+    hidden[..., 2 * ph:3 * ph, 5 * ph:6 * ph] = px.mean(dim=(-2, -1), keepdim=True)
+    with torch.no_grad():
+        def score(pixels):
+            logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
+            logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
+            return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
+        assert grid[2, 5] == pytest.approx(score(px) - score(hidden), abs=1e-4)
+
+
+def test_a_uniform_image_has_nothing_to_hide(tiny):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, np.full((64, 64, 3), 90, np.uint8), "where?")
+    assert np.allclose(occlusion(model, family, ex), 0.0, atol=1e-5)
+
+
+def test_bad_input(tiny):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(), "where?")
+    with pytest.raises(ValueError, match="batch_size"):
+        occlusion(model, family, ex, batch_size=0)
+    no_pixels = type(ex)(**{**ex.__dict__, "inputs": {k: v for k, v in ex.inputs.items() if k != "pixel_values"}})
+    with pytest.raises(KeyError, match="pixel_values"):
+        occlusion(model, family, no_pixels)
