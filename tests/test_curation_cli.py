@@ -213,3 +213,19 @@ def test_a_generate_qa_folder_is_a_mix_source(tmp_path):
     assert len(generated) == 4 * 2  # 3 ROCOv2 train items + the MedPix test case, 2 questions each
     assert sorted(ds["id"]) == sorted(r["id"] for r in generated if r["split"] == "train")
     assert len(ds) == 3 * 2 and set(ds["source"]) == {"rocov2-gen"}
+
+
+def test_overlong_generated_answers_are_rejected_by_the_schema(tmp_path):
+    """The schema caps answer length (it also bounds constrained decoding of local models)."""
+    def rambling(prompt, request):
+        return json.dumps({"questions": [{"question": "What is shown here?", "answer": "a finding " * 40,
+                                          "answer_type": "open", "kind": "image"}]})
+
+    with OllamaStub(responder=rambling) as stub:
+        cfg = QAGenConfig(input=write_jsonl(tmp_path / "in.jsonl", caption_records(1)[:1]),
+                          output_dir=str(tmp_path / "qa"), kinds=["image"], retries=0,
+                          llm={"backend": "ollama", "model": "stub-model", "host": stub.host})
+        summary = generate_qa(cfg)
+    reject = json.loads((tmp_path / "qa" / "rejects.jsonl").read_text())
+    assert summary["n_records"] == 0 and "schema violation at questions/0/answer" in reject["reason"]
+    assert "is too long" in reject["reason"]

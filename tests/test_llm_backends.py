@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from importlib import metadata
@@ -241,10 +242,11 @@ def test_smollm2_path_error_names_the_package(monkeypatch):
 
 def test_local_json_mode_validates_and_resamples(monkeypatch):
     local = TransformersLLM("/nonexistent/model", json_retries=2)  # nothing is loaded in this test
+    monkeypatch.setattr(local, "_schema_constraint", lambda schema: None)  # the unconstrained path
     replies = iter(["Sure: a", '```json\n{"label": "b"}\n```'])
     calls = []
 
-    def fake_once(prompt, system, options):
+    def fake_once(prompt, system, options, allowed=None):
         calls.append((prompt, options))
         return next(replies)
 
@@ -253,7 +255,7 @@ def test_local_json_mode_validates_and_resamples(monkeypatch):
     assert "matches this JSON schema" in calls[0][0]
     assert [c[1].get("seed") for c in calls] == [None, 1]  # greedy first, then a seeded sample
 
-    monkeypatch.setattr(local, "_generate_once", lambda p, s, o: calls.append(o) or "never json")
+    monkeypatch.setattr(local, "_generate_once", lambda p, s, o, a=None: calls.append(o) or "never json")
     calls.clear()
     assert local.generate("Pick a or b.", json_schema=SCHEMA) == "never json"  # caller records the reject
     assert len(calls) == 3
@@ -272,3 +274,9 @@ def test_real_local_generation_with_smollm2_gguf(tmp_path):
     text = llm.generate("What is the capital of France? Answer in one word.")
     assert "paris" in text.lower()  # greedy decoding: the same answer on every run
     assert llm.generate("What is the capital of France? Answer in one word.") == text and llm.hits == 1
+    pytest.importorskip("lmformatenforcer")
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Lyon"]}},
+              "required": ["capital"]}
+    local.max_new_tokens = 24
+    reply = local.generate("What is the capital of France? Reply in JSON.", json_schema=schema)
+    assert json.loads(reply) == {"capital": "Paris"}  # constrained decoding: valid JSON from a 135M model

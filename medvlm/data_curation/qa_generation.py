@@ -57,6 +57,8 @@ CASE_TEXT_KEYS = ("case_text", "title", "history", "exam", "findings", "differen
                   "disease_discussion")
 TEMPLATE_FIELDS = {"caption", "concepts", "case_text", "n_questions"}
 MAX_FIELD_CHARS = 800  # per case-text field: MedPix disease discussions run to pages
+MAX_QUESTION_CHARS = 300  # generated questions are one sentence
+MAX_ANSWER_CHARS = 200    # "yes"/"no", a few words, or one sentence for literature questions
 
 
 @dataclass
@@ -103,8 +105,9 @@ def qa_schema(kind: str, n_questions: int) -> dict:
     item = {
         "type": "object",
         "properties": {
-            "question": {"type": "string", "minLength": 5},
-            "answer": {"type": "string", "minLength": 1},
+            # length caps bound constrained decoding (a small model otherwise runs an answer to its token budget)
+            "question": {"type": "string", "minLength": 5, "maxLength": MAX_QUESTION_CHARS},
+            "answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS},
             "answer_type": {"type": "string", "enum": ["closed", "open"]},
             "kind": {"type": "string", "enum": [kind]},
         },

