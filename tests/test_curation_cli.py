@@ -229,3 +229,27 @@ def test_overlong_generated_answers_are_rejected_by_the_schema(tmp_path):
     reject = json.loads((tmp_path / "qa" / "rejects.jsonl").read_text())
     assert summary["n_records"] == 0 and "schema violation at questions/0/answer" in reject["reason"]
     assert "is too long" in reject["reason"]
+
+
+def test_blind_check_from_the_mix_yaml_is_cached_across_a_rebuild(tmp_path):
+    from medvlm.records import make_record
+
+    rows = [make_record(id=f"q{i}", image=f"/img/{i}.png", question=f"Which modality is image {i}?",
+                        answer="CT" if i % 2 else "MRI", answer_type="open", source="gen", split="train",
+                        group_id=f"g{i}") for i in range(6)]
+    write_jsonl(tmp_path / "gen.jsonl", rows)
+    with OllamaStub(responder=lambda prompt, request: "CT") as stub:  # a blind guess that is right for odd i
+        blind = {"blind_check": {"llm": {"backend": "ollama", "model": "stub-model", "host": stub.host}}}
+        mix = {"seed": 0, "sources": [{"name": "gen", "source": "json", "path": str(tmp_path / "gen.jsonl"),
+                                       "filters": [blind]}],
+               "phases": [{"name": "main", "weights": {"gen": 1.0}}]}
+        (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+        data_dir = build_mix(tmp_path / "mix.yaml", tmp_path / "out", report=False)
+        assert sorted(datasets.load_from_disk(str(data_dir))["id"]) == ["q0", "q2", "q4"]
+        assert stub.n_requests == 6
+        (tmp_path / "out" / "manifest.json").unlink()  # as if the build died before finishing
+        build_mix(tmp_path / "mix.yaml", tmp_path / "out", report=False)
+        assert stub.n_requests == 6  # answers came from out/llm_cache
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "filters" / "gen" / "rejects.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rejects} == {"q1", "q3", "q5"}
+    assert {r["reason"] for r in rejects} == {"answerable without the image"}

@@ -165,9 +165,11 @@ def _filter_stream(ds: datasets.IterableDataset, steps: list[FilterStep], out: P
     return datasets.IterableDataset.from_generator(gen, features=FEATURES)
 
 
-def _llm_specs(specs: list[Any]) -> list[Any]:
+def _llm_specs(specs: list[Any], cache_dir: Path) -> list[Any]:
     """A ``blind_check`` given ``llm: {backend: ..., model: ...}`` gets a backend from ``medvlm.llm``
-    (imported only then: the filters themselves accept any object with ``generate``)."""
+    (imported only then: the filters themselves accept any object with ``generate``). Its responses
+    are cached in ``cache_dir`` unless the step names its own ``cache_dir``, so re-running a build that
+    died midway asks the server nothing twice."""
     out = []
     for spec in specs:
         if isinstance(spec, dict) and "step" not in spec and len(spec) == 1:
@@ -175,7 +177,7 @@ def _llm_specs(specs: list[Any]) -> list[Any]:
         if isinstance(spec, dict) and spec.get("step") == "blind_check" and isinstance(spec.get("llm"), dict):
             from medvlm.llm import make_llm
 
-            spec = {**spec, "llm": make_llm(spec["llm"])}
+            spec = {**spec, "llm": make_llm({"cache_dir": str(cache_dir), **spec["llm"]})}
         out.append(spec)
     return out
 
@@ -198,7 +200,7 @@ def prepare_sources(specs: list[SourceSpec], out: Path, llm: Any = None, seed: i
                                 "skip_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
                                 "warnings": warnings}
         if spec.filters:
-            pipe = FilterPipeline.from_config(_llm_specs(spec.filters), llm=llm)
+            pipe = FilterPipeline.from_config(_llm_specs(spec.filters, out / "llm_cache"), llm=llm)
             if spec.streaming:
                 stats: dict = {}
                 ds = _filter_stream(ds, pipe.steps, folder, stats)
