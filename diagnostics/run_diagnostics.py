@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--max-examples", type=int, default=8, help="probe examples with lesion masks (default 8)")
     probe.add_argument("--model-name-or-path", metavar="PATH",
                        help="base model, when the one recorded in adapter/medvlm_adapter.json has moved")
+    probe.add_argument("--probe-final", action="store_true",
+                       help="probe the final adapter even when checkpoints hold diagnostics (e.g. with more "
+                            "examples than the per-checkpoint budget allowed: the trust test needs at least 5)")
     probe.add_argument("--no-compute", action="store_true",
                        help="never load a model: report only what the run folder already holds")
     return parser
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = run_report(args.run_dir, args.output, push_to_hub=args.push_to_hub,
                              max_examples=args.max_examples, model_name_or_path=args.model_name_or_path,
-                             compute_missing=not args.no_compute)
+                             compute_missing=not args.no_compute, probe_final=args.probe_final)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"report: {written['markdown']}\n        {written['html']}")

@@ -15,5 +15,5 @@ python recipes/stage1.py "recipes/configs/demo_${FAMILY}_stage1.yaml" --output_d
 python recipes/stage2.py "recipes/configs/demo_${FAMILY}_stage2.yaml" --output_dir "$OUT/stage2" \
     --init_adapter "$OUT/stage1/adapter"
 python -m medvlm.training.summary "$OUT/stage1" "$OUT/stage2" --output "$OUT/summary.md"
-python diagnostics/run_diagnostics.py "$OUT/stage2"
+python diagnostics/run_diagnostics.py "$OUT/stage2" --probe-final --max-examples 24
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $OUT"

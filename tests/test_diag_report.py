@@ -194,3 +194,27 @@ def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stag
     assert calls == []
     with pytest.raises(SystemExit):
         script.main([str(tmp_path / "missing")])
+
+
+
+def test_the_final_adapter_is_probed_again_only_when_asked(probed_stage, tiny_paligemma, tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    _no_network(monkeypatch)
+    stage = probed_stage
+    run = tmp_path / "probed"
+    shutil.copytree(stage, run / "stage2", ignore=lambda folder, names: ["diagnostics"] if Path(folder) == stage else [])
+    assert list((run / "stage2").glob("checkpoint-*/diagnostics/diagnostics.json"))
+    spec = importlib.util.spec_from_file_location("run_diagnostics", Path(__file__).parents[1] / "diagnostics" /
+                                                  "run_diagnostics.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    final = run / "stage2" / "diagnostics" / "diagnostics.json"
+    assert script.main([str(run), "--model-name-or-path", str(tiny_paligemma)]) == 0
+    assert not final.exists()  # the checkpoints' diagnostics are reported as they are
+    assert script.main([str(run), "--probe-final", "--max-examples", "1", "--model-name-or-path",
+                        str(tiny_paligemma)]) == 0
+    data = json.loads(final.read_text())
+    assert data["checkpoint"] == "final adapter" and data["n_examples"] == 1

@@ -199,10 +199,11 @@ def push_adapter(card: ModelCard, run_dir: str | Path, repo_id: str, token: str 
 # -- the whole flow ------------------------------------------------------------------------------
 def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to_hub: str | None = None,
                max_examples: int = 8, model_name_or_path: str | None = None, compute_missing: bool = True,
-               token: str | None = None) -> dict[str, Any]:
+               probe_final: bool = False, token: str | None = None) -> dict[str, Any]:
     """The whole flow of ``diagnostics/run_diagnostics.py``.
 
-    1. When no checkpoint holds diagnostics, probe the last stage's final adapter (base + adapter).
+    1. When no checkpoint holds diagnostics, or with ``probe_final``, probe the last stage's final
+       adapter (base + adapter) on ``max_examples`` lesion examples.
     2. Write the report (default ``RUN_DIR/report``).
     3. Write a model card into every stage's ``adapter/README.md``.
     4. Only with ``push_to_hub``: upload the last stage's adapter and card to that repo.
@@ -211,8 +212,8 @@ def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to
 
     run = load_run(run_dir)
     with_adapter = [s for s in run["stages"] if (s["path"] / "adapter").is_dir()]
-    if compute_missing and not has_diagnostics(run) and with_adapter:
-        logger.info("no diagnostics in %s: probing the final adapter of %s", run_dir, with_adapter[-1]["path"])
+    if with_adapter and (probe_final or (compute_missing and not has_diagnostics(run))):
+        logger.info("probing the final adapter of %s on %d examples", with_adapter[-1]["path"], max_examples)
         compute_final_diagnostics(with_adapter[-1]["path"], max_examples=max_examples,
                                   model_name_or_path=model_name_or_path)
         run = load_run(run_dir)

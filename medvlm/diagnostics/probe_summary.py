@@ -18,7 +18,8 @@ TRUST_RULE = ("a method is trusted when it beats chance on the lesion, i.e. its 
               "examples is above 1 AND its ROI mass exceeds the chance level (the lesion's area share) "
               f"consistently across examples (one-sided Wilcoxon signed-rank test, p < {ALPHA}; so one lucky "
               "example cannot carry the mean), AND it passes the parameter-randomisation test (its map changes "
-              "when the top decoder layer is re-initialised: Spearman rho <= the threshold)")
+              "when the top layer of the vision tower and of the decoder are re-initialised: Spearman rho <= the "
+              "threshold on every tested example)")
 
 
 def above_chance_p(masses: list[float], chances: list[float]) -> float:
@@ -106,7 +107,7 @@ def trust_verdict(methods: dict[str, dict], sanity: dict[str, dict] | None) -> d
         if passes is None:
             reasons.append("randomisation test not run or undefined")
         elif not passes:
-            reasons.append("map barely changes when the top decoder layer is randomised")
+            reasons.append("map barely changes when the top layers are randomised")
         trusted = False if False in (chance_ok, passes) else (None if None in (chance_ok, passes) else True)
         out[name] = {"roi_ratio_mean": ratio, "above_chance_p": p_value, "better_than_chance": chance_ok,
                      "passes_randomization": passes,
