@@ -27,7 +27,8 @@ def _argv(model, out, *extra):
 def stage1_run(tiny_paligemma, tmp_path_factory, small_phantom):
     out = tmp_path_factory.mktemp("runs") / "stage1"
     assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "6", "--diagnostics_examples", "2",
-                                "--diagnostics_split", "train")) == 0
+                                "--diagnostics_split", "train", "--checkpoint_closed_metrics", "accuracy,exact_match",
+                                "--checkpoint_open_metrics", "rougeL")) == 0
     return out
 
 
@@ -40,6 +41,12 @@ def test_stage1_run_folder_holds_everything(stage1_run):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["closed"]["n"] > 0 and 0.0 <= metrics["closed"]["accuracy"] <= 1.0
+    # the checkpoint subset is scored with the metrics the config chose, the final eval with all
+    ckpt = json.loads((out / "checkpoint-6" / "metrics.json").read_text())
+    assert {"accuracy", "exact_match"} <= set(ckpt["closed"]) and "substring" not in ckpt["closed"]
+    assert "substring" in metrics["closed"]
+    if ckpt.get("open", {}).get("n"):
+        assert "rougeL" in ckpt["open"] and "bleu" not in ckpt["open"]
     assert "blank_image" in metrics and metrics["train"]["steps"] == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["data"]["train_hash"] and "torch" in manifest["versions"]
@@ -116,6 +123,15 @@ def test_unknown_config_key_is_named_with_a_suggestion(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'learning_rat'" in err and "Did you mean 'learning_rate'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_checkpoint_metric_is_named_before_training(tiny_paligemma, tmp_path, capsys):
+    out = tmp_path / "s1"
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "1",
+                                "--checkpoint_closed_metrics", "acuracy")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_closed_metrics" in err and "Did you mean 'accuracy'" in err
+    assert not (out / "checkpoint-1").exists()
 
 
 def test_missing_stage1_adapter(tiny_paligemma, tmp_path, capsys):

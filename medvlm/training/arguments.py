@@ -80,6 +80,12 @@ class StageArguments(TrainingArguments):
                                                           "(same data, optimizer and scheduler state)."})
     checkpoint_eval_samples: int = field(
         default=0, metadata={"help": "Questions evaluated at each checkpoint save (0: none)."})
+    checkpoint_closed_metrics: str = field(
+        default="", metadata={"help": "Closed-question metrics at each checkpoint, comma-separated "
+                                      "(e.g. accuracy,exact_match; empty: all registered)."})
+    checkpoint_open_metrics: str = field(
+        default="", metadata={"help": "Open-question metrics at each checkpoint, comma-separated "
+                                      "(e.g. rougeL,bleu; empty: all registered)."})
     blank_eval: bool = field(default=True, metadata={"help": "Also evaluate with blanked images (control)."})
     diagnostics_examples: int = field(
         default=0, metadata={"help": "Lesion examples probed by the diagnostics at each checkpoint save (0: none); "

@@ -87,6 +87,20 @@ def _setup_reporting(args: StageArguments) -> None:
             os.environ["WANDB_MODE"] = "offline"
 
 
+def metric_list(names: str, answer_type: str) -> list[str] | None:
+    """Comma-separated metric names checked against the registry now, not at the first save
+    (an unknown name raises with a did-you-mean); empty means all registered metrics."""
+    from medvlm.eval.metrics import UnknownMetricError, get_metric
+
+    chosen = [n.strip() for n in (names or "").split(",") if n.strip()]
+    for name in chosen:
+        try:
+            get_metric(name, answer_type)
+        except UnknownMetricError as err:
+            raise ValueError(f"checkpoint_{answer_type}_metrics: {err.args[0]}") from err
+    return chosen or None
+
+
 def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
               args: StageArguments, callbacks: list | None = None) -> dict:
     """Train one stage and evaluate it; returns the final metrics. ``callbacks`` are extra
@@ -124,7 +138,9 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         n = min(args.checkpoint_eval_samples, len(eval_records))
         sub = eval_records.select(range(n))
         callbacks.append(CheckpointEvalCallback(family, processor, sub, eval_examples.head(n),
-                                                max_new_tokens=data_args.max_new_tokens))
+                                                max_new_tokens=data_args.max_new_tokens,
+                                                closed_metrics=metric_list(args.checkpoint_closed_metrics, "closed"),
+                                                open_metrics=metric_list(args.checkpoint_open_metrics, "open")))
     if args.diagnostics_examples:
         from medvlm.diagnostics.callback import DiagnosticsCallback
 
