@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.probe import (
@@ -64,6 +65,7 @@ def test_probe_writes_json_with_every_methods_roi_numbers(loaded, phantom_record
     assert ex0["answer_entropy"] > 0 and isinstance(ex0["predicted_token"], str)
     for rel in ex0["overlays"].values():
         assert (tmp_path / rel).is_file()
+        assert min(Image.open(tmp_path / rel).size) >= 256  # the 64-pixel input enlarged to stay readable
     assert "overlays" not in on_disk["examples"][2]  # only the first two examples are drawn
     assert result["timings"]["n_examples"] == 4
 

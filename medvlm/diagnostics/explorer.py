@@ -40,7 +40,7 @@ from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
-from medvlm.diagnostics.overlay import overlay
+from medvlm.diagnostics.overlay import enlarge, overlay
 from medvlm.diagnostics.probe import _lens_from_cache as lens_from_cache
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
@@ -362,9 +362,7 @@ def score(grid_map: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
 # -- pictures and files ---------------------------------------------------------------------------
 def display_image(image: np.ndarray) -> Image.Image:
     """The model-resolution image enlarged (nearest) to at least :data:`MIN_DISPLAY` pixels."""
-    pil = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    scale = max(1, -(-MIN_DISPLAY // max(pil.size)))
-    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    return enlarge(np.asarray(image, np.uint8), MIN_DISPLAY)
 
 
 def draw_overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5,

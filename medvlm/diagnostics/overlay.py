@@ -42,6 +42,14 @@ def heatmap(grid: Any, size: tuple[int, int], cmap: str = "jet") -> np.ndarray:
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
+def enlarge(image: Any, min_side: int = 256) -> Image.Image:
+    """``image`` enlarged by a whole factor (nearest neighbour, so pixels stay sharp) until its
+    longer side is at least ``min_side``: a 64-pixel model input stays readable in a report."""
+    pil = load_image(image)
+    factor = max(1, -(-min_side // max(pil.size)))
+    return pil.resize((pil.width * factor, pil.height * factor), Image.Resampling.NEAREST)
+
+
 def overlay(image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet", outline: Any = None) -> Image.Image:
     """RGB image with the coloured map blended over it (``alpha`` = weight of the map, in [0, 1]).
 

@@ -50,7 +50,7 @@ from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, layer_table, residual_to_logits
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
-from medvlm.diagnostics.overlay import save_overlay
+from medvlm.diagnostics.overlay import enlarge, save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
     mean_finite,
@@ -368,7 +368,8 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
             for name, grid in maps.items():
                 rel = f"overlays/{len(rows):02d}_{name}.png"
                 try:
-                    save_overlay(out_dir / rel, ex.image, np.clip(grid, 0, None), outline=load_mask(rec["roi"]))
+                    save_overlay(out_dir / rel, enlarge(ex.image), np.clip(grid, 0, None),
+                                 outline=load_mask(rec["roi"]))
                     row["overlays"][name] = rel
                 except ValueError as err:
                     row["errors"][f"overlay_{name}"] = str(err)

@@ -229,6 +229,8 @@ def figures(stage: dict) -> dict[str, bytes]:
         ax.set(xlabel="step", ylabel="ROI mass / chance", title=f"{stage['name']}: saliency on the lesion")
         ax.legend(fontsize=7)
         out["roi"] = _png(fig)
+        from matplotlib.ticker import MaxNLocator
+
         fig, ax = plt.subplots(figsize=(5, 3))
         for p in diags:
             lin = (p["diagnostics"].get("geometry") or {}).get("linearity") or []
@@ -236,6 +238,7 @@ def figures(stage: dict) -> dict[str, bytes]:
                 ax.plot([s["to"] for s in lin], [_get(s, group) for s in lin], style, marker="o",
                         label=f"{p['name']} {group}")
         ax.set(xlabel="layer (output of transition l-1 -> l)", ylabel="linearity", title="linearity per layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.legend(fontsize=6)
         out["linearity"] = _png(fig)
     return out
