@@ -201,9 +201,8 @@ def judge_open_rows(
     that cannot even be built (missing local model, bad template) gives a section with ``error``
     and every item invalid. Never raises for those, so finished predictions and metrics are kept.
     """
-    from medvlm.eval.scoring import to_jsonable
     from medvlm.llm import LLMError, make_llm
-    from medvlm.utils.io import write_jsonl
+    from medvlm.utils.io import to_jsonable, write_jsonl
 
     open_rows = [r for r in rows if r.get("answer_type") == "open"]
     logger.info("judging %d open predictions with %s:%s", len(open_rows), llm_config.get("backend"),

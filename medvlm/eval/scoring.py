@@ -21,7 +21,6 @@ group has ``n: 0`` and ``null`` scores, never 0.0. The result is JSON-serialisab
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from medvlm.eval.consistency import DEFAULT_K, DEFAULT_THRESHOLD, consistency_sc
 from medvlm.eval.metrics import ANSWER_TYPES, TOKEN_RECALL_THRESHOLD, get_metric, list_metrics, summarize
 from medvlm.eval.predictions import MAX_PREDICTION_CHARS, load_predictions, prepare_records
 from medvlm.eval.robustness import latency_summary, robustness_scores
+from medvlm.utils.io import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +43,6 @@ ALWAYS_REPORTED: dict[str, tuple[str, ...]] = {"closed": ("accuracy",), "open": 
 #: Metrics reported inside each slice (all metrics everywhere would bury the table).
 SLICE_METRICS: dict[str, tuple[str, ...]] = {"closed": ("accuracy",), "open": ("token_f1", "rougeL")}
 MISSING = "(missing)"
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively turn numpy scalars into Python numbers and NaN/inf into ``None``."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _item_values(records: Sequence[Mapping[str, Any]], names: Sequence[str], answer_type: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -12,24 +11,11 @@ import torch
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
-from medvlm.models.llava import LlavaFamily
-from medvlm.models.paligemma import PaliGemmaFamily
+from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
 
 logger = logging.getLogger(__name__)
 
-#: The one place families are registered: model_type (config.json) → family.
-FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily}
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def get_family(name: str) -> ModelFamily:
-    """The family adapter for a name or a config ``model_type``; did-you-mean on a typo."""
-    if name not in FAMILIES:
-        close = difflib.get_close_matches(name, list(FAMILIES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown model family {name!r}.{hint} Available: {sorted(FAMILIES)}")
-    return FAMILIES[name]()
 
 
 def detect_family(model_name_or_path: str) -> ModelFamily:

@@ -246,7 +246,7 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
 def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
     """Full-parameter pre-training on the phantom train split: captions (which name modality, region,
     finding, side and place) mixed with general short-answer VQA, as a real base's mixture has both."""
-    from medvlm.models.registry import get_family
+    from medvlm.models.families import get_family
     from medvlm.training.collator import VLMCollator
     from medvlm.training.data import prepare_examples
     from medvlm.training.trainer import MedVLMTrainer

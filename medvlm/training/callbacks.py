@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medvlm.utils.io import to_jsonable, write_jsonl
+
 logger = logging.getLogger(__name__)
 
 #: Slices scored (and logged) at each checkpoint.
@@ -72,7 +74,6 @@ class CheckpointEvalCallback(TrainerCallback):
 
     def evaluate(self, model, folder: Path, step: int) -> tuple[dict, list[dict]]:
         """Answer the subset with ``model``; write predictions and metrics into ``folder``."""
-        from medvlm.eval.evaluate import write_jsonl
         from medvlm.eval.generate import generate_answers
         from medvlm.eval.run import prediction_rows, write_metrics
         from medvlm.eval.scoring import score_records
@@ -83,7 +84,7 @@ class CheckpointEvalCallback(TrainerCallback):
                                    batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, progress=False)
         records = [self.records[i] for i in range(self.n)]
         rows = prediction_rows(records, answers)
-        write_jsonl(folder / "eval_predictions.jsonl", rows)
+        write_jsonl(folder / "eval_predictions.jsonl", (to_jsonable(row) for row in rows))
         metrics = score_records(rows, bootstrap=self.bootstrap, **self.score_kwargs)
         metrics["global_step"] = step
         write_metrics(folder, metrics)

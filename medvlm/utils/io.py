@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,16 @@ def write_manifest(folder: str | os.PathLike, **fields: Any) -> Path:
     """Write ``manifest.json`` last: its presence means the step finished."""
     data = {"versions": versions(), **fields}
     return atomic_write_json(Path(folder) / "manifest.json", data)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively turn numpy scalars into Python numbers and NaN/inf into ``None`` (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
