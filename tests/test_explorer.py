@@ -198,3 +198,16 @@ def test_the_command_line_finds_a_runs_stages_and_defaults_to_the_demo(tmp_path,
     args = explore.parse_args([])
     assert args.host == "127.0.0.1" and args.port == 7860
     assert explore.main(["--model", str(tmp_path / "nothing-here")]) == 2  # a clear error, no traceback
+
+
+def test_a_bfloat16_checkpoint_is_explained_by_every_method(explorer, sample_set):
+    """Real checkpoints run in bfloat16: inputs are cast to the model's dtype, maps come back as
+    float numpy arrays (the same code moves them from a GPU)."""
+    _, root = explorer
+    folder = next(root.glob("demo-arch-*"))
+    em = load_explorer_model(str(folder), [str(p) for p in sorted(root.glob("run-*/stage*/adapter"))],
+                             dtype="bfloat16")
+    case = next(s for s in sample_set if s.mask)
+    a = analyze(em, em.variants[1], read_image(case.image), case.question, mask=load_mask(case.mask))
+    assert a.errors == {} and list(a.maps) == list(METHODS)
+    assert all(m.dtype == np.float64 and np.isfinite(m).all() for m in a.maps.values())

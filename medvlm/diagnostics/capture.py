@@ -176,7 +176,17 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
         positions, targets = [p - 1 for p in keep], [int(ids[p]) for p in keep]
     check_length(model, int(ids.shape[0]))
     span = family.image_span(model, ids)
-    return Example(inputs, positions, targets, resize_only(processor, [pil])[0], question, answer, span)
+    return Example(to_model(model, inputs), positions, targets, resize_only(processor, [pil])[0], question,
+                   answer, span)
+
+
+def to_model(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` on the model's device, floating tensors (pixel values) in its dtype: a bfloat16
+    checkpoint on a GPU takes the processor's float32 CPU tensors otherwise and fails."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    dtype = getattr(model, "dtype", None)
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() and dtype is not None and dtype.is_floating_point
+                else v.to(device)) for k, v in inputs.items()}
 
 
 def check_length(model: torch.nn.Module, seq_len: int) -> None:

@@ -82,4 +82,4 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     a, g = acts[-1][0, -n:].detach().float(), grads[0, -n:].float()  # [N, C]
     weights = g.mean(0)  # alpha_c
     cam = torch.relu(a @ weights)
-    return cam.reshape(span.grid).double().numpy()
+    return cam.reshape(span.grid).double().cpu().numpy()

@@ -90,10 +90,10 @@ def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, to
                    for i in range(0, h.shape[0], chunk)]
             ids.append(torch.cat([t.indices for t in top]))
             probs.append(torch.cat([t.values for t in top]))
-    top_ids = torch.stack(ids).numpy()
+    top_ids = torch.stack(ids).cpu().numpy()
     tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
     return LogitLens(used, list(range(span.start, span.end)), span.grid, top_ids,
-                     torch.stack(probs).double().numpy(), tokens)
+                     torch.stack(probs).double().cpu().numpy(), tokens)
 
 
 def layer_table(lens: LogitLens, n: int = 5) -> list[dict]:

@@ -154,7 +154,7 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     delta = scored - base[:, None, None]
     token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
     return LogProbIncrease(int(target_id), token, q, float(final[target_id]), chosen, list(cache.heads), src,
-                           image_positions, span.grid, delta.double().numpy(), base.double().numpy())
+                           image_positions, span.grid, delta.double().cpu().numpy(), base.double().cpu().numpy())
 
 
 def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],

@@ -123,7 +123,7 @@ def _attention_from_cache(cache: Cache, position: int) -> np.ndarray:
     from the head-mean rows of the shared capture pass."""
     span, q = cache.image_span, cache.query_index(position)
     rows = [cache["attn_mean", layer][0][q, span.start:span.end] for layer in last_quarter(cache.n_layers)]
-    return torch.stack(rows).float().mean(0).reshape(span.grid).double().numpy()
+    return torch.stack(rows).float().mean(0).reshape(span.grid).double().cpu().numpy()
 
 
 @torch.no_grad()
@@ -141,11 +141,11 @@ def _lens_from_cache(model, family: ModelFamily, cache: Cache, tokenizer, target
         ids.append(top.indices)
         probs.append(top.values)
         target.append(p[:, target_id])
-    top_ids = torch.stack(ids).numpy()
+    top_ids = torch.stack(ids).cpu().numpy()
     tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
     lens = LogitLens(layers, list(range(span.start, span.end)), span.grid, top_ids,
-                     torch.stack(probs).double().numpy(), tokens)
-    return lens, torch.stack(target).amax(0).reshape(span.grid).double().numpy()
+                     torch.stack(probs).double().cpu().numpy(), tokens)
+    return lens, torch.stack(target).amax(0).reshape(span.grid).double().cpu().numpy()
 
 
 def logit_lens_map(model, family: ModelFamily, example: Example) -> np.ndarray:
@@ -156,7 +156,7 @@ def logit_lens_map(model, family: ModelFamily, example: Example) -> np.ndarray:
     with torch.no_grad():
         maps = [torch.softmax(residual_to_logits(model, family, cache["resid_post", layer][0, span.start:span.end]),
                               -1)[:, pred] for layer in cache.layers("resid_post")]
-    return torch.stack(maps).amax(0).reshape(span.grid).double().numpy()
+    return torch.stack(maps).amax(0).reshape(span.grid).double().cpu().numpy()
 
 
 def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
@@ -194,7 +194,7 @@ def _hidden_from_cache(cache: Cache) -> dict:
     layers = [cache["resid_pre", 0][0]] + [cache["resid_post", i][0] for i in range(cache.n_layers)]
     is_image = np.zeros(cache.seq_len, bool)
     is_image[cache.image_span.start:cache.image_span.end] = True
-    return {"layers": [h.float().numpy() for h in layers], "image_mask": is_image}
+    return {"layers": [h.float().cpu().numpy() for h in layers], "image_mask": is_image}
 
 
 def hidden_states(model, processor, family: ModelFamily, rec: dict) -> dict:

@@ -125,7 +125,7 @@ def rollout(cache: Cache, positions: Sequence[int]) -> np.ndarray:
     for layer in layers:
         a = cache[kind, layer][0].float()
         a = a if kind == "attn_mean" else a.mean(0)
-        a_hat = 0.5 * a + 0.5 * torch.eye(a.shape[-1])
+        a_hat = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
         a_hat = a_hat / a_hat.sum(-1, keepdim=True)
         joint = a_hat if joint is None else a_hat @ joint
     span = cache.image_span
