@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, help="a medvlm run folder: its base model and stage adapters")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU (the model is put there), float32 on a CPU")
     return p.parse_args(argv)
 
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or model
         elif args.model:
             model, adapters = args.model, args.adapter
+        elif args.adapter:
+            raise ExplorerError("--adapter needs --model (the base model the adapter was trained on), "
+                                "or pass a run folder with --run")
         else:
             model, adapters = default_sources()
         adapters = adapters + (args.adapter if args.run else [])
@@ -71,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     server = Server(em, lambda name, ads: load_explorer_model(name, ads, dtype=args.dtype), samples())
-    launch(build_app(server), args.host, args.port, block=True)
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    if not local:
+        logger.warning("serving on %s: the Model panel (load any model or adapter path) is switched off", args.host)
+    launch(build_app(server, allow_model_loading=local), args.host, args.port, block=True)
     return 0
 
 

@@ -73,7 +73,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-samples", type=int, metavar="N", help="evaluate only the first N questions")
     model.add_argument("--question-types", nargs="+", metavar="TYPE", help="phantom question types (default all)")
     model.add_argument("--phantom-patients", type=int, default=4000, help="phantom size (default 4000)")
-    model.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    model.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16 | float16")
 
     gen = parser.add_argument_group("model mode: generation")
     gen.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default 32)")

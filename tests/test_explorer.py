@@ -82,11 +82,11 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
     for name, grid in a.maps.items():
         assert grid.shape == a.grid == (4, 4), name
         assert np.isfinite(grid).all(), name
-    if a.tokens:  # an answer that is not empty is explained token by token
-        assert "".join(t.text for t in a.tokens).strip() == em.processor.tokenizer.decode(
-            em.processor.tokenizer(a.answer, add_special_tokens=False)["input_ids"]).strip()
-        assert all(0 < t.prob <= 1 and len(t.top) == 5 for t in a.tokens)
-        assert all(t.top[0][1] >= t.prob - 1e-6 for t in a.tokens)  # top-1 is at least the chosen token
+    assert a.tokens  # the seeded random model writes a non-empty answer
+    assert "".join(t.text for t in a.tokens).strip() == em.processor.tokenizer.decode(
+        em.processor.tokenizer(a.answer, add_special_tokens=False)["input_ids"]).strip()
+    assert all(0 < t.prob <= 1 and len(t.top) == 5 for t in a.tokens)
+    assert all(t.top[0][1] >= t.prob - 1e-6 for t in a.tokens)  # top-1 is at least the chosen token
     assert len(a.top_heads) == 10
     inc = [h["increase"] for h in a.top_heads]
     assert inc == sorted(inc, reverse=True)
@@ -106,8 +106,8 @@ def test_controls_and_clicks_reread_the_cache(explorer, sample_set):
     assert one_head.shape == (4, 4) and not np.allclose(one_head, fused)
     assert not np.allclose(a.attention(fusion="max"), fused)
     per_token = [a.attention(token=i) for i in range(len(a.tokens))]
-    if len(per_token) > 1:
-        assert np.allclose(np.mean(per_token, 0), fused)  # the fused map averages the tokens' rows
+    assert len(per_token) > 1
+    assert np.allclose(np.mean(per_token, 0), fused)  # the fused map averages the tokens' rows
     pairs = a.patch_to_tokens(1, 2)
     assert [t for t, _ in pairs] == [t.text for t in a.tokens]
     cell = np.mean([a.attention(token=i)[1, 2] for i in range(len(a.tokens))])
@@ -201,8 +201,8 @@ def test_the_command_line_finds_a_runs_stages_and_defaults_to_the_demo(tmp_path,
 
 
 def test_a_bfloat16_checkpoint_is_explained_by_every_method(explorer, sample_set):
-    """Real checkpoints run in bfloat16: inputs are cast to the model's dtype, maps come back as
-    float numpy arrays (the same code moves them from a GPU)."""
+    """Real checkpoints run in bfloat16: every method runs and its map comes back as a float64
+    numpy array. (On this CPU-only machine the GPU placement itself is not exercised.)"""
     _, root = explorer
     folder = next(root.glob("demo-arch-*"))
     em = load_explorer_model(str(folder), [str(p) for p in sorted(root.glob("run-*/stage*/adapter"))],

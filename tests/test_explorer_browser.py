@@ -34,7 +34,7 @@ from explorer_fixtures import build_model_with_adapters  # noqa: E402
 # Flags for a machine without network: no background fetches, no sandbox (root in CI).
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"]
-XSS = "Where is the abnormality? <script>window.__pwned = 1</script>"
+XSS = ('Where is the abnormality? <img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script>')
 
 
 def _free_port() -> int:
@@ -97,17 +97,33 @@ def _toast(page) -> str:
     return text
 
 
-def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
-    server, _, root = served
-    case = next(s for s in server.samples if s.mask)
-    _upload(page, case.image)
-    page.wait_for_selector("#preview img")
-    page.fill("#question textarea", XSS)
+def _ask(page, question: str) -> float:
+    """Click Ask and wait for both variants' six overlays; returns the seconds it took."""
+    before = page.evaluate("(document.querySelector('#gallery1 img') || {}).src || ''")
     start = time.perf_counter()
     page.click("#ask")
     page.wait_for_function("document.querySelectorAll('#gallery0 img').length >= 6"
-                           " && document.querySelectorAll('#gallery1 img').length >= 6")
-    seconds = time.perf_counter() - start
+                           " && document.querySelectorAll('#gallery1 img').length >= 6"
+                           f" && document.querySelector('#gallery1 img').src !== {json.dumps(before)}")
+    return time.perf_counter() - start
+
+
+def _wide_upload(server, root) -> Path:
+    """A phantom case saved at 320x240 (not the model's 64x64, not square), as uploads come."""
+    from PIL import Image
+
+    case = next(s for s in server.samples if s.mask)
+    path = root / "wide.png"
+    Image.open(case.image).convert("RGB").resize((320, 240)).save(path)
+    return path
+
+
+def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
+    server, _, root = served
+    _upload(page, _wide_upload(server, root))
+    page.wait_for_selector("#preview img")
+    page.fill("#question textarea", XSS)
+    seconds = _ask(page, XSS)
     analyses = json.loads(Path(next(f for f in _downloads(page, server) if f.endswith("numbers.json")))
                           .read_text())["analyses"]
     assert [a["variant"] for a in analyses] == ["A: stage1", "B: stage2"]
@@ -121,10 +137,11 @@ def test_upload_ask_and_see_answers_overlays_and_numbers(served, page):
         for method in ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion"):
             assert method in captions
         assert len(page.query_selector_all(f"#heads{i} [role=row]")) == 11  # header + top-10 heads
-    # the question with a script tag is text everywhere: in the page and inside the logit-lens frame
+    # the question's markup is text everywhere: in the page and inside the logit-lens frame
     assert page.evaluate("window.__pwned") is None
+    assert page.input_value("#question textarea") == XSS
     lens = next(f for f in page.frames if f.url == "about:srcdoc")
-    assert "<script>window.__pwned = 1</script>" in lens.inner_text("body")
+    assert XSS in lens.inner_text("body")
     assert lens.evaluate("window.__pwned") is None
     out = _artifacts(root)
     page.screenshot(path=str(out / "explorer.png"), full_page=True)
@@ -143,16 +160,20 @@ def _downloads(page, server) -> list[str]:
 
 
 def test_clicking_a_token_and_a_patch_and_switching_fusion(served, page):
+    server, _, root = served
+    _upload(page, _wide_upload(server, root))
+    page.wait_for_selector("#preview img")
+    page.fill("#question textarea", "Where is the abnormality?")
+    _ask(page, "Where is the abnormality?")
     tokens = page.query_selector_all("#tokens1 .token")
-    if not tokens:
-        pytest.fail("the answer of B has no tokens to click")
+    assert tokens, "the answer of B has no tokens to click"
     tokens[0].click()
     page.wait_for_selector("#tokenmap1 img")
     assert "attention to the image" in page.inner_text("#tokenmap1")
+    # after Ask the preview is the model's own view, so a click maps onto the 4x4 token grid
     box = page.query_selector("#preview img").bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.2)  # row 0, col 3
-    page.wait_for_selector("#patch1 .token")
-    assert "row 0, col 3" in page.inner_text("#patch1")
+    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.45)  # row 1, col 2
+    page.wait_for_function("document.querySelector('#patch1').innerText.includes('row 1, col 2')")
     before = _src(page, "#attn1 img")
     page.click("#fusion label:has-text('max')")
     page.wait_for_function(f"document.querySelector('#attn1 img').src !== {json.dumps(before)}")

@@ -46,6 +46,25 @@ def test_a_cell_equals_the_drop_computed_by_hand(tiny):
         assert grid[2, 5] == pytest.approx(score(px) - score(hidden), abs=1e-4)
 
 
+def test_large_grids_hide_blocks_of_cells(tiny):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(2), "where is the lesion?", "left lung")
+    coarse = occlusion(model, family, ex, max_side=4)  # 8x8 grid -> 2x2 blocks, 16 forwards
+    assert coarse.shape == (8, 8)
+    blocks = coarse.reshape(4, 2, 4, 2)
+    assert np.allclose(blocks, blocks[:, :1, :, :1])  # each block's cells share its drop
+    px = ex.inputs["pixel_values"]
+    ph = px.shape[-1] // 8
+    hidden = px.clone()
+    hidden[..., 4 * ph:6 * ph, 2 * ph:4 * ph] = px.mean(dim=(-2, -1), keepdim=True)  # block (2, 1)
+    with torch.no_grad():
+        def score(pixels):
+            logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
+            logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
+            return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
+        assert coarse[4, 2] == pytest.approx(score(px) - score(hidden), abs=1e-4)
+
+
 def test_a_uniform_image_has_nothing_to_hide(tiny):
     model, processor, family = tiny
     ex = prepare_example(model, processor, family, np.full((64, 64, 3), 90, np.uint8), "where?")

@@ -13,7 +13,8 @@ method of :mod:`medvlm.diagnostics` on it:
 - ``logit_lens``: p(first answer token) per patch, maxed over layers, and the top-5 tokens per
   patch and layer for the interactive page;
 - ``occlusion`` (Zeiler & Fergus 2014): the drop in log p(answer) when each image cell is hidden,
-  the faithful reference the other maps can be compared with (one forward per cell, batched).
+  the faithful reference the other maps can be compared with (at most 64 batched forwards; on
+  grids wider than 8, blocks of cells are hidden together).
 
 One :class:`ExplorerModel` holds the base model and up to two LoRA adapters (PEFT named adapters
 on one base, switched per request), so stage 1 and stage 2 can be compared on the same input.
@@ -35,12 +36,20 @@ import torch
 from PIL import Image
 
 from medvlm.diagnostics.attention_quality import map_summary
-from medvlm.diagnostics.capture import Cache, Example, capture, head_layout, load_image, prepare_example
+from medvlm.diagnostics.capture import (
+    AttentionNotEagerError,
+    Cache,
+    Example,
+    capture,
+    head_layout,
+    load_image,
+    prepare_example,
+)
 from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logit_lens import LogitLens, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
-from medvlm.diagnostics.overlay import enlarge, overlay
+from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
 from medvlm.diagnostics.probe import _lens_from_cache as lens_from_cache
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
@@ -49,8 +58,6 @@ from medvlm.utils.io import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion")
-#: Occlusion costs one forward per image cell: run it up to this many cells (the demo grid is 16).
-OCCLUSION_MAX_CELLS = 256
 BASE = "base model"
 #: Overlays are drawn at least this many pixels wide (the demo model sees 64x64 images).
 MIN_DISPLAY = 256
@@ -125,7 +132,7 @@ def adapter_label(letter: str, folder: str | Path) -> str:
     return f"{letter}: {path.parent.name if path.name == 'adapter' else path.name}"
 
 
-def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str = "float32") -> ExplorerModel:
+def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str = "auto") -> ExplorerModel:
     """Load ``model`` (hub id, folder or ``demo:<family>``) with eager attention and up to two
     adapters, labelled A and B. Raises :class:`ExplorerError` with the reason when it cannot."""
     from medvlm.models.registry import load_model_and_processor
@@ -135,7 +142,7 @@ def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str 
     if len(adapters) > 2:
         raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
     try:
-        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager")
+        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True)
     except (OSError, ValueError, KeyError) as err:
         raise ExplorerError(f"cannot load model {model!r}: {err}") from err
     labels = {adapter_label(letter, folder): str(folder) for letter, folder in zip("AB", adapters, strict=False)}
@@ -301,20 +308,26 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
         step(0.25, "attention, rollout and logit lens")
         t = time.perf_counter()
         maps: dict[str, np.ndarray] = {}
-        attn_cache = mean_cache = None
-        try:
+        attn_cache = None
+        try:  # every layer's and head's attention rows at the answer positions only
             out, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
-            _, mean_cache = capture(model, family, ex.inputs, attention=False, attention_mean=True,
-                                    hidden_states=True)
-        except RuntimeError as err:  # no eager attention: the other methods still run
+        except AttentionNotEagerError as err:  # no eager attention: the other methods still run
             errors["attention"] = errors["rollout"] = str(err)
-            out, mean_cache = capture(model, family, ex.inputs, attention=False, hidden_states=True)
+        eager = attn_cache is not None
+        # head-mean attention at every position (rollout) and the residual stream (logit lens)
+        full, mean_cache = capture(model, family, ex.inputs, attention=False, attention_mean=eager,
+                                   hidden_states=True)
+        out = out if eager else full
         tokens = _token_table(model, processor, ex, out.logits) if ex.target_ids else []
         pred = ex.target_ids[0] if ex.target_ids else int(out.logits[0, ex.target_positions[0]].argmax())
-        if attn_cache is not None:
+        if eager:
             maps["attention"] = attention_map(attn_cache, ex.target_positions, layers=last_quarter(em.n_layers))
             maps["rollout"] = rollout(mean_cache, ex.target_positions)
-        lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer, pred)
+        lens = None
+        try:
+            lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer, pred)
+        except (RuntimeError, ValueError, KeyError) as err:
+            errors["logit_lens"] = str(err)
         timings["attention + logit lens"] = time.perf_counter() - t
         step(0.45, "Grad-CAM")
         t = time.perf_counter()
@@ -334,13 +347,11 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
             errors["logprob"] = str(err)
         timings["logprob"] = time.perf_counter() - t
         t = time.perf_counter()
-        cells = ex.span.grid[0] * ex.span.grid[1]
-        if cells <= OCCLUSION_MAX_CELLS:
-            step(0.8, f"occlusion ({cells} cells)")
+        step(0.8, "occlusion")
+        try:
             maps["occlusion"] = occlusion(model, family, ex)
-        else:
-            errors["occlusion"] = (f"skipped: {cells} image cells would cost {cells} forward passes "
-                                   f"(the explorer runs occlusion up to {OCCLUSION_MAX_CELLS})")
+        except (RuntimeError, ValueError, KeyError) as err:
+            errors["occlusion"] = str(err)
         timings["occlusion"] = time.perf_counter() - t
     grid = (attn_cache or mean_cache).grid
     scores = {name: score(grid_map, mask) for name, grid_map in maps.items()}
@@ -401,10 +412,9 @@ def export(analyses: Sequence[Analysis], out_dir: str | Path) -> list[Path]:
     files = []
     for i, a in enumerate(analyses):
         tag = "".join(c if c.isalnum() else "_" for c in a.variant).strip("_") or f"variant{i}"
-        for name, img in overlays(a).items():
-            path = out_dir / f"{tag}_{name}.png"
-            img.save(path)
-            files.append(path)
+        for name, grid_map in a.maps.items():  # the same pictures as the page, written atomically
+            files.append(save_overlay(out_dir / f"{tag}_{name}.png", display_image(a.image),
+                                      np.clip(np.asarray(grid_map, float), 0.0, None), outline=a.mask))
         if a.lens is not None:
             files.append(atomic_write_text(out_dir / f"{tag}_logit_lens.html", lens_page(a)))
     files.append(atomic_write_json(out_dir / "numbers.json", {"analyses": [a.numbers() for a in analyses]}))

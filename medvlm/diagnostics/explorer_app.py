@@ -58,7 +58,17 @@ class Server:
     loader: Callable[[str, list[str]], ExplorerModel]
     samples: list[Sample]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="medvlm-explorer-")))
+    out_root: Path = field(default_factory=lambda: _download_root())
+
+
+def _download_root() -> Path:
+    """A temporary folder for the downloads, removed when the process exits."""
+    import atexit
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="medvlm-explorer-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def _fail(err: Exception) -> gr.Error:
@@ -122,8 +132,12 @@ def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str) -> list
             _tokens_table(a), _gallery(a), attn, heads, lens]
 
 
-def build_app(server: Server) -> gr.Blocks:
-    """The page. Returns the Blocks (launch it with :func:`launch`)."""
+def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
+    """The page. Returns the Blocks (launch it with :func:`launch`).
+
+    ``allow_model_loading``: show the Model panel, which loads any model or adapter path for every
+    user of the app (the explorer is a local, single-user tool: switch it off when serving others).
+    """
     em = server.model
     layers = [FUSED] + [str(i) for i in range(em.n_layers)]
     heads = [ALL_HEADS] + [str(i) for i in range(em.n_heads)]
@@ -154,7 +168,7 @@ def build_app(server: Server) -> gr.Blocks:
                     head = gr.Dropdown(heads, value=ALL_HEADS, label="head", elem_id="head")
                     fusion = gr.Radio(["mean", "max", "entropy"], value="mean", label="head fusion",
                                       elem_id="fusion")
-                with gr.Accordion("Model", open=False):
+                with gr.Accordion("Model", open=False, visible=allow_model_loading):
                     model_box = gr.Textbox(em.name, label="model (hub id, folder or demo:llava)")
                     adapters_box = gr.Textbox("\n".join(em.adapter_paths),
                                               label="adapters (one folder per line, at most two)", lines=2)
@@ -198,12 +212,14 @@ def build_app(server: Server) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001 - any unreadable input becomes a message
                 raise _fail(err) from err
             preset = next((s.question for s in server.samples if s.label == sample_v), None)
+            # a new input drops the previous analyses, so clicks never read another image's maps
             return (display_image(np.asarray(shown)) if shown is not None else None, image, mask,
-                    gr.update(value=preset) if preset else gr.update())
+                    gr.update(value=preset) if preset else gr.update(), [])
 
         input_events = [sample.change, upload.upload, window.change, level.submit, width.submit]
         for event in input_events:
-            event(on_input, [sample, upload, window, level, width], [preview, image_state, mask_state, question])
+            event(on_input, [sample, upload, window, level, width],
+                  [preview, image_state, mask_state, question, results])
 
         def on_ask(image, mask_path, question_v, chosen, layer_v, head_v, fusion_v,
                    progress=gr.Progress()):  # noqa: B008 - Gradio injects progress via this default
@@ -220,20 +236,21 @@ def build_app(server: Server) -> gr.Blocks:
                             progress((k + f) / len(chosen), desc=f"{variant}: {text}")
                         out.append(analyze(server.model, variant, image, question_v, mask=mask, progress=report))
                 files = export(out, Path(tempfile.mkdtemp(dir=server.out_root)))
+                # the preview becomes what the model saw (its input resolution, enlarged), so a click
+                # on it maps to the image-token grid whatever the uploaded size or the processor's crop
+                values: list[Any] = [out, [str(f) for f in files], display_image(out[0].image)]
+                for i in range(SLOTS):
+                    values += _slot_values(out[i] if i < len(out) else None, layer_v, head_v, fusion_v)
             except Exception as err:  # noqa: BLE001
                 raise _fail(err) from err
-            values: list[Any] = [out, [str(f) for f in files]]
-            for i in range(SLOTS):
-                values += _slot_values(out[i] if i < len(out) else None, layer_v, head_v, fusion_v)
             seconds = sum(a.timings["total"] for a in out)
             values.append(f"Answered in {seconds:.2f} s ({', '.join(html.escape(a.variant) for a in out)}).")
             return values
 
         slot_outputs = [c for slot, _, _ in slots for c in slot]
-        ask.click(on_ask, [image_state, mask_state, question, variants, layer, head, fusion],
-                  [results, downloads] + slot_outputs + [status])
-        question.submit(on_ask, [image_state, mask_state, question, variants, layer, head, fusion],
-                        [results, downloads] + slot_outputs + [status])
+        ask_outputs = [results, downloads, preview] + slot_outputs + [status]
+        ask.click(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
+        question.submit(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
 
         def on_controls(analyses, layer_v, head_v, fusion_v):
             lay, hd = _layer_head(layer_v, head_v)
@@ -279,6 +296,8 @@ def build_app(server: Server) -> gr.Blocks:
             preview.select(on_patch, [results, layer, head, fusion], [patch_tokens])
 
         def on_load(name, adapters_text, progress=gr.Progress()):  # noqa: B008 - as above
+            if not allow_model_loading:
+                raise gr.Error("loading models is switched off on this server")
             adapters = [line.strip() for line in (adapters_text or "").splitlines() if line.strip()]
             progress(0.1, desc=f"loading {name}")
             try:

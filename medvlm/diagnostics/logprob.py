@@ -145,13 +145,19 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     if target_id is None:
         target_id = (example.target_ids[0] if example.target_ids and query_position is None
                      else int(final.argmax()))
-    contrib = layer_contributions(model, family, cache, chosen, q, src)  # [L, H, P, D]
-    h = torch.stack([cache["resid_pre", layer][0, q] for layer in chosen]).float()  # [L, D]
-    candidates = torch.cat([h, (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
-    logp = torch.cat([torch.log_softmax(residual_to_logits(model, family, candidates[i:i + chunk]), -1)[:, target_id]
-                      for i in range(0, candidates.shape[0], chunk)])
-    base, scored = logp[:len(chosen)], logp[len(chosen):].reshape(contrib.shape[:3])
-    delta = scored - base[:, None, None]
+    # one layer at a time: [H, P, D] candidates (a 7B LLaVA's [L, H, P, D] would be ~10 GB in fp32)
+    bases, scores = [], []
+    for layer in chosen:
+        contrib = layer_contributions(model, family, cache, [layer], q, src)[0]  # [H, P, D]
+        h = cache["resid_pre", layer][0, q].float()  # [D]
+        candidates = torch.cat([h[None], (h + contrib).reshape(-1, h.shape[-1])])
+        logp = torch.cat([torch.log_softmax(residual_to_logits(model, family, candidates[i:i + chunk]), -1)
+                          [:, target_id] for i in range(0, candidates.shape[0], chunk)])
+        bases.append(logp[0])
+        scores.append(logp[1:].reshape(contrib.shape[:2]))
+        del contrib, candidates
+    base = torch.stack(bases)
+    delta = torch.stack(scores) - base[:, None, None]
     token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
     return LogProbIncrease(int(target_id), token, q, float(final[target_id]), chosen, list(cache.heads), src,
                            image_positions, span.grid, delta.double().cpu().numpy(), base.double().cpu().numpy())

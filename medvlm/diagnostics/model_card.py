@@ -73,7 +73,7 @@ def load_adapter_model(stage_dir: str | Path, model_name_or_path: str | None = N
 
     stage_dir = Path(stage_dir)
     loaded = load_model_and_processor(model_name_or_path or adapter_base(stage_dir, prefer_local=True),
-                                      attn_implementation="eager")
+                                      dtype="auto", attn_implementation="eager", for_inference=True)
     model, cfg = loaded.model, stage_config(stage_dir)
     if cfg.get("init_adapter") and cfg.get("adapter_mode") == "merge":
         model = PeftModel.from_pretrained(model, cfg["init_adapter"]).merge_and_unload()

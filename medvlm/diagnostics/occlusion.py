@@ -12,7 +12,10 @@ when there is no answer)::
 Positive cells support the answer. It needs no attention weights and no gradients, and it is
 faithful by construction (it measures the model's output, not an internal proxy), which makes it
 the reference the other maps are compared with. Its price is one forward pass per cell:
-``batch_size`` cells share one batched forward.
+``batch_size`` cells share one batched forward, and logits are computed at the answer positions
+only (``logits_to_keep``), not over the whole sequence and vocabulary. On grids wider than
+``max_side`` (a real checkpoint's 16x16 to 32x32) blocks of cells are hidden together, so at
+most ``max_side**2`` forwards run; every cell of a block gets the block's drop.
 """
 
 from __future__ import annotations
@@ -36,15 +39,16 @@ def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Seque
 @torch.no_grad()
 def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
               target_ids: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-              batch_size: int = 16) -> np.ndarray:
+              batch_size: int = 16, max_side: int | None = 8) -> np.ndarray:
     """Occlusion map (rows, cols) of ``example`` (see the module docstring).
 
     ``target_ids`` / ``positions`` default to the example's answer tokens and the positions that
     predict them, else the model's predicted token at the last position. ``batch_size`` occluded
-    images go through the model at a time (1 = one forward per cell).
+    images go through the model at a time (1 = one forward per cell). ``max_side``: hide blocks of
+    ``ceil(side / max_side)`` cells on larger grids (None: always one cell).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected at least 1")
+    if batch_size < 1 or (max_side is not None and max_side < 1):
+        raise ValueError(f"batch_size={batch_size}, max_side={max_side}; expected at least 1")
     inputs = example.inputs
     if "pixel_values" not in inputs:
         raise KeyError(f"occlusion needs 'pixel_values' in the inputs; found {sorted(inputs)}")
@@ -52,27 +56,33 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     _check_pixels(model, inputs)
     rows, cols = (example.span or family.image_span(model, inputs["input_ids"][0])).grid
     positions = list(positions) if positions is not None else example.target_positions
+    seq_len = int(inputs["input_ids"].shape[-1])
+    keep = torch.tensor([p % seq_len for p in positions], dtype=torch.long)  # logits only where scored
+    rows_at = list(range(len(positions)))  # the kept logits' rows, in the order of ``positions``
+    block = 1 if max_side is None else max(1, -(-max(rows, cols) // max_side))
     was_training = model.training
     model.eval()
     try:
-        base_logits = model(**inputs, use_cache=False).logits
+        base_logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
         if target_ids is None:
-            target_ids = example.target_ids or base_logits[0, positions].argmax(-1).tolist()
-        base = float(_answer_score(base_logits, positions, target_ids)[0])
+            target_ids = example.target_ids or base_logits[0, rows_at].argmax(-1).tolist()
+        base = float(_answer_score(base_logits, rows_at, target_ids)[0])
         px = inputs["pixel_values"]
         ph, pw = px.shape[-2] // rows, px.shape[-1] // cols
         fill = px.mean(dim=(-2, -1), keepdim=True)  # [1, C, 1, 1]
-        cells = [(r, c) for r in range(rows) for c in range(cols)]
-        drops = np.zeros(rows * cols)
-        for start in range(0, len(cells), batch_size):
-            chunk = cells[start:start + batch_size]
+        blocks = [(r, c) for r in range(0, rows, block) for c in range(0, cols, block)]
+        drops = np.zeros((rows, cols))
+        for start in range(0, len(blocks), batch_size):
+            chunk = blocks[start:start + batch_size]
             occluded = px.repeat(len(chunk), 1, 1, 1)
             for i, (r, c) in enumerate(chunk):
-                occluded[i, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = fill[0]
+                occluded[i, :, r * ph:(r + block) * ph, c * pw:(c + block) * pw] = fill[0]
             batch = {k: (occluded if k == "pixel_values" else v.expand(len(chunk), *v.shape[1:]))
                      for k, v in inputs.items()}
-            scores = _answer_score(model(**batch, use_cache=False).logits, positions, target_ids)
-            drops[start:start + len(chunk)] = base - scores.double().cpu().numpy()
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            scores = base - _answer_score(logits, rows_at, target_ids).double().cpu().numpy()
+            for (r, c), drop in zip(chunk, scores, strict=True):
+                drops[r:r + block, c:c + block] = drop
     finally:
         model.train(was_training)
-    return drops.reshape(rows, cols)
+    return drops

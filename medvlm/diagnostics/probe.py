@@ -12,14 +12,16 @@ position; no answer is teacher-forced):
   states for the geometry;
 - ``gradcam`` and ``logprob`` (log-probability increase, top heads) need gradients / value vectors
   and run their own pass; ``occlusion`` (the faithful reference: the drop in p(predicted token)
-  when each image cell is hidden) runs one batched pass per 16 cells.
+  when each image cell is hidden) runs one batched pass per 16 cells (blocks of cells on grids
+  wider than 8, so at most 64 forwards).
 
 Each map is scored against the lesion mask with :func:`~medvlm.diagnostics.attention_quality.map_summary`
 (ROI mass, chance, ratio, pointing game, focus, gini). Geometry pools the hidden states of all
 probe examples (so that tokens outnumber dimensions and linearity is not trivially 1). The
-parameter-randomisation test runs on the first ``sanity_examples`` examples. A method is
-*trusted* when its mean ROI ratio is above 1 (better than chance) and it passes the randomisation
-test (see :func:`trust_verdict`).
+parameter-randomisation test (top layer of both towers re-initialised) runs on the first
+``sanity_examples`` examples. A method is *trusted* when its ROI mass beats chance consistently
+across the examples (one-sided Wilcoxon, p < 0.05, at least 5 examples) and it passes the
+randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`).
 
 Everything undefined is NaN (or None) with a reason; nothing is dropped silently.
 """

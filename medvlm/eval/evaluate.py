@@ -49,7 +49,8 @@ class ModelEvalConfig:
     model: str = field(metadata={"help": "hub id, local folder, or demo:paligemma / demo:llava"})
     output: str = field(metadata={"help": "folder for predictions, metrics and manifest"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16 "
+                                                         "| float16"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fast) | eager"})
     dataset: str = field(default="phantom", metadata={"help": "phantom, a saved dataset folder, or a mix YAML"})
     split: str = field(default="test", metadata={"help": "split to evaluate"})
@@ -139,7 +140,8 @@ def load_model(cfg: ModelEvalConfig):
     from medvlm.models.registry import load_model_and_processor
 
     try:
-        loaded = load_model_and_processor(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        loaded = load_model_and_processor(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                          for_inference=True)
     except OSError as e:  # transformers' "not a valid model identifier" and missing files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelEvalError(f"cannot load model {cfg.model!r}: {first}") from e

@@ -70,18 +70,24 @@ def load_model_and_processor(
     dtype: str = "float32",
     quantization_bits: int | None = None,
     attn_implementation: str | None = "eager",
+    for_inference: bool = False,
 ) -> LoadedModel:
     """Load a PaliGemma or LLaVA-style model and its processor.
 
     ``attn_implementation="eager"`` is the default because diagnostics need attention weights
     (sdpa returns none); pass ``"sdpa"`` for faster training when no diagnostics run.
+    ``dtype="auto"``: bfloat16 on a GPU, float32 on a CPU. ``for_inference`` (evaluation,
+    diagnostics, the explorer) puts an unquantised model on the GPU when there is one; training
+    leaves placement to the Trainer / accelerate.
     """
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     path = resolve_model_path(model_name_or_path)
     if os.path.sep in path and not Path(path).exists():
         raise FileNotFoundError(f"model folder {path} does not exist; pass a hub id or an existing folder")
     family = detect_family(path)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} unknown; expected auto or one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     qconfig = quantization_config(quantization_bits, torch_dtype)
     model = family.model_class.from_pretrained(
@@ -89,4 +95,6 @@ def load_model_and_processor(
         quantization_config=qconfig, device_map=device_map_for(qconfig is not None),
     )
     processor = AutoProcessor.from_pretrained(path)
+    if for_inference and qconfig is None and torch.cuda.is_available():
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return LoadedModel(model, processor, family)
