@@ -148,3 +148,13 @@ def test_layer_position_and_target_choices(setup, fam):
     np.testing.assert_allclose(alls.position_map(), full.position_map(), atol=1e-6)
     with pytest.raises(ValueError, match="positions='text'"):
         logprob_increase(model, family, ex, tok, positions="text")
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_scoring_layers_in_small_groups_gives_the_same_deltas(setup, fam):
+    """The memory bound (one layer per readout for a 7B model) does not change the numbers."""
+    model, family, _, question, _ = setup[fam]
+    together = logprob_increase(model, family, question)
+    one_by_one = logprob_increase(model, family, question, memory_mb=1e-6)  # a group of one layer each
+    assert np.allclose(together.delta, one_by_one.delta, atol=1e-5)
+    assert np.allclose(together.layer_base_logprob, one_by_one.layer_base_logprob, atol=1e-6)

@@ -117,13 +117,14 @@ def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache
 def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer=None, *,
                      layers: Sequence[int] | None = None, positions: str | Sequence[int] = "image",
                      query_position: int | None = None, target_id: int | None = None,
-                     chunk: int = 512) -> LogProbIncrease:
+                     chunk: int = 512, memory_mb: float = 512) -> LogProbIncrease:
     """delta for every (layer, head, source position) from one capture pass.
 
     ``query_position`` defaults to the example's first target position (the last prompt position
     without an answer); ``target_id`` to the example's answer token there, else the model's
     prediction. ``positions``: ``"image"`` (default), ``"all"`` or explicit source positions.
-    ``chunk`` candidates are unembedded at a time (chunk x vocab floats).
+    ``chunk`` candidates are unembedded at a time (chunk x vocab floats); layers are scored in
+    groups whose candidate vectors fit ``memory_mb``.
     """
     n_layers = len(family.decoder_layers(model))
     chosen = sorted({x % n_layers for x in layers}) if layers is not None else list(range(n_layers))
@@ -145,19 +146,24 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     if target_id is None:
         target_id = (example.target_ids[0] if example.target_ids and query_position is None
                      else int(final.argmax()))
-    # one layer at a time: [H, P, D] candidates (a 7B LLaVA's [L, H, P, D] would be ~10 GB in fp32)
+    # layers in groups whose fp32 candidates [g, H, P, D] fit ``memory_mb`` (a 7B LLaVA's whole
+    # [L, H, P, D] would be ~10 GB): the tiny demo model scores all layers in one readout
+    d_model = cache["resid_pre", chosen[0]].shape[-1]
+    per_layer = 1 + len(cache.heads) * len(src)
+    group = max(1, int(memory_mb * 2**20 // (4 * d_model * per_layer)))
     bases, scores = [], []
-    for layer in chosen:
-        contrib = layer_contributions(model, family, cache, [layer], q, src)[0]  # [H, P, D]
-        h = cache["resid_pre", layer][0, q].float()  # [D]
-        candidates = torch.cat([h[None], (h + contrib).reshape(-1, h.shape[-1])])
+    for start in range(0, len(chosen), group):
+        layers_g = chosen[start:start + group]
+        contrib = layer_contributions(model, family, cache, layers_g, q, src)  # [g, H, P, D]
+        h = torch.stack([cache["resid_pre", layer][0, q] for layer in layers_g]).float()  # [g, D]
+        candidates = torch.cat([h, (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
         logp = torch.cat([torch.log_softmax(residual_to_logits(model, family, candidates[i:i + chunk]), -1)
                           [:, target_id] for i in range(0, candidates.shape[0], chunk)])
-        bases.append(logp[0])
-        scores.append(logp[1:].reshape(contrib.shape[:2]))
+        bases.append(logp[:len(layers_g)])
+        scores.append(logp[len(layers_g):].reshape(contrib.shape[:3]))
         del contrib, candidates
-    base = torch.stack(bases)
-    delta = torch.stack(scores) - base[:, None, None]
+    base = torch.cat(bases)
+    delta = torch.cat(scores) - base[:, None, None]
     token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
     return LogProbIncrease(int(target_id), token, q, float(final[target_id]), chosen, list(cache.heads), src,
                            image_positions, span.grid, delta.double().cpu().numpy(), base.double().cpu().numpy())
