@@ -16,6 +16,20 @@ def tiny(request):
     return eager_tiny(request.param)
 
 
+@torch.no_grad()
+def _hand_drop(model, ex, rows: slice, cols: slice) -> float:
+    """log p(answer) minus the same with pixel rows x cols replaced by the image mean, by hand."""
+    px = ex.inputs["pixel_values"]
+    hidden = px.clone()
+    hidden[..., rows, cols] = px.mean(dim=(-2, -1), keepdim=True)
+
+    def score(pixels):
+        logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
+        logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
+        return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
+    return score(px) - score(hidden)
+
+
 def _image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
@@ -34,16 +48,8 @@ def test_a_cell_equals_the_drop_computed_by_hand(tiny):
     model, processor, family = tiny
     ex = prepare_example(model, processor, family, _image(1), "where is the lesion?", "left lung")
     grid = occlusion(model, family, ex)
-    px = ex.inputs["pixel_values"]
-    ph = px.shape[-1] // 8
-    hidden = px.clone()
-    hidden[..., 2 * ph:3 * ph, 5 * ph:6 * ph] = px.mean(dim=(-2, -1), keepdim=True)
-    with torch.no_grad():
-        def score(pixels):
-            logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
-            logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
-            return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
-        assert grid[2, 5] == pytest.approx(score(px) - score(hidden), abs=1e-4)
+    ph = ex.inputs["pixel_values"].shape[-1] // 8
+    assert grid[2, 5] == pytest.approx(_hand_drop(model, ex, slice(2 * ph, 3 * ph), slice(5 * ph, 6 * ph)), abs=1e-4)
 
 
 def test_large_grids_hide_blocks_of_cells(tiny):
@@ -53,16 +59,9 @@ def test_large_grids_hide_blocks_of_cells(tiny):
     assert coarse.shape == (8, 8)
     blocks = coarse.reshape(4, 2, 4, 2)
     assert np.allclose(blocks, blocks[:, :1, :, :1])  # each block's cells share its drop
-    px = ex.inputs["pixel_values"]
-    ph = px.shape[-1] // 8
-    hidden = px.clone()
-    hidden[..., 4 * ph:6 * ph, 2 * ph:4 * ph] = px.mean(dim=(-2, -1), keepdim=True)  # block (2, 1)
-    with torch.no_grad():
-        def score(pixels):
-            logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
-            logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
-            return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
-        assert coarse[4, 2] == pytest.approx(score(px) - score(hidden), abs=1e-4)
+    ph = ex.inputs["pixel_values"].shape[-1] // 8
+    block = _hand_drop(model, ex, slice(4 * ph, 6 * ph), slice(2 * ph, 4 * ph))  # block (2, 1): cells 4-5 x 2-3
+    assert coarse[4, 2] == pytest.approx(block, abs=1e-4)
 
 
 def test_a_uniform_image_has_nothing_to_hide(tiny):
