@@ -46,11 +46,10 @@ from medvlm.diagnostics.capture import (
     prepare_example,
 )
 from medvlm.diagnostics.gradcam import gradcam
-from medvlm.diagnostics.logit_lens import LogitLens, lens_html
+from medvlm.diagnostics.logit_lens import LogitLens, lens_from_cache, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
-from medvlm.diagnostics.probe import _lens_from_cache as lens_from_cache
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -325,7 +324,8 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
             maps["rollout"] = rollout(mean_cache, ex.target_positions)
         lens = None
         try:
-            lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer, pred)
+            lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer,
+                                                        target_id=pred)
         except (RuntimeError, ValueError, KeyError) as err:
             errors["logit_lens"] = str(err)
         timings["attention + logit lens"] = time.perf_counter() - t

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medvlm.diagnostics.capture import Example, capture, text_config
+from medvlm.diagnostics.capture import Cache, Example, capture, text_config
 from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
 
@@ -73,27 +73,44 @@ class LogitLens:
         return self.best_layer.reshape(self.grid)
 
 
-def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer, *, k: int = 5,
-               layers: Sequence[int] | None = None, chunk: int = 64) -> LogitLens:
-    """Logit lens at the image positions of ``example`` for ``layers`` (default all), from one pass.
+@torch.no_grad()
+def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, tokenizer=None, *, k: int = 5,
+                    target_id: int | None = None, chunk: int = 64) -> tuple[LogitLens, np.ndarray | None]:
+    """Logit lens at the image positions from a capture's ``resid_post`` (every captured layer),
+    and with ``target_id`` the map of p(target token) per patch, maxed over layers (else None).
 
     ``chunk`` image positions are unembedded at a time to bound memory (vocab x chunk floats).
+    Without a tokenizer the top tokens are given as their ids.
     """
-    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True)
     span = cache.image_span
     used = cache.layers("resid_post")
-    ids, probs = [], []
-    with torch.no_grad():
-        for layer in used:
-            h = cache["resid_post", layer][0, span.start:span.end]
-            top = [torch.softmax(residual_to_logits(model, family, h[i:i + chunk]), -1).topk(k, dim=-1)
-                   for i in range(0, h.shape[0], chunk)]
-            ids.append(torch.cat([t.indices for t in top]))
-            probs.append(torch.cat([t.values for t in top]))
+    ids, probs, target = [], [], []
+    for layer in used:
+        h = cache["resid_post", layer][0, span.start:span.end]
+        tops, hits = [], []
+        for i in range(0, h.shape[0], chunk):
+            p = torch.softmax(residual_to_logits(model, family, h[i:i + chunk]), -1)
+            tops.append(p.topk(k, dim=-1))
+            if target_id is not None:
+                hits.append(p[:, target_id])
+        ids.append(torch.cat([t.indices for t in tops]))
+        probs.append(torch.cat([t.values for t in tops]))
+        if target_id is not None:
+            target.append(torch.cat(hits))
     top_ids = torch.stack(ids).cpu().numpy()
-    tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
-    return LogitLens(used, list(range(span.start, span.end)), span.grid, top_ids,
+    decode = tokenizer.decode if tokenizer is not None else (lambda t: str(t[0]))
+    tokens = [[[decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
+    lens = LogitLens(used, list(range(span.start, span.end)), span.grid, top_ids,
                      torch.stack(probs).double().cpu().numpy(), tokens)
+    grid_map = None if target_id is None else torch.stack(target).amax(0).reshape(span.grid).double().cpu().numpy()
+    return lens, grid_map
+
+
+def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer, *, k: int = 5,
+               layers: Sequence[int] | None = None, chunk: int = 64) -> LogitLens:
+    """Logit lens at the image positions of ``example`` for ``layers`` (default all), from one pass."""
+    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True)
+    return lens_from_cache(model, family, cache, tokenizer, k=k, chunk=chunk)[0]
 
 
 def layer_table(lens: LogitLens, n: int = 5) -> list[dict]:

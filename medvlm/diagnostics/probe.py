@@ -49,7 +49,7 @@ from medvlm.diagnostics.capture import (
     prepare_example,
 )
 from medvlm.diagnostics.gradcam import gradcam
-from medvlm.diagnostics.logit_lens import LogitLens, layer_table, residual_to_logits
+from medvlm.diagnostics.logit_lens import layer_table, lens_from_cache
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, save_overlay
@@ -128,37 +128,11 @@ def _attention_from_cache(cache: Cache, position: int) -> np.ndarray:
     return torch.stack(rows).float().mean(0).reshape(span.grid).double().cpu().numpy()
 
 
-@torch.no_grad()
-def _lens_from_cache(model, family: ModelFamily, cache: Cache, tokenizer, target_id: int,
-                     k: int = 5) -> tuple[LogitLens, np.ndarray]:
-    """Logit lens at the image positions from the shared cache (same readout as
-    :func:`medvlm.diagnostics.logit_lens.logit_lens`, which would run its own pass), and the map
-    of p(predicted answer token) at each patch, maxed over layers."""
-    span = cache.image_span
-    layers = cache.layers("resid_post")
-    ids, probs, target = [], [], []
-    for layer in layers:
-        p = torch.softmax(residual_to_logits(model, family, cache["resid_post", layer][0, span.start:span.end]), -1)
-        top = p.topk(k, dim=-1)
-        ids.append(top.indices)
-        probs.append(top.values)
-        target.append(p[:, target_id])
-    top_ids = torch.stack(ids).cpu().numpy()
-    tokens = [[[tokenizer.decode([int(t)]) for t in cell] for cell in layer] for layer in top_ids]
-    lens = LogitLens(layers, list(range(span.start, span.end)), span.grid, top_ids,
-                     torch.stack(probs).double().cpu().numpy(), tokens)
-    return lens, torch.stack(target).amax(0).reshape(span.grid).double().cpu().numpy()
-
-
 def logit_lens_map(model, family: ModelFamily, example: Example) -> np.ndarray:
     """p(predicted token) per patch, maxed over layers, from a hidden-states-only pass."""
     out, cache = capture(model, family, example.inputs, attention=False, hidden_states=True)
     pred = int(out.logits[0, example.target_positions[0]].argmax())
-    span = cache.image_span
-    with torch.no_grad():
-        maps = [torch.softmax(residual_to_logits(model, family, cache["resid_post", layer][0, span.start:span.end]),
-                              -1)[:, pred] for layer in cache.layers("resid_post")]
-    return torch.stack(maps).amax(0).reshape(span.grid).double().cpu().numpy()
+    return lens_from_cache(model, family, cache, target_id=pred)[1]
 
 
 def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
@@ -266,7 +240,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     timings["capture"] += clock() - t
     t = clock()
     if "logit_lens" in methods:
-        lens, maps["logit_lens"] = _lens_from_cache(model, family, cache, processor.tokenizer, pred)
+        lens, maps["logit_lens"] = lens_from_cache(model, family, cache, processor.tokenizer, target_id=pred)
         best = Counter(int(b) for b in lens.best_layer)
         row["logit_lens"] = {"best_layer_counts": {str(k): v for k, v in sorted(best.items())},
                              "mean_best_layer": float(np.mean(lens.best_layer)),
