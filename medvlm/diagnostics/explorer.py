@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medvlm.diagnostics.attention_quality import map_summary
 from medvlm.diagnostics.capture import (
     AttentionNotEagerError,
     Cache,
@@ -50,6 +49,7 @@ from medvlm.diagnostics.logit_lens import LogitLens, lens_from_cache, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
+from medvlm.diagnostics.probe import score_map
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -354,20 +354,11 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
             errors["occlusion"] = str(err)
         timings["occlusion"] = time.perf_counter() - t
     grid = (attn_cache or mean_cache).grid
-    scores = {name: score(grid_map, mask) for name, grid_map in maps.items()}
+    scores = {name: score_map(grid_map, mask) for name, grid_map in maps.items()}
     timings["total"] = time.perf_counter() - t0
     return Analysis(variant, question, answer, tokens, ex.image, grid, em.n_layers, em.n_heads,
                     {m: maps[m] for m in METHODS if m in maps}, scores, heads, lens, timings, errors,
                     list(ex.target_positions), attn_cache, mean_cache, mask)
-
-
-def score(grid_map: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-    """Focus, Gini and (with a mask) ROI mass and pointing game of a map; signed maps are clipped
-    at 0 (where the positive evidence lies). A map with no positive mass scores NaN."""
-    g = np.clip(np.asarray(grid_map, float), 0.0, None)
-    if not np.isfinite(g).all() or g.sum() <= 0:
-        return {"focus": float("nan"), "gini": float("nan"), "note": "no positive mass"}
-    return map_summary(g, mask)
 
 
 # -- pictures and files ---------------------------------------------------------------------------

@@ -148,13 +148,14 @@ def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
     return {name: table[name] for name in methods}
 
 
-def score_map(grid: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """:func:`map_summary` of a map against a mask; signed maps are clipped at 0 first (the score
-    asks where the positive evidence lies); a map without positive mass gets NaN and the reason."""
+def score_map(grid: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    """:func:`map_summary` of a map (against a mask when there is one); signed maps are clipped at 0
+    first (the score asks where the positive evidence lies); a map without positive mass gets NaN
+    and the reason."""
     g = np.clip(np.asarray(grid, float), 0.0, None)
     if not np.isfinite(g).all() or g.sum() <= 0:
         why = "map has no positive finite mass"
-        keys = ("focus", "gini", "entropy", "roi_mass", "roi_chance", "roi_mass_ratio")
+        keys = ("focus", "gini", "entropy") + (() if mask is None else ("roi_mass", "roi_chance", "roi_mass_ratio"))
         return {**dict.fromkeys(keys, float("nan")), "pointing_game": None, "nan_reasons": dict.fromkeys(keys, why)}
     return map_summary(g, mask)
 
