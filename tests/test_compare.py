@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from medvlm.eval.compare import CompareError, collect_entries
 from medvlm.eval.scoring import score_records
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "compare.py"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval/compare.py")
 
 
 def _metrics(n_correct: int) -> dict:

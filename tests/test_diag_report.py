@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from huggingface_hub import HfApi, ModelCard
+from scripts import load_script
 
 from medvlm.diagnostics import model_card as mc
 from medvlm.diagnostics.report import (
@@ -173,18 +174,13 @@ def test_push_only_when_asked(probed_stage, tmp_path, monkeypatch):
 
 def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stage, tiny_paligemma, tmp_path,
                                                                       monkeypatch):
-    import importlib.util
     import shutil
-    from pathlib import Path
 
     calls = _no_network(monkeypatch)
     stage, _ = lora_stage
     run = tmp_path / "fresh"
     shutil.copytree(stage, run / "stage2", ignore=shutil.ignore_patterns("diagnostics"))
-    spec = importlib.util.spec_from_file_location("run_diagnostics", Path(__file__).parents[1] / "diagnostics" /
-                                                  "run_diagnostics.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("diagnostics/run_diagnostics.py")
     assert script.main([str(run), "--max-examples", "2", "--model-name-or-path", str(tiny_paligemma)]) == 0
     diag = json.loads((run / "stage2" / "diagnostics" / "diagnostics.json").read_text())
     assert diag["status"] == "ok" and diag["n_examples"] == 2 and diag["checkpoint"] == "final adapter"
@@ -198,7 +194,6 @@ def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stag
 
 
 def test_the_final_adapter_is_probed_again_only_when_asked(probed_stage, tiny_paligemma, tmp_path, monkeypatch):
-    import importlib.util
     import shutil
     from pathlib import Path
 
@@ -207,10 +202,7 @@ def test_the_final_adapter_is_probed_again_only_when_asked(probed_stage, tiny_pa
     run = tmp_path / "probed"
     shutil.copytree(stage, run / "stage2", ignore=lambda folder, names: ["diagnostics"] if Path(folder) == stage else [])
     assert list((run / "stage2").glob("checkpoint-*/diagnostics/diagnostics.json"))
-    spec = importlib.util.spec_from_file_location("run_diagnostics", Path(__file__).parents[1] / "diagnostics" /
-                                                  "run_diagnostics.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("diagnostics/run_diagnostics.py")
     final = run / "stage2" / "diagnostics" / "diagnostics.json"
     assert script.main([str(run), "--model-name-or-path", str(tiny_paligemma)]) == 0
     assert not final.exists()  # the checkpoints' diagnostics are reported as they are

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 from pathlib import Path
 
 import pytest
 from ollama_stub import OllamaStub
-
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "run_eval.py"
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def run_eval():
-    spec = importlib.util.spec_from_file_location("run_eval_model_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval/run_eval.py")
 
 
 def _read(path: Path) -> list[dict]:

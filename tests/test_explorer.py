@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from explorer_fixtures import build_model_with_adapters
 from PIL import Image
+from scripts import load_script
 
 from medvlm.diagnostics.explorer import (
     BASE,
@@ -175,14 +176,7 @@ def test_bad_requests_give_clear_errors(explorer, tmp_path):
 
 
 def test_the_command_line_finds_a_runs_stages_and_defaults_to_the_demo(tmp_path, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("explore", Path(__file__).parents[1] / "diagnostics" / "explore.py")
-    explore = importlib.util.module_from_spec(spec)
-    sys.modules["explore"] = explore
-    spec.loader.exec_module(explore)
+    explore = load_script("diagnostics/explore.py")
     assert explore.default_sources(tmp_path / "runs") == ("demo:llava", [])
     run = tmp_path / "runs" / "demo-llava-1"
     for stage in ("stage1", "stage2"):

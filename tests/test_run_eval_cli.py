@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from medvlm.utils.io import sha256_file
-
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "run_eval.py"
 
 
 @pytest.fixture(scope="module")
 def run_eval():
-    spec = importlib.util.spec_from_file_location("run_eval_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval/run_eval.py")
 
 
 def _write(path, rows):
