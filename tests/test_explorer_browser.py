@@ -191,7 +191,7 @@ def test_dicom_upload_with_a_window_preset(served, page):
     page.wait_for_function(f"document.querySelector('#preview img').src !== {json.dumps(first)}")
 
 
-def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page):
+def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page, capfd, caplog):
     server, _, root = served
     bad = root / "not-a-scan.png"
     bad.write_text("plain text, not an image")
@@ -207,6 +207,9 @@ def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page):
     playwright.expect(model_box).to_have_value(missing)
     page.click("#load")
     assert "cannot load model" in _toast(page)
+    # expected failures are a line in the server's log, not a traceback
+    assert "Traceback" not in capfd.readouterr().err
+    assert any("not-a-scan.png is not an image" in r.getMessage() for r in caplog.records)
     # still serving the model it had: a phantom case is answered
     page.click("#sample input")
     page.click("ul[role=listbox] li:has-text('phantom X-ray chest')")

@@ -72,11 +72,12 @@ def _download_root() -> Path:
 
 
 def _fail(err: Exception) -> gr.Error:
-    """A message shown in the page; the app keeps serving."""
+    """A message shown in the page; the app keeps serving. An expected failure (a bad file, an
+    unknown model) is one log line; anything else also prints its traceback to the console."""
+    expected = isinstance(err, (ExplorerError, FileNotFoundError, ValueError))
     logger.warning("explorer: %s", err)
-    text = str(err) if isinstance(err, (ExplorerError, FileNotFoundError, ValueError)) else \
-        f"{type(err).__name__}: {err}"
-    return gr.Error(text)
+    text = str(err) if expected else f"{type(err).__name__}: {err}"
+    return gr.Error(text, print_exception=not expected)
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
         def on_ask(image, mask_path, question_v, chosen, layer_v, head_v, fusion_v,
                    progress=gr.Progress()):  # noqa: B008 - Gradio injects progress via this default
             if image is None:
-                raise gr.Error("pick a sample or upload an image first")
+                raise gr.Error("pick a sample or upload an image first", print_exception=False)
             chosen = [v for v in (chosen or [])][:SLOTS] or server.model.variants[:1]
             out: list[Analysis] = []
             try:
@@ -297,7 +298,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
 
         def on_load(name, adapters_text, progress=gr.Progress()):  # noqa: B008 - as above
             if not allow_model_loading:
-                raise gr.Error("loading models is switched off on this server")
+                raise gr.Error("loading models is switched off on this server", print_exception=False)
             adapters = [line.strip() for line in (adapters_text or "").splitlines() if line.strip()]
             progress(0.1, desc=f"loading {name}")
             try:
