@@ -261,6 +261,18 @@ def test_local_json_mode_validates_and_resamples(monkeypatch):
     assert len(calls) == 3
 
 
+def test_json_retries_happen_once_with_a_new_seed_each(monkeypatch):
+    from medvlm.llm.jsonout import generate_json
+
+    local = TransformersLLM("/nonexistent/model")  # nothing is loaded in this test
+    monkeypatch.setattr(local, "_schema_constraint", lambda schema: None)
+    seeds = []
+    monkeypatch.setattr(local, "_generate_once", lambda p, s, o, a=None: seeds.append(o.get("seed")) or "no json")
+    result = generate_json(local, "Pick a or b.", schema=SCHEMA, retries=2)
+    assert not result.ok and result.attempts == 3
+    assert seeds == [None, 1, 2]  # three generations in all, none repeated
+
+
 @pytest.mark.slow  # loading + de-quantising the GGUF takes 15-30 s on 2 CPU cores
 def test_real_local_generation_with_smollm2_gguf(tmp_path):
     try:

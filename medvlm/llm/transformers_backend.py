@@ -119,7 +119,10 @@ class TransformersLLM(TextLLM):
         device: torch device, ``"cpu"`` by default.
         max_new_tokens: generation budget (``options["num_predict"]`` overrides per call).
         dtype: torch dtype name for the weights.
-        json_retries: extra samples drawn when a JSON-schema reply does not validate.
+        json_retries: extra samples drawn here when a JSON-schema reply does not validate. 0 by
+            default: :func:`medvlm.llm.jsonout.generate_json`, through which the judge and the
+            generators ask, already retries with a new seed, and a second loop here would
+            multiply the generations (3 x 3 per item) and repeat the same seeds.
         options: default sampling options merged under each call's options.
 
     Decoding is greedy unless ``options["temperature"] > 0``; sampling is then seeded with
@@ -137,7 +140,7 @@ class TransformersLLM(TextLLM):
         device: str = "cpu",
         max_new_tokens: int = 256,
         dtype: str = "float32",
-        json_retries: int = 2,
+        json_retries: int = 0,
         options: dict | None = None,
     ) -> None:
         path = Path(str(model_id_or_path)).expanduser()
