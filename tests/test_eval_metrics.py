@@ -129,6 +129,33 @@ def test_rouge_uses_stemmer_and_hand_checked_values():
     assert rl == pytest.approx(2 / 3)
 
 
+def test_rouge_tokens_are_rouge_scores_own_on_ascii_text():
+    # English scores must stay comparable with papers that use rouge-score's default tokenizer
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer, tokenizers
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:-_/()'\"!?\t\n")
+    texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 60)))) for _ in range(300)]
+    texts += ["Lungs are clear; no effusion.", "T2-weighted MRI (axial), left-sided lesions!"]
+    default = tokenizers.DefaultTokenizer(use_stemmer=True)
+    stemmer = porter.PorterStemmer()
+    assert all(M.rouge_tokens(t, stemmer) == default.tokenize(t) for t in texts)
+    reference = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for pred, ref in zip(texts[:150], texts[150:300], strict=True):
+        want = reference.score(ref, pred)
+        assert M.rouge_f(pred, ref) == pytest.approx(tuple(want[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")))
+
+
+def test_rouge_scores_chinese_and_accented_answers_instead_of_zero():
+    # Han characters are one token each: reference 左肺 (left lung), prediction 右肺 (right lung)
+    assert M.rouge_f("左肺", "左肺") == pytest.approx((1.0, 1.0, 1.0))
+    r1, r2, rl = M.rouge_f("右肺", "左肺")
+    assert (r1, r2, rl) == pytest.approx((0.5, 0.0, 0.5))
+    assert M.rouge_f("Lungenödem", "lungenödem")[0] == 1.0  # rouge-score alone keeps "lungen", "dem"
+    assert M.rouge_f("Ödem", "Erguss") == (0.0, 0.0, 0.0)
+
+
 def test_token_f1_and_recall_hand_checked():
     # pred tokens: left lung nodule (3); ref: nodule in left upper lobe (5); common: left, nodule
     assert M.token_f1("the left lung nodule", "nodule in the left upper lobe", {}) == pytest.approx(

@@ -63,11 +63,6 @@ def _group_summary(values: dict, idx: Sequence[int], answer_type: str, records, 
     return out
 
 
-def _has_ascii_word(text: str) -> bool:
-    # rouge-score's default tokenizer keeps only [a-z0-9]; text without them scores 0 silently.
-    return any(ch.isascii() and ch.isalnum() for ch in text)
-
-
 def _slices(by_type: dict, slice_by: Sequence[str], **boot: Any) -> dict[str, Any]:
     """Per-value summaries for each slicing field that at least one record carries."""
     out: dict[str, Any] = {}
@@ -153,13 +148,6 @@ def score_records(
         values = _item_values(recs, names[t], t)
         by_type[t] = (recs, values)
         result[t] = _group_summary(values, range(len(recs)), t, recs, **boot)
-    open_recs = by_type["open"][0]
-    result["open"]["n_reference_without_ascii_words"] = n_bad = sum(
-        not _has_ascii_word(r["answer"]) for r in open_recs
-    )
-    if n_bad:
-        logger.warning("%d open references have no ASCII words: ROUGE scores them 0 (its tokenizer "
-                       "keeps only a-z0-9); compare those with token_f1 instead", n_bad)
 
     cons_skipped: list[dict[str, Any]] = []
     cons = _consistency(clean, consistency_k, consistency_threshold, cons_skipped, **boot)
