@@ -147,13 +147,19 @@ def test_rouge_tokens_are_rouge_scores_own_on_ascii_text():
         assert M.rouge_f(pred, ref) == pytest.approx(tuple(want[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")))
 
 
-def test_rouge_scores_chinese_and_accented_answers_instead_of_zero():
+def test_chinese_and_accented_answers_are_scored_instead_of_zero():
     # Han characters are one token each: reference 左肺 (left lung), prediction 右肺 (right lung)
     assert M.rouge_f("左肺", "左肺") == pytest.approx((1.0, 1.0, 1.0))
     r1, r2, rl = M.rouge_f("右肺", "左肺")
     assert (r1, r2, rl) == pytest.approx((0.5, 0.0, 0.5))
     assert M.rouge_f("Lungenödem", "lungenödem")[0] == 1.0  # rouge-score alone keeps "lungen", "dem"
     assert M.rouge_f("Ödem", "Erguss") == (0.0, 0.0, 0.0)
+    # token F1 / recall: 肺 (lung) against 肺部 (lung region): 1 shared character of 1 and 2
+    assert M.token_f1("肺", "肺部", {}) == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert M.token_recall("肺", "肺部", {}) == 0.5
+    # BLEU uses sacrebleu's Chinese tokenizer when the reference is Chinese: a perfect answer is 100
+    assert M.sentence_bleu("左肺上叶有结节", "左肺上叶有结节", {}) == pytest.approx(100.0)
+    assert 0 < M.sentence_bleu("左肺下叶有结节", "左肺上叶有结节", {}) < 100
 
 
 def test_token_f1_and_recall_hand_checked():

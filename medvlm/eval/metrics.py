@@ -25,15 +25,14 @@ Closed questions (one point each, 0 or 1), all computed from the same prediction
 
 Open questions: ``rouge1``/``rouge2``/``rougeL`` F-measure (``rouge-score``, Porter stemming, with
 its tokenizer widened to every script: see :func:`rouge_tokens`),
-``bleu`` (``sacrebleu`` corpus BLEU, 0-100), ``sentence_bleu`` (mean of ``sacrebleu`` sentence BLEU,
-0-100), ``token_recall`` (share of reference tokens in the prediction) and ``token_f1``
+``bleu`` (``sacrebleu`` corpus BLEU, 0-100; ``zh`` tokens for a Chinese reference, see
+:func:`bleu_stats`), ``sentence_bleu`` (mean of ``sacrebleu`` sentence BLEU, 0-100), ``token_recall`` (share of reference tokens in the prediction) and ``token_f1``
 (SQuAD-style bag-of-tokens F1). ``rouge-score`` and ``sacrebleu`` are imported on first use.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from medvlm.eval.normalize import normalize_answer, parse_choice_letter, strip_option_label, tokens, yes_no
+from medvlm.eval.normalize import (
+    UNSPACED_SCRIPT,
+    normalize_answer,
+    parse_choice_letter,
+    split_unspaced,
+    strip_option_label,
+    tokens,
+    yes_no,
+)
 
 ANSWER_TYPES = ("closed", "open")
 TOKEN_RECALL_THRESHOLD = 0.4
@@ -298,11 +305,6 @@ def token_recall_hit(prediction: str, reference: str, record: Mapping[str, Any])
 # --------------------------------------------------------------------------------------------
 
 
-# Han ideographs and kana: scripts written without spaces, scored one character per token, the
-# usual unit of Chinese ROUGE (SLAKE's Chinese half). Hangul is spaced into words and kept whole.
-_UNSPACED = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
-
-
 def rouge_tokens(text: str, stemmer=None) -> list[str]:
     """rouge-score's default tokenization widened to every script.
 
@@ -313,7 +315,7 @@ def rouge_tokens(text: str, stemmer=None) -> list[str]:
     the tokens are exactly rouge-score's, so English scores stay comparable with published ones.
     """
     text = "".join(ch if unicodedata.category(ch)[0] in "LNM" else " " for ch in text.lower())
-    words = _UNSPACED.sub(r" \1 ", text).split()
+    words = split_unspaced(text).split()
     if stemmer is None:
         return words
     return [stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
@@ -357,15 +359,21 @@ def rougeL(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
 
 @lru_cache(maxsize=65536)
 def bleu_stats(prediction: str, reference: str) -> tuple[float, tuple[float, ...]]:
-    """Sentence BLEU (0-100) and the statistics a corpus BLEU sums: 4 matches, 4 totals, lengths."""
+    """Sentence BLEU (0-100) and the statistics a corpus BLEU sums: 4 matches, 4 totals, lengths.
+
+    Tokens are sacrebleu's ``13a`` (its default, as published English scores use), or ``zh`` when
+    the reference holds Han / kana characters (sacrebleu's Chinese tokenizer: one token per
+    character, the rest as ``13a``); under ``13a`` an unspaced Chinese answer is one token."""
     import sacrebleu
 
-    s = sacrebleu.sentence_bleu(prediction, [reference])
+    tokenize = "zh" if UNSPACED_SCRIPT.search(reference) else "13a"
+    s = sacrebleu.sentence_bleu(prediction, [reference], tokenize=tokenize)
     return float(s.score), (*map(float, s.counts), *map(float, s.totals), float(s.sys_len), float(s.ref_len))
 
 
 def corpus_bleu_from_stats(stats: np.ndarray) -> float:
-    """Corpus BLEU (sacrebleu's corpus defaults: exp smoothing, 13a tokens) from summed statistics.
+    """Corpus BLEU (sacrebleu's corpus defaults: exp smoothing; tokens as in :func:`bleu_stats`)
+    from summed statistics.
 
     Identical to ``sacrebleu.corpus_bleu(preds, [refs]).score`` on the same items (tested).
     """

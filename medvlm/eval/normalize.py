@@ -62,10 +62,20 @@ def normalize_text(text: object) -> str:
     return " ".join(words)
 
 
+# Han ideographs and kana: scripts written without spaces, so one character is one token (the
+# usual unit for Chinese, e.g. SLAKE's Chinese half). Hangul is spaced into words and kept whole.
+UNSPACED_SCRIPT = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+
+def split_unspaced(text: str) -> str:
+    """``text`` with a space around every Han / kana character."""
+    return UNSPACED_SCRIPT.sub(r" \1 ", text)
+
+
 def tokens(text: object) -> list[str]:
-    """Words of ``normalize_text(text)`` (the unit of token recall / token F1)."""
-    norm = normalize_text(text)
-    return norm.split() if norm else []
+    """Words of ``normalize_text(text)``, Han / kana one character each (the unit of token
+    recall and token F1)."""
+    return split_unspaced(normalize_text(text)).split()
 
 
 def normalize_answer(text: object) -> str:
