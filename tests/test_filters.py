@@ -85,6 +85,16 @@ def test_exact_and_near_duplicate_questions(tmp_path):
     assert [c["in"] for c in result.counts] == [5, 4]
 
 
+def test_near_duplicate_chinese_questions_compare_characters(tmp_path):
+    # SLAKE's Chinese questions have no spaces: as whole words they would never be near duplicates
+    records = [rec("zh", question="这张图片中的器官是什么？", answer="肺"),
+               rec("zh-near", question="这张图片中的器官是什么呢？", answer="肺"),
+               rec("zh-other", question="病变在哪里？", answer="左肺")]
+    _, kept, rejects = run(tmp_path, records, make_step("near_duplicate_questions", threshold=0.8))
+    assert kept == ["zh", "zh-other"]
+    assert "of 'zh' on the same image" in rejects["zh-near"]["reason"]
+
+
 def _png(path, array):
     Image.fromarray(array.astype(np.uint8)).save(path)
     return str(path)

@@ -21,7 +21,7 @@ from medvlm.data_curation.filters.base import (
     _hash64,
 )
 from medvlm.data_curation.images import load_image
-from medvlm.eval.normalize import normalize_text
+from medvlm.eval.normalize import normalize_text, tokens
 
 
 @dataclass
@@ -84,7 +84,8 @@ def _near_duplicates(group: list[tuple[int, set[str]]], threshold: float) -> lis
 @dataclass
 class NearDuplicateQuestions(FilterStep):
     """Per image, a question whose token-set Jaccard similarity with an earlier kept question of the
-    same image is >= ``threshold`` is rejected (tokens = normalised words; answers are not compared)."""
+    same image is >= ``threshold`` is rejected (tokens = normalised words, a Han / kana character each;
+    answers are not compared)."""
 
     name: ClassVar[str] = "near_duplicate_questions"
     parallel: ClassVar[bool] = False
@@ -118,7 +119,7 @@ class NearDuplicateQuestions(FilterStep):
             for row, q in zip(rows, b["question"], strict=True):
                 if group and images[row] != images[group[0][0]]:
                     flush()
-                group.append((row, set(normalize_text(q).split())))
+                group.append((row, set(tokens(q))))
         flush()
         self._ids = ds.select_columns(["id"])
 
