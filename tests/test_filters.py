@@ -47,9 +47,12 @@ def test_answer_in_question_skips_closed_and_yes_no(tmp_path):
     records = [rec("give", question="Is the nodule in the left lung a nodule?", answer="Nodule."),
                rec("fine", question="What is the abnormality?", answer="nodule"),
                rec("closed", question="Left or right?", answer="left", answer_type="closed",
-                   choices=["left", "right"])]
+                   choices=["left", "right"]),
+               rec("zh-give", question="左肺的结节在左肺吗？", answer="左肺"),  # "left lung" in the question
+               rec("zh-fine", question="病变在哪里？", answer="左肺")]
     _, kept, rejects = run(tmp_path, records, make_step("answer_in_question"))
-    assert kept == ["closed", "fine"]
+    assert kept == ["closed", "fine", "zh-fine"]
+    assert "'左肺' appears in it" in rejects["zh-give"]["reason"]
     assert rejects["give"]["reason"] == "the question gives the answer away ('nodule' appears in it)"
 
 

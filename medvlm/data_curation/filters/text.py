@@ -18,7 +18,7 @@ from medvlm.data_curation.filters.base import (
     _batches,
     _meta_strings,
 )
-from medvlm.eval.normalize import normalize_answer, normalize_text, yes_no
+from medvlm.eval.normalize import normalize_answer, normalize_text, tokens, yes_no
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class FormatCheck(FilterStep):
 
 @dataclass
 class AnswerInQuestion(FilterStep):
-    """The normalised open answer appears verbatim (whole words) in the question: it gives itself away.
+    """The normalised open answer appears verbatim (whole words; a Han / kana character is a word)
+    in the question: it gives itself away.
 
     Closed questions are skipped: multiple-choice questions name their options on purpose and
     yes/no answers are not in the question anyway.
@@ -69,7 +70,7 @@ class AnswerInQuestion(FilterStep):
             ans = normalize_text(a)
             if atype != "open" or not ans or ans in ("yes", "no"):
                 reasons.append("")
-            elif f" {ans} " in f" {normalize_text(q)} ":
+            elif f" {' '.join(tokens(a))} " in f" {' '.join(tokens(q))} ":  # Chinese: per character
                 reasons.append(f"the question gives the answer away ({ans!r} appears in it)")
             else:
                 reasons.append("")
