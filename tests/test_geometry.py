@@ -304,6 +304,18 @@ def test_layerwise_geometry_empty_and_small_groups_are_nan_with_reason():
     assert not math.isnan(tiny["layers"][0]["text"]["intrinsic_dimension"])
 
 
+def test_layerwise_geometry_records_repeated_tokens_without_warning(caplog):
+    # the same token twice has one embedding at layer 0: expected in every prompt, so counted, not warned
+    H = _layers()
+    H = [np.concatenate([h, h[:5]]) for h in H]
+    with caplog.at_level("INFO", logger="medvlm.diagnostics.geometry"):
+        out = layerwise_geometry(H)
+    assert out["layers"][0]["all"]["id_duplicates_dropped"] == 5
+    assert out["layers"][0]["all"]["intrinsic_dimension"] == pytest.approx(intrinsic_dimension(H[0][:60]))
+    assert "dropped 5 duplicate points" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_layerwise_geometry_without_mask_uses_one_group():
     out = layerwise_geometry(_layers(n_layers=2))
     assert out["groups"] == {"all": 60} and set(out["linearity"][0]) >= {"all", "from", "to"}

@@ -171,12 +171,12 @@ def cosine_anisotropy_baseline(X: Any) -> float:
 
 
 # --------------------------------------------------------------------------- intrinsic dimension
-def _dedup(X: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+def _dedup(X: np.ndarray, name: str, level: int = logging.WARNING) -> tuple[np.ndarray, int]:
     uniq = np.unique(X, axis=0)
     dropped = X.shape[0] - uniq.shape[0]
     if dropped:
-        logger.warning("%s: dropped %d duplicate points before the intrinsic-dimension estimate "
-                       "(their nearest-neighbour distance is 0)", name, dropped)
+        logger.log(level, "%s: dropped %d duplicate points before the intrinsic-dimension estimate "
+                   "(their nearest-neighbour distance is 0)", name, dropped)
     return uniq, dropped
 
 
@@ -198,11 +198,12 @@ def _knn_distances(X: np.ndarray, k: int, chunk_bytes: int = 1 << 27) -> np.ndar
     return out
 
 
-def _id_with_info(X: Any, method: str = "twonn", k: int = 10, name: str = "X") -> dict[str, Any]:
+def _id_with_info(X: Any, method: str = "twonn", k: int = 10, name: str = "X",
+                  dup_log_level: int = logging.WARNING) -> dict[str, Any]:
     """Intrinsic dimension plus bookkeeping: ``{"value", "method", "k", "n_used", "n_duplicates"}``."""
     if method not in ("twonn", "mle"):
         raise ValueError(f"method={method!r}; expected 'twonn' or 'mle'")
-    X, dropped = _dedup(_matrix(X, name, min_rows=1), name)
+    X, dropped = _dedup(_matrix(X, name, min_rows=1), name, dup_log_level)
     n_neighbours = 2 if method == "twonn" else k
     if method == "mle" and k < 2:
         raise ValueError(f"k={k}; the MLE needs k >= 2 neighbours")
@@ -351,7 +352,9 @@ def _group_stats(H: np.ndarray, idx: np.ndarray, id_method: str, id_k: int, name
             if why:
                 reasons[key] = why
         try:
-            info = _id_with_info(G, method=id_method, k=id_k, name=name)
+            # repeated tokens ("the", "?") share one embedding at layer 0: expected, recorded in
+            # id_duplicates_dropped, so not a warning at every checkpoint
+            info = _id_with_info(G, method=id_method, k=id_k, name=name, dup_log_level=logging.INFO)
             out["intrinsic_dimension"], out["id_duplicates_dropped"] = info["value"], info["n_duplicates"]
         except DegenerateInputError as err:
             out["intrinsic_dimension"], reasons["intrinsic_dimension"] = float("nan"), str(err)
