@@ -327,8 +327,14 @@ def report_blocks(run: dict) -> list[tuple]:
 
 
 # -- rendering -----------------------------------------------------------------------------------
+def _md_text(x: Any) -> str:
+    """Text for Markdown: ``<``, ``>`` and ``&`` escaped, so no HTML gets through; quotes kept as
+    they are (Markdown needs no escaping there, and a model card read as plain text stays legible)."""
+    return html.escape(str(x), quote=False)
+
+
 def _md_cell(x: Any) -> str:
-    return html.escape(str(x)).replace("|", "&#124;").replace("\n", " ")
+    return _md_text(x).replace("|", "&#124;").replace("\n", " ")
 
 
 def render_markdown(blocks: list[tuple], figure_dir: Path | None = None, figure_prefix: str = "figures",
@@ -339,9 +345,9 @@ def render_markdown(blocks: list[tuple], figure_dir: Path | None = None, figure_
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
-            lines += ["#" * (int(kind[1]) + heading_offset) + " " + html.escape(block[1]), ""]
+            lines += ["#" * (int(kind[1]) + heading_offset) + " " + _md_text(block[1]), ""]
         elif kind == "p":
-            lines += [html.escape(block[1]), ""]
+            lines += [_md_text(block[1]), ""]
         elif kind == "table":
             head, rows = block[1], block[2]
             lines += ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
@@ -352,7 +358,7 @@ def render_markdown(blocks: list[tuple], figure_dir: Path | None = None, figure_
                 fname = f"{n_fig:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
                 figure_dir.mkdir(parents=True, exist_ok=True)
                 (figure_dir / fname).write_bytes(png)
-                lines += [f"![{html.escape(name)}]({figure_prefix}/{fname})", ""]
+                lines += [f"![{_md_text(name)}]({figure_prefix}/{fname})", ""]
     return "\n".join(lines)
 
 
