@@ -292,10 +292,10 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                    ("table", ["layer", "head", "summed increase"],
                     [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
     blocks += [("h3", "Probe examples"),
-               ("table", ["id", "question", "answer", "modality", "body part", "predicted", "entropy",
+               ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
                 [[e.get("id"), e.get("question"), e.get("answer"), e.get("modality"), e.get("body_part"),
-                  e.get("predicted_token"), fmt(e.get("answer_entropy"), 2),
+                  str(e.get("predicted_token") or "").strip(), fmt(e.get("answer_entropy"), 2),
                   *[fmt(_get(e, "methods", m, "roi_mass_ratio"), 2) for m in d.get("methods", [])]]
                  for e in d.get("examples", [])])]
     overlays = {}
