@@ -8,7 +8,10 @@ The folder receives ``dataset/`` (Arrow, with ``phase``/``phase_name`` columns),
 ``report.md`` / ``report.csv`` (conditions, modalities and body parts per phase) and
 ``manifest.json`` (written last: rows per phase and source, per-step in/out/rejected counts,
 hashes). A folder holding a manifest is reused as it is. ``--compare`` writes one report across
-finished mix folders instead. See ``medvlm.data_curation.mixing`` for the mix format.
+finished mix folders instead. See ``medvlm.data_curation.mixing`` for the mix format; a source's
+``source:`` is ``json`` (unified JSON-lines records at ``path:``), ``phantom``, a dataset loader name
+(``medpix``, ``slake``, ``rocov2``... with ``path:``) or the path of a saved dataset / JSON-lines file.
+Every path is checked before anything is loaded.
 
 Exit status: 0 on success, 2 on a mix that cannot be built (the message names the source or
 phase and the fix).

@@ -100,10 +100,11 @@ def test_bad_configs_name_the_problem(tmp_path, phases, sources, message):
 def test_missing_source_data_gives_clear_errors(tmp_path):
     mix = {"sources": [{"name": "roco", "source": "rocov", "path": str(tmp_path)}],
            "phases": [{"name": "main", "weights": {"roco": 1}}]}
-    with pytest.raises(MixError, match="mix source 'roco': 'rocov' is not 'phantom'.*Did you mean 'rocov2'"):
+    with pytest.raises(MixError, match="mix source 'roco' in .*mix.yaml: unknown source 'rocov'.*Did you mean 'rocov2'"):
         build_mix(write_mix(tmp_path, mix), tmp_path / "out")
     mix["sources"] = [{"name": "roco", "source": "rocov2", "path": str(tmp_path / "nowhere")}]
-    with pytest.raises(MixError, match="mix source 'roco' \\(rocov2\\):.*does not exist"):
+    with pytest.raises(MixError, match="mix source 'roco': dataset folder/file '.*nowhere' does not exist: "
+                                       "set `path:` in .*mix.yaml to your copy"):
         build_mix(write_mix(tmp_path, mix), tmp_path / "out")
     with pytest.raises(MixError, match="does not exist"):
         MixConfig.from_yaml(tmp_path / "no.yaml")

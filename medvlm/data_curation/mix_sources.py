@@ -1,8 +1,10 @@
 """Mix sources: load each source of a mix into unified records and run its filters.
 
 Used by :func:`medvlm.data_curation.mixing.build_mix`; see that module for the mix format. A source is
-``phantom``, a :func:`~medvlm.data_curation.load_source` name (with ``path``), a folder saved by
-``Dataset.save_to_disk``, or a JSON-lines file / folder of ``*.jsonl`` unified records. Nothing is
+``phantom``, a :func:`~medvlm.data_curation.load_source` name (with ``path``), ``json`` / ``jsonl`` (with
+``path``: a JSON-lines file or folder of ``*.jsonl`` unified records), or itself the path of a folder
+saved by ``Dataset.save_to_disk`` or of such JSON-lines records. Every path is checked before any
+source is loaded, so a placeholder path fails at once, naming itself and the YAML to edit. Nothing is
 dropped silently: rows a loader refused are written to ``filters/<name>/load_skipped.jsonl`` and rows
 a filter rejected to ``filters/<name>/rejects.jsonl``.
 """
@@ -20,8 +22,10 @@ import datasets
 
 from medvlm.data_curation.filters import KEY_FIELDS, FilterPipeline, FilterStep
 from medvlm.data_curation.loading import UnknownSourceError
+from medvlm.data_curation.sources import SOURCES
+from medvlm.data_curation.sources._common import looks_like_hub_id
 from medvlm.records import COLUMNS, FEATURES
-from medvlm.utils.io import atomic_write_text, sha256_file
+from medvlm.utils.io import atomic_write_text, did_you_mean, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ class MixError(ValueError):
 @dataclass
 class SourceSpec:
     name: str
-    source: str                      # 'phantom', a load_source name, a saved dataset folder, or JSONL
+    source: str                      # 'phantom', 'json', a load_source name, a saved dataset folder, or JSONL
     path: str | None = None          # the dataset as the user has it (for load_source names)
     split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +50,55 @@ class SourceSpec:
     shuffle_buffer: int = 10_000     # rows held for shuffling a streamed source
     review: str | None = None        # a filled review sheet (CSV) applied after the filters
     review_sample: int = 0           # rows written to review/<name>.csv for a reviewer (seeded sample)
+
+
+#: ``source:`` values that read unified JSON-lines records from ``path``.
+JSON_KINDS = ("json", "jsonl")
+
+
+def source_kinds() -> list[str]:
+    """Every ``source:`` name a mix accepts (besides a path): ``json``/``jsonl`` and the dataset loaders."""
+    return sorted({*JSON_KINDS, *SOURCES})
+
+
+def _looks_like_path(text: str) -> bool:
+    return (any(sep in text for sep in ("/", "\\")) or text.startswith(("~", "."))
+            or Path(text).suffix in (".jsonl", ".json", ".arrow"))
+
+
+def check_source_paths(specs: list[SourceSpec], origin: str = "the mix YAML") -> None:
+    """Raise :class:`MixError` for the first source whose kind is unknown or whose path is missing.
+
+    Run before any source is loaded, so a placeholder path fails in a second, not after the sources
+    before it were loaded and filtered. ``origin`` names the YAML to edit in the message.
+    """
+    for spec in specs:
+        where = f"mix source {spec.name!r}"
+        if spec.source == "phantom":
+            continue  # the path is optional: the phantom dataset is generated there when missing
+        if spec.source in JSON_KINDS or spec.source in SOURCES:
+            what = ("a JSON-lines file or folder of *.jsonl records" if spec.source in JSON_KINDS
+                    else "the dataset folder, a local HF copy, or a hub id owner/name")
+            if not spec.path:
+                raise MixError(f"{where}: `source: {spec.source}` needs `path:` ({what}); add it in {origin}")
+            text = str(spec.path)
+            if spec.source in SOURCES and looks_like_hub_id(text):
+                continue
+            if not Path(text).expanduser().exists():
+                raise MixError(f"{where}: dataset folder/file {text!r} does not exist: set `path:` in {origin} "
+                               f"to your copy ({what})")
+            if spec.source in JSON_KINDS and not _jsonl_files(Path(text).expanduser()):
+                raise MixError(f"{where}: {text!r} holds no JSON-lines records (a .jsonl file, or a folder "
+                               f"with generated.jsonl or other *.jsonl files); fix `path:` in {origin}")
+            continue
+        if Path(spec.source).expanduser().exists():
+            continue
+        if _looks_like_path(spec.source):
+            raise MixError(f"{where}: dataset folder/file {spec.source!r} does not exist: set `source:` in "
+                           f"{origin} to your copy (or `source: json` with `path:`)")
+        raise MixError(f"{where} in {origin}: {did_you_mean(spec.source, source_kinds(), 'source')} (json "
+                       "and dataset names take `path:`), or give the path of a saved dataset folder or "
+                       "JSON-lines file")
 
 
 #: JSON-lines files written next to records that are not records (journals, rejects, notes).
@@ -130,11 +183,12 @@ def _load_with_skips(spec: SourceSpec) -> tuple[datasets.Dataset | datasets.Iter
 
 
 def _load(spec: SourceSpec):
+    check_source_paths([spec])
     try:
         return _load_with_skips(spec)
     except UnknownSourceError as err:
-        raise MixError(f"mix source {spec.name!r}: {spec.source!r} is not 'phantom', an existing dataset "
-                       f"folder or JSONL file, nor a known dataset: {err}") from err
+        raise MixError(f"mix source {spec.name!r}: {did_you_mean(spec.source, source_kinds(), 'source')}, "
+                       "or give the path of a saved dataset folder or JSON-lines file") from err
     except FileNotFoundError as err:
         raise MixError(f"mix source {spec.name!r} ({spec.source}): {err}") from err
 

@@ -11,9 +11,10 @@ A mix YAML (see ``data_curation/mixes/``)::
       - {name: main, size: 4000, weights: {generated: 0.8, clean: 0.2}}
       - {name: anneal, count: {clean: 900, generated: 100}}   # exact rows per source; the last phase anneals
 
-``source`` is ``phantom``, a :func:`~medvlm.data_curation.load_source` name (with ``path``), a folder
-saved by ``Dataset.save_to_disk``, or a JSON-lines file / folder of ``*.jsonl`` files holding unified
-records (``generated.jsonl`` of ``data_curation/generate_qa.py``). ``filters`` lists
+``source`` is ``phantom``, a :func:`~medvlm.data_curation.load_source` name (with ``path``), ``json``
+(or ``jsonl``, with ``path``: a JSON-lines file or folder of ``*.jsonl`` files holding unified records,
+e.g. the ``generated.jsonl`` folder of ``data_curation/generate_qa.py``), or the path of a folder saved
+by ``Dataset.save_to_disk`` or of such JSON-lines records. Paths are checked before anything is loaded. ``filters`` lists
 :mod:`medvlm.data_curation.filters` steps run on the source before mixing (rejects go to
 ``filters/<name>/rejects.jsonl``; rows a dataset loader refused go to ``filters/<name>/load_skipped.jsonl``).
 Human review per source: ``review_sample: 200`` writes ``review/<name>.csv`` (a seeded sample of the
@@ -57,6 +58,7 @@ from medvlm.data_curation.mix_sources import (  # noqa: F401 - load_mix_source r
     TAGGED,
     MixError,
     SourceSpec,
+    check_source_paths,
     load_mix_source,
     prepare_sources,
 )
@@ -239,7 +241,9 @@ def build_mix(config: str | Path | MixConfig, out_dir: str | Path, *, llm: Any =
     if (out / "manifest.json").exists():
         return data_dir
     cfg = config if isinstance(config, MixConfig) else MixConfig.from_yaml(config)
-    cfg.validate(str(config) if not isinstance(config, MixConfig) else "mix")
+    origin = str(config) if not isinstance(config, MixConfig) else "mix"
+    cfg.validate(origin)
+    check_source_paths(cfg.sources, origin if origin != "mix" else "the mix config")
     loaded, filtered, loads = prepare_sources(cfg.sources, out, llm, seed=cfg.seed)
     specs = {s.name: s for s in cfg.sources}
     cache = out / ".cache"
