@@ -7,8 +7,12 @@ RUN_DIR is a stage folder (checkpoint-N/, adapter/, metrics.json) or a folder of
 (stage1/, stage2/). The report (report.md + figures/, report.html, indicators.json) covers every
 checkpoint and the trend across them; when the run holds no diagnostics yet (trained without the
 per-checkpoint callback) the final adapter is probed first. Every stage's adapter/README.md
-becomes a model card carrying the report. Nothing is uploaded unless --push-to-hub is given.
-The logic lives in ``medvlm.diagnostics``.
+becomes a model card carrying the report. Nothing is uploaded unless --push-to-hub is given;
+a push needs the network (HF_HUB_OFFLINE unset) and a token (`huggingface-cli login` or HF_TOKEN),
+both checked before any diagnostics run. The logic lives in ``medvlm.diagnostics``.
+
+Exit status: 0 on success, 2 on a bad run folder or option (including a push that cannot work
+here), 3 when the upload failed (the report and model cards are saved locally; run again to retry).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from medvlm.diagnostics.model_card import run_report
+from medvlm.diagnostics.model_card import PushFailed, run_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = run_report(args.run_dir, args.output, push_to_hub=args.push_to_hub,
                              max_examples=args.max_examples, model_name_or_path=args.model_name_or_path,
                              compute_missing=not args.no_compute, probe_final=args.probe_final)
+    except PushFailed as err:
+        print(f"run_diagnostics.py: error: {err}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"report: {written['markdown']}\n        {written['html']}")

@@ -156,6 +156,13 @@ def test_model_card_has_model_index_and_is_saved_in_the_adapter(probed_stage):
 
 
 def _no_network(monkeypatch) -> list:
+    """Record hub calls instead of making them, as if online with a token (the push checks both first)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
     calls = []
     monkeypatch.setattr(ModelCard, "push_to_hub", lambda self, repo_id, **kw: calls.append(("card", repo_id)) or "url")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))

@@ -6,12 +6,16 @@
 and the blank-image control) and whose body holds the diagnostic report. :func:`save_model_card`
 writes it as ``adapter/README.md``; :func:`push_adapter` (the only function here that touches
 the network) uploads the adapter folder and the card, and is called only when the user asks.
+:func:`check_can_push` refuses a push that cannot work (offline mode, no token, a bad repo id)
+before any diagnostics run; a push that fails on the way (network, hub) raises :class:`PushFailed`
+once the report and cards are safe on disk.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,18 @@ CARD_METRICS = (
     ("open", "token_f1", "f1", "Open-question token F1"),
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PushNotPossible(ValueError):
+    """``--push-to-hub`` cannot work here (offline mode, no token, a malformed repo id): a usage error."""
+
+
+class PushFailed(RuntimeError):
+    """The upload itself failed (network, hub). ``written`` holds what was saved locally."""
+
+    def __init__(self, message: str, written: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 # -- the adapter and its run ---------------------------------------------------------------------
@@ -186,6 +202,30 @@ def save_model_card(card: ModelCard, run_dir: str | Path) -> Path:
     return atomic_write_text(folder / "README.md", str(card))
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_can_push(repo_id: str, token: str | None = None) -> str:
+    """The token a push to ``repo_id`` would use; raise :class:`PushNotPossible` (nothing contacted)
+    when the repo id is malformed, offline mode is on, or no token is configured."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not HUB_ID.match(repo_id or ""):
+        raise PushNotPossible(f"--push-to-hub {repo_id!r} is not a hub repo id; give owner/name, "
+                              "e.g. --push-to-hub you/medvlm-adapter")
+    if _env_true("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+        raise PushNotPossible("--push-to-hub needs the network but HF_HUB_OFFLINE is set; run with "
+                              "HF_HUB_OFFLINE=0, or drop --push-to-hub (the report and model cards are "
+                              "written locally either way)")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise PushNotPossible("--push-to-hub needs a Hugging Face token with write access and none is "
+                              "configured; run `huggingface-cli login` or set HF_TOKEN")
+    return token
+
+
 def push_adapter(card: ModelCard, run_dir: str | Path, repo_id: str, token: str | None = None) -> str:
     """Upload ``adapter/`` (weights, configs) and the card to the hub repo ``repo_id`` (network)."""
     from huggingface_hub import HfApi
@@ -208,8 +248,12 @@ def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to
     3. Write a model card into every stage's ``adapter/README.md``.
     4. Only with ``push_to_hub``: upload the last stage's adapter and card to that repo.
     """
+    from huggingface_hub.errors import HTTPError
+
     from medvlm.diagnostics.report import has_diagnostics, latest_metrics, load_run, write_report
 
+    if push_to_hub:  # before any work: a push that cannot work should not cost a diagnostics run
+        token = check_can_push(push_to_hub, token)
     run = load_run(run_dir)
     with_adapter = [s for s in run["stages"] if (s["path"] / "adapter").is_dir()]
     if with_adapter and (probe_final or (compute_missing and not has_diagnostics(run))):
@@ -228,5 +272,11 @@ def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to
         if not with_adapter:
             raise FileNotFoundError(f"{run_dir} holds no adapter/ to push")
         last = with_adapter[-1]
-        written["pushed"] = push_adapter(cards[last["name"]][0], last["path"], push_to_hub, token=token)
+        try:
+            written["pushed"] = push_adapter(cards[last["name"]][0], last["path"], push_to_hub, token=token)
+        except (HTTPError, OSError, ValueError) as err:  # hub HTTP errors, no network, offline mode
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise PushFailed(f"pushing to {push_to_hub} failed ({type(err).__name__}: {reason[:300]}); the report "
+                             f"({written['markdown']}) and model card ({written['cards'][last['name']]}) are "
+                             "saved locally: run again with --push-to-hub to retry", written) from err
     return written
