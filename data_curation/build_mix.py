@@ -39,13 +39,21 @@ def main() -> int:
     parser.add_argument("--output", required=True, help="output folder (reused when it holds a manifest)")
     parser.add_argument("--no-report", action="store_true", help="skip the condition/modality/body-part report")
     parser.add_argument("--compare", nargs="+", metavar="MIX_FOLDER",
-                        help="instead of building: write comparison.png/.md/.csv across finished mix folders")
+                        help="instead of building: write comparison.png/.md/.csv across finished mix folders "
+                             "(labelled by the shortest path suffix that tells them apart)")
+    parser.add_argument("--names", nargs="+", metavar="NAME",
+                        help="with --compare: labels for the mix folders, in order (default: path suffixes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
+        if args.names and not args.compare:
+            parser.error("--names labels the folders of --compare; give --compare MIX_FOLDER ...")
         if args.compare:
-            paths = compare_mix_folders(args.compare, args.output)
+            try:
+                paths = compare_mix_folders(args.compare, args.output, names=args.names)
+            except ValueError as err:  # --names that do not fit the folders
+                raise MixError(str(err)) from err
             print("\n".join(str(p) for p in paths.values()))
             return 0
         if not args.mix:

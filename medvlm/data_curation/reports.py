@@ -94,10 +94,14 @@ def _md_cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(rows: list[dict], mixes: dict[str, datasets.Dataset], title: str) -> str:
+def _markdown(rows: list[dict], mixes: dict[str, datasets.Dataset], title: str,
+              folders: dict[str, str] | None = None) -> str:
     names = list(mixes)
     lines = [f"# {_md_cell(title)}", "", "Rows per mix: " + ", ".join(f"{_md_cell(n)} {len(mixes[n])}" for n in names),
-             "", "Counts are rows (questions); the share of each mix's rows is in brackets.", ""]
+             ""]
+    if folders:
+        lines += ["Mix folders:", ""] + [f"- {_md_cell(n)}: `{_md_cell(folders[n])}`" for n in names] + [""]
+    lines += ["Counts are rows (questions); the share of each mix's rows is in brackets.", ""]
     for cat in CATEGORIES:
         lines += [f"## {cat.replace('_', ' ')}", "", "| value | " + " | ".join(map(_md_cell, names)) + " |",
                   "|---|" + "---:|" * len(names)]
@@ -142,8 +146,9 @@ def _plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:
 
 
 def write_mix_report(mixes: dict[str, datasets.Dataset], out_dir: str | os.PathLike, title: str = "mix report",
-                     top_k: int = 20, stem: str = "report") -> dict[str, Path]:
+                     top_k: int = 20, stem: str = "report", folders: dict[str, str] | None = None) -> dict[str, Path]:
     """Write ``<stem>.png``, ``<stem>.md`` and ``<stem>.csv`` comparing ``mixes`` (name → records).
+    ``folders`` (name → folder) is listed in the Markdown so each label traces back to its mix.
 
     Returns ``{"png": ..., "md": ..., "csv": ...}``. Raises ValueError when ``mixes`` is empty.
     """
@@ -154,17 +159,48 @@ def write_mix_report(mixes: dict[str, datasets.Dataset], out_dir: str | os.PathL
     rows = report_rows(mixes, top_k)
     paths = {"png": out / f"{stem}.png", "md": out / f"{stem}.md", "csv": out / f"{stem}.csv"}
     atomic_write_text(paths["csv"], _csv_text(rows))
-    atomic_write_text(paths["md"], _markdown(rows, mixes, title) + "\n")
+    atomic_write_text(paths["md"], _markdown(rows, mixes, title, folders) + "\n")
     _plot(rows, list(mixes), paths["png"], title)
     return paths
 
 
-def compare_mix_folders(folders: list[str | os.PathLike], out_dir: str | os.PathLike, top_k: int = 20) -> dict:
-    """Report across finished mix folders (each written by ``build_mix``), one bar group per folder."""
+def mix_labels(folders: list[str | os.PathLike], names: list[str] | None = None) -> list[str]:
+    """One distinct label per mix folder: ``names`` when given (one per folder, all different), else
+    the shortest path suffix that tells the folder apart from the others (``demo-a/stage2/mix-x`` and
+    ``demo-b/stage2/mix-x`` for two runs' ``mix-x`` folders; just ``mix-x`` when no other folder shares
+    that name). The same folder given twice gets ``#2``. Raises ValueError on bad ``names``."""
+    if names is not None:
+        if len(names) != len(folders):
+            raise ValueError(f"{len(names)} names for {len(folders)} mix folders; give one name per folder or none")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ValueError(f"--names repeats {repeated}; every mix needs its own name")
+        return list(names)
+    parts = [Path(os.path.abspath(f)).parts for f in folders]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i and p != mine]
+        k = next((k for k in range(1, len(mine)) if all(p[-k:] != mine[-k:] for p in others)), len(mine))
+        labels.append(str(Path(*mine[-k:])))
+    seen: Counter = Counter()
+    for i, label in enumerate(labels):
+        seen[label] += 1
+        if seen[label] > 1:
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
+
+
+def compare_mix_folders(folders: list[str | os.PathLike], out_dir: str | os.PathLike, top_k: int = 20,
+                        names: list[str] | None = None) -> dict:
+    """Report across finished mix folders (each written by ``build_mix``), one bar group per folder,
+    labelled by :func:`mix_labels` (``names``, or the shortest distinguishing path suffix)."""
+    labels = mix_labels(folders, names)
     mixes = {}
-    for folder in folders:
+    for folder, label in zip(folders, labels, strict=True):
         data = Path(folder) / "dataset"
         if not data.is_dir():
             raise FileNotFoundError(f"{folder} holds no dataset/ folder; pass folders written by build_mix")
-        mixes[Path(folder).name] = datasets.load_from_disk(str(data))
-    return write_mix_report(mixes, out_dir, title="candidate mixes", top_k=top_k, stem="comparison")
+        mixes[label] = datasets.load_from_disk(str(data))
+    sources = {label: os.path.abspath(folder) for label, folder in zip(labels, folders, strict=True)}
+    return write_mix_report(mixes, out_dir, title="candidate mixes", top_k=top_k, stem="comparison",
+                            folders=sources)
