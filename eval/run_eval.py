@@ -13,6 +13,13 @@
 Model mode writes ``predictions.jsonl`` (raw answers) before scoring and judging; see
 ``medvlm.eval.evaluate`` for every file it writes.
 
+With a judge on an Ollama server, the server is asked first whether it is up and has the model:
+if not, the run stops with exit status 2 and one line (``ollama serve`` / ``ollama pull``), in
+model mode before the model loads, in predictions mode after the scores are written (kept in
+``metrics.json``). Items the server fails on (HTTP errors, malformed replies, timeouts) are
+counted invalid; a server that goes away midway also ends in exit status 2, with the items judged
+so far kept (and cached: run the same command again to judge the rest).
+
 The predictions formats (ours, LLaVA-Med's answer files) and every metric are described in
 ``medvlm.eval.predictions`` and ``medvlm.eval.metrics``. This script only parses arguments and
 calls ``medvlm.eval``.
@@ -25,10 +32,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from medvlm.eval.judge import judge_llm_config
+from medvlm.eval.judge import check_judge_server, judge_llm_config
 from medvlm.eval.metrics import UnknownMetricError
 from medvlm.eval.predictions import PredictionsError
 from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs
+from medvlm.llm import LLMError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,20 +140,45 @@ def print_judge(metrics: dict) -> None:
               + (f"; error: {judge['error']}" if judge.get("error") else ""))
 
 
+def judge_unavailable(err: LLMError, kept: str) -> int:
+    """The judge server is down or lacks the model: one line (how to fix it, what was kept), status 2."""
+    print(f"run_eval.py: error: the judge cannot run: {type(err).__name__}: {err}; {kept}", file=sys.stderr)
+    return 2
+
+
+def judge_lost_server(metrics: dict, output: str) -> int:
+    """0, or 2 with one line when the judge's server went away midway (items left unjudged)."""
+    judge = metrics.get("judge") or {}
+    lost = (judge.get("invalid_reasons") or {}).get("LLMConnectionError", 0)
+    if not lost:
+        return 0
+    print(f"run_eval.py: error: the judge lost its server ({judge.get('host') or judge.get('backend')}) midway: "
+          f"{lost} of {judge.get('n')} items not judged; start it with `ollama serve` and run the same command "
+          f"again (finished judgements are cached; the scores are in {output}/metrics.json)", file=sys.stderr)
+    return 2
+
+
 def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
-    """Model mode: one clear error line and exit status 2 on a bad model, adapter or dataset."""
+    """Model mode: one clear error line and exit status 2 on a bad model, adapter or dataset, or a
+    judge server that is down (checked before the model loads)."""
     from medvlm.eval.evaluate import ModelEvalError, evaluate_model
 
     try:
-        metrics = evaluate_model(model_config(args), scoring=scoring)
-    except (ModelEvalError, FileNotFoundError) as e:
+        config = model_config(args)
+        if config.judge_backend:
+            check_judge_server(config.judge_llm_config())
+        metrics = evaluate_model(config, scoring=scoring)
+    except (ModelEvalError, FileNotFoundError, ValueError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 2
+    except LLMError as e:  # the server went away after the first check, while the model answered
+        return judge_unavailable(e, f"the predictions and the scores without the judge are in {args.output}/ "
+                                    "(predictions.jsonl, metrics.json)")
     if not args.quiet:
         print(format_summary(metrics))
         print_judge(metrics)
         print(f"wrote {args.output}/predictions.jsonl and metrics.json")
-    return 0
+    return judge_lost_server(metrics, args.output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
                                          judge=judge, judge_template=args.judge_template,
                                          judge_concurrency=args.judge_concurrency, **kwargs)
+    except LLMError as e:  # raised only once the scores are on disk
+        return judge_unavailable(e, f"the scores without the judge are in {args.output}/metrics.json")
     except (PredictionsError, UnknownMetricError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 
@@ -178,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_summary(metrics))
         print_judge(metrics)
         print(f"wrote {args.output}/metrics.json" + (" and judge.jsonl" if "judge" in metrics else ""))
-    return 0
+    return judge_lost_server(metrics, args.output)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,27 @@ def judge_llm_config(
     return cfg
 
 
+def check_judge_server(llm_config: Mapping[str, Any]) -> None:
+    """Before judging: ask a server backend whether it is up and holds the judge model (Ollama's
+    ``GET /api/tags``, the check ``generate_qa`` uses). Raises :class:`~medvlm.llm.LLMConnectionError`
+    (server down: start it with ``ollama serve``) or :class:`~medvlm.llm.LLMModelNotFoundError` (run
+    ``ollama pull``); a slow or failing answer is only logged, its items are retried and counted
+    invalid as usual. Local backends have nothing to check."""
+    from medvlm.llm import LLMError, make_llm
+
+    if llm_config.get("backend") != "ollama":
+        return
+    llm = make_llm({k: v for k, v in llm_config.items() if k != "cache_dir"})
+    try:
+        llm.check_model()
+    except LLMError as e:
+        if not e.retryable:
+            raise
+        logger.warning("judge: could not check the server before judging (%s); judging anyway", e)
+    finally:
+        llm.close()
+
+
 def judge_open_rows(
     rows: Iterable[Mapping[str, Any]], llm_config: Mapping[str, Any], output: str | Path, *,
     template: str = "correctness", concurrency: int = 1,
@@ -197,14 +218,19 @@ def judge_open_rows(
     """Judge the open questions of prediction ``rows`` and write one line per item to
     ``output/judge.jsonl``; returns the ``judge`` section of ``metrics.json``.
 
-    A server that is down, slow or failing makes items invalid (counted, listed by id); a backend
-    that cannot even be built (missing local model, bad template) gives a section with ``error``
-    and every item invalid. Never raises for those, so finished predictions and metrics are kept.
+    A judge server that is down or lacks the model raises before any item is judged (see
+    :func:`check_judge_server`; callers write their other metrics first, so nothing is lost).
+    A server that is slow or failing makes items invalid (counted, listed by id); so does one that
+    goes away midway (``invalid_reasons`` then holds ``LLMConnectionError``). A local backend that
+    cannot even be built (missing model, bad template) gives a section with ``error`` and every
+    item invalid.
     """
     from medvlm.llm import LLMError, make_llm
     from medvlm.utils.io import to_jsonable, write_jsonl
 
     open_rows = [r for r in rows if r.get("answer_type") == "open"]
+    if open_rows:
+        check_judge_server(llm_config)
     logger.info("judging %d open predictions with %s:%s", len(open_rows), llm_config.get("backend"),
                 llm_config.get("model"))
     try:
