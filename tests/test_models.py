@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +130,72 @@ def test_unknown_family_suggests_the_closest():
 def test_loading_a_missing_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_and_processor(str(tmp_path / "nope"))
+
+
+def test_a_hub_id_is_loaded_from_the_hub_cache_not_taken_for_a_missing_folder(tiny_llava, tmp_path):
+    # owner/name has a slash like a path; offline it must still load from the hub cache
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--owner--tiny-llava"
+    shutil.copytree(tiny_llava, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = """
+from medvlm.models import load_model_and_processor
+print(load_model_and_processor("owner/tiny-llava").family.name)
+try:
+    load_model_and_processor("owner/not-cached")
+except OSError as err:
+    print("ERROR", err)
+try:
+    load_model_and_processor("runs/no/such-adapter")
+except FileNotFoundError as err:
+    print("ERROR", err)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, not_cached, missing = out.stdout.strip().split("ERROR ")
+    assert loaded.strip() == "llava"
+    assert not_cached.startswith("cannot load owner/not-cached from the Hugging Face hub (HF_HUB_OFFLINE is set")
+    assert missing.startswith("model folder runs/no/such-adapter does not exist")
+
+
+def test_path_or_hub_id():
+    from medvlm.utils.hub import looks_like_hub_id, looks_like_missing_folder
+
+    assert looks_like_hub_id("google/paligemma-3b-mix-448") and looks_like_hub_id("llava-hf/llava-1.5-7b-hf")
+    assert not looks_like_hub_id("runs/a/b") and not looks_like_hub_id("/abs/path") and not looks_like_hub_id("gpt2")
+    assert not looks_like_missing_folder("google/paligemma-3b-mix-448") and not looks_like_missing_folder("gpt2")
+    assert looks_like_missing_folder("runs/a/adapter") and looks_like_missing_folder("./model")
+    assert looks_like_missing_folder("/no/such/folder") and not looks_like_missing_folder(os.getcwd())
+
+
+def test_run_eval_checks_pass_a_hub_id_and_stop_a_missing_folder(tmp_path):
+    from medvlm.eval.evaluate import ModelEvalConfig, ModelEvalError, check_inputs
+
+    check_inputs(ModelEvalConfig(model="google/paligemma-3b-mix-448", output=str(tmp_path)))  # left to the hub
+    with pytest.raises(ModelEvalError, match="model folder runs/x/stage2 does not exist"):
+        check_inputs(ModelEvalConfig(model="runs/x/stage2", output=str(tmp_path)))
+
+
+def test_an_adapter_from_another_demo_base_is_refused_before_any_base_is_built(tmp_path, monkeypatch):
+    import json
+
+    from medvlm.eval.evaluate import ModelEvalConfig, ModelEvalError, check_inputs
+    from medvlm.models import tiny
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    (adapter / "medvlm_adapter.json").write_text(json.dumps(
+        {"model_name_or_path": "demo:llava", "resolved_path": "/another/home/base/llava-0123"}))
+    monkeypatch.setenv("MEDVLM_HOME", str(tmp_path / "home"))  # an empty cache: building would take minutes
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the base model was built just to be compared")
+
+    monkeypatch.setattr(tiny, "ensure_base_model", no_build)
+    with pytest.raises(ModelEvalError) as err:
+        check_inputs(ModelEvalConfig(model="demo:llava", adapter=str(adapter), output=str(tmp_path / "out")))
+    assert "MEDVLM_HOME points elsewhere" in str(err.value) and "--model" in str(err.value)
+    assert "model_name_or_path" not in str(err.value)

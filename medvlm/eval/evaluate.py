@@ -16,7 +16,6 @@ costs nothing but the judge section (its items are counted invalid).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import score_records, to_jsonable
+from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
 from medvlm.utils.io import write_jsonl as io_write_jsonl
 
@@ -101,10 +101,9 @@ def check_inputs(cfg: ModelEvalConfig) -> None:
     from medvlm.training.lora import AdapterError, check_adapter
 
     model = cfg.model
-    looks_local = os.path.sep in model or model.startswith(".") or (os.altsep and os.altsep in model)
-    if not model.startswith("demo:") and looks_local and not Path(model).is_dir():
+    if not model.startswith("demo:") and looks_like_missing_folder(model):
         raise ModelEvalError(f"model folder {model} does not exist; pass an existing folder holding "
-                             "config.json, a hub id, or demo:paligemma")
+                             "config.json, a hub id (owner/name), or demo:paligemma")
     if not model.startswith("demo:") and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
         raise ModelEvalError(f"model folder {model} holds no config.json; point --model at a saved model "
                              "(save_pretrained output) or a hub id")
@@ -112,7 +111,9 @@ def check_inputs(cfg: ModelEvalConfig) -> None:
         try:
             check_adapter(cfg.adapter, cfg.model)
         except AdapterError as e:
-            raise ModelEvalError(str(e).replace("init_adapter", "--adapter")) from e
+            raise ModelEvalError(str(e).replace("init_adapter", "--adapter")
+                                 .replace("model_name_or_path: ", "--model ")
+                                 .replace("model_name_or_path", "--model")) from e
     if cfg.judge_backend:
         try:
             cfg.judge_llm_config()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
 from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
+from medvlm.utils.hub import looks_like_hub_id, looks_like_missing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,17 @@ def load_model_and_processor(
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     path = resolve_model_path(model_name_or_path)
-    if os.path.sep in path and not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path} does not exist; pass a hub id or an existing folder")
-    family = detect_family(path)
+    if looks_like_missing_folder(path):
+        raise FileNotFoundError(f"model folder {path} does not exist; pass a hub id (owner/name) or an "
+                                "existing folder")
+    try:
+        family = detect_family(path)
+    except OSError as err:
+        if not looks_like_hub_id(path):
+            raise
+        offline = " (HF_HUB_OFFLINE is set: the model must already be in the local hub cache)" \
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+        raise OSError(f"cannot load {path} from the Hugging Face hub{offline}: {err}") from err
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; expected auto or one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]

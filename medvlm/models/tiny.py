@@ -275,11 +275,18 @@ def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
     return {"loss": result.training_loss, "steps": result.global_step, **result.metrics}
 
 
+def base_model_dir(family: str = "paligemma", cfg: TinyConfig | None = None) -> Path:
+    """Where ``demo:<family>`` lives under ``$MEDVLM_HOME`` (built or not): the folder name holds a
+    hash of the config, so a changed config gets a new folder."""
+    cfg = cfg or TinyConfig(family=family)
+    return medvlm_home() / "base" / f"{cfg.family}-{cfg.key()}"
+
+
 def ensure_base_model(family: str = "paligemma", cfg: TinyConfig | None = None,
                       root: str | Path | None = None) -> Path:
     """The cached tiny base model folder for ``family``; built (a few minutes on a CPU) if missing."""
     cfg = cfg or TinyConfig(family=family)
-    folder = Path(root) if root else medvlm_home() / "base" / f"{cfg.family}-{cfg.key()}"
+    folder = Path(root) if root else base_model_dir(family, cfg)
     if (folder / "manifest.json").exists():
         return folder
     logger.info("building the tiny %s base model in %s (cached for later runs)", cfg.family, folder)

@@ -64,13 +64,14 @@ def check_adapter(folder: str, base_model: str) -> dict:
                            f"loads {base_model!r}. Set model_name_or_path: {trained_on} (or train a new "
                            "stage-1 adapter on this base).")
     if resolved and base_model.startswith("demo:"):
-        from medvlm.models.registry import resolve_model_path
+        from medvlm.models.tiny import base_model_dir
 
-        now = resolve_model_path(base_model)
+        now = str(base_model_dir(base_model.split(":", 1)[1]))  # where it is, without building it
         if now != resolved:
             raise AdapterError(f"init_adapter {folder} was trained on the tiny base in {resolved}, but "
-                               f"{base_model} now resolves to {now} (the demo base was rebuilt since). "
-                               "Train stage 1 again, or set model_name_or_path to the old folder.")
+                               f"{base_model} now resolves to {now} (the demo base was rebuilt since, or "
+                               "MEDVLM_HOME points elsewhere). Set MEDVLM_HOME to the run's, train stage 1 "
+                               "again, or set model_name_or_path to the old folder.")
     return cfg
 
 
