@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,6 +109,9 @@ def test_resume_after_a_kill_ends_at_the_same_loss(tiny_paligemma, tmp_path, sma
     assert (killed / "checkpoint-3").is_dir() and not (killed / "manifest.json").exists()
     # starting again without --resume is refused: the folder holds an unfinished run
     assert main("stage1", _argv(tiny_paligemma, killed, "--max_steps", "6")) == 2
+    # a kill during the next save leaves a checkpoint without its trainer_state.json: resume skips it
+    (killed / "checkpoint-6").mkdir()
+    shutil.copy(killed / "checkpoint-3" / "adapter_config.json", killed / "checkpoint-6")
     run_stage(*parse_stage_config(_argv(tiny_paligemma, killed, "--max_steps", "6", "--checkpoint_eval_samples",
                                         "0", "--blank_eval", "false", "--resume", "true"), "stage1"))
     assert abs(_last_loss(full) - _last_loss(killed)) < 1e-6

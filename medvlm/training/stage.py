@@ -61,6 +61,20 @@ def load_records(source: str, split: str, question_types, data_args: DataArgumen
     return ds
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last, so
+    a run killed while saving resumes from the checkpoint before (``get_last_checkpoint`` would pick
+    the half-written one and fail). Skipped folders are logged."""
+    steps = sorted(((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-")[1].isdigit()), reverse=True)
+    for _, folder in steps:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        logger.warning("%s is incomplete (no trainer_state.json: the run stopped while saving it); "
+                       "resuming from an earlier checkpoint", folder)
+    return None
+
+
 def check_run_dir(out: Path, resume: bool) -> str | None:
     """A finished run is never overwritten; an unfinished one is resumed only when asked."""
     if (out / "manifest.json").exists() and not resume:
@@ -71,7 +85,11 @@ def check_run_dir(out: Path, resume: bool) -> str | None:
         if last is None:
             raise ConfigError(f"resume: true, but {out} holds no checkpoint-N folder to resume from; "
                               "drop --resume to start the run")
-        return last
+        complete = last_complete_checkpoint(out)
+        if complete is None:
+            raise ConfigError(f"resume: true, but every checkpoint in {out} is incomplete (no "
+                              "trainer_state.json: the run stopped while saving); delete them and drop --resume")
+        return complete
     if last is not None:
         raise ConfigError(f"{out} holds checkpoints of an unfinished run; pass --resume true to resume it, or "
                           "choose another output_dir")
