@@ -23,8 +23,8 @@ import datasets
 from medvlm.data_curation.filters import KEY_FIELDS, FilterPipeline, FilterStep
 from medvlm.data_curation.loading import UnknownSourceError
 from medvlm.data_curation.sources import SOURCES
-from medvlm.data_curation.sources._common import looks_like_hub_id
 from medvlm.records import COLUMNS, FEATURES
+from medvlm.utils.hub import looks_like_hub_id
 from medvlm.utils.io import atomic_write_text, did_you_mean, sha256_file
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,6 @@ _SPLIT_ALIASES = {
 #: Prompt used for caption-style sources (ROCOv2, MedPix) when no ``prompt`` option is given.
 CAPTION_PROMPT = "Describe this image."
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def normalise_split(name: str) -> str:
     """Map a source's split spelling (``Vaild``, ``valid``, ``validate``, ``Train``) to train/validation/test.
 
@@ -41,11 +38,6 @@ def normalise_split(name: str) -> str:
     """
     key = str(name).strip().lower()
     return _SPLIT_ALIASES.get(key, key)
-
-
-def looks_like_hub_id(path: str) -> bool:
-    """``owner/name`` that is not an existing local path."""
-    return bool(_HUB_ID.match(path)) and not Path(path).exists()
 
 
 @dataclass
