@@ -4,3 +4,10 @@ The flow (see the README): data_curation → training (stage 1 → stage 2) → 
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes warns on import, on every CPU machine, that it could not fetch an optional faster
+# 4-bit kernel from the hub ("kernels-community"). Nothing here asks for it, and peft imports
+# bitsandbytes whenever it is installed, so the line would open every script's output.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
