@@ -126,19 +126,33 @@ def test_bad_inputs_give_one_line_and_exit_2(run_eval, tiny_paligemma, tmp_path,
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
 
 
-def test_judge_server_down_keeps_predictions_and_counts_invalid(run_eval, tiny_paligemma, tmp_path):
+def _down_judge_argv(tiny_paligemma, out):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "judge-down"
-    argv = _argv(tiny_paligemma, out, "--judge-backend", "ollama", "--judge-model", "stub-model",
+    return _argv(tiny_paligemma, out, "--judge-backend", "ollama", "--judge-model", "stub-model",
                  "--judge-host", f"http://127.0.0.1:{port}")
-    assert run_eval.main(argv) == 0
-    rows = _read(out / "predictions.jsonl")
-    n_open = sum(r["answer_type"] == "open" for r in rows)
-    judge = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["judge"]
-    assert len(rows) == 8 and n_open >= 1
-    assert judge["n"] == n_open and judge["n_invalid"] == n_open and judge["mean_score"] is None
+
+
+def test_judge_server_down_stops_before_the_model_answers(run_eval, tiny_paligemma, tmp_path, capsys,
+                                                          generate_calls):
+    out = tmp_path / "judge-down"
+    assert run_eval.main(_down_judge_argv(tiny_paligemma, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot connect to Ollama" in err and "ollama serve" in err
+    assert generate_calls == [] and not (out / "predictions.jsonl").exists()
+
+
+def test_judge_server_lost_while_the_model_answers_keeps_predictions_and_scores(run_eval, tiny_paligemma,
+                                                                                tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_eval, "check_judge_server", lambda cfg: None)  # up when checked, gone when judging
+    out = tmp_path / "judge-lost"
+    assert run_eval.main(_down_judge_argv(tiny_paligemma, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ollama serve" in err and "predictions.jsonl" in err
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert len(_read(out / "predictions.jsonl")) == 8 and metrics["counts"]["n_scored"] == 8
+    assert "judge" not in metrics
 
 
 def test_judge_scores_open_predictions_through_the_cache(run_eval, tiny_paligemma, tmp_path):
