@@ -1,6 +1,8 @@
 """Evaluate: score a predictions file, or run a model on a dataset, into ``metrics.json`` (+ manifest).
 
     python eval/run_eval.py --predictions runs/stage2/predictions.jsonl --output runs/stage2/eval
+    python eval/run_eval.py --predictions runs/eval/predictions.jsonl \
+        --paraphrase-predictions runs/eval/predictions_paraphrase.jsonl --output runs/eval/rescored
     python eval/run_eval.py --predictions answers.jsonl --questions test.json \\
         --suite eval/suites/llava_med_vqa.yaml --output runs/eval-llava-med
     python eval/run_eval.py --model demo:llava --adapter runs/demo/stage2/adapter --dataset phantom \\
@@ -11,7 +13,10 @@
         --judge-backend ollama --judge-model llama3.1:8b --output runs/eval-slake
 
 Model mode writes ``predictions.jsonl`` (raw answers) before scoring and judging; see
-``medvlm.eval.evaluate`` for every file it writes.
+``medvlm.eval.evaluate`` for every file it writes. With --robustness it also writes the answers to
+reworded questions, ``predictions_paraphrase.jsonl``: predictions mode scores that file too (the
+``robustness`` section: flip rate, per-variant accuracy), read from --paraphrase-predictions or, by
+default, from beside the --predictions file.
 
 With a judge on an Ollama server, the server is asked first whether it is up and has the model:
 if not, the run stops with exit status 2 and one line (``ollama serve`` / ``ollama pull``), in
@@ -31,11 +36,20 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from medvlm.eval.judge import check_judge_server, judge_llm_config
+from medvlm.eval.judge import check_judge_server, judge_llm_config, judge_open_rows
 from medvlm.eval.metrics import UnknownMetricError
-from medvlm.eval.predictions import PredictionsError
-from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs
+from medvlm.eval.predictions import (
+    MAX_PREDICTION_CHARS,
+    PARAPHRASE_FILE,
+    PredictionsError,
+    load_paraphrase_predictions,
+    load_predictions,
+    prepare_records,
+)
+from medvlm.eval.run import not_paraphrased, paraphrase_robustness
+from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs, write_metrics
 from medvlm.llm import LLMError
 
 
@@ -54,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     preds = parser.add_argument_group("predictions mode")
     preds.add_argument("--questions", metavar="FILE",
                        help="LLaVA-Med question file (JSON list or JSONL) holding the reference answers")
+    preds.add_argument("--paraphrase-predictions", metavar="FILE|none",
+                       help="answers to reworded questions (model mode's --robustness output) to score for "
+                            f"robustness; default: {PARAPHRASE_FILE} beside --predictions when it exists; "
+                            "'none' to skip it")
 
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument("--suite", metavar="YAML",
@@ -181,6 +199,54 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
     return judge_lost_server(metrics, args.output)
 
 
+def paraphrase_file(args: argparse.Namespace) -> str | None:
+    """The paraphrase predictions to score: --paraphrase-predictions, else the file model mode
+    writes beside --predictions when it exists (logged), else none."""
+    given = args.paraphrase_predictions
+    if given is not None and given.lower() == "none":
+        return None
+    if given is not None:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"--paraphrase-predictions {given} does not exist; pass the "
+                                    f"{PARAPHRASE_FILE} model mode wrote with --robustness, or 'none'")
+        return given
+    beside = Path(args.predictions).with_name(PARAPHRASE_FILE)
+    if beside.is_file() and beside.resolve() != Path(args.predictions).resolve():
+        logging.getLogger("run_eval").info("scoring robustness from %s (found beside --predictions; "
+                                           "--paraphrase-predictions none skips it)", beside)
+        return str(beside)
+    return None
+
+
+def run_predictions_mode(args: argparse.Namespace, scoring: dict, judge: dict | None) -> dict:
+    """Predictions mode, each result written as soon as it exists: the scores, then the robustness
+    of the paraphrase predictions (if any), then the judge's section."""
+    para = paraphrase_file(args)
+    para_rows = load_paraphrase_predictions(para) if para else None  # a bad file fails before any work
+    inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
+    if para:
+        inputs["paraphrase_predictions"] = para
+    metrics = score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
+                                     **scoring)
+    records = None
+    if para_rows is not None:
+        records, _ = load_predictions(args.predictions, args.questions)
+        metrics["robustness"] = paraphrase_robustness(para_rows, bootstrap=scoring.get("bootstrap", 1000),
+                                                      seed=scoring.get("seed", 0),
+                                                      unmatched=not_paraphrased(records, para_rows))
+        write_metrics(args.output, metrics, inputs=inputs)
+    if judge:
+        if records is None:
+            records, _ = load_predictions(args.predictions, args.questions)
+        clean, _, _ = prepare_records(records, max_prediction_chars=scoring.get("max_prediction_chars",
+                                                                                  MAX_PREDICTION_CHARS))
+        metrics["judge"] = judge_open_rows(clean, judge, args.output, template=args.judge_template,
+                                           concurrency=args.judge_concurrency)
+        outputs = ["metrics.json"] + (["judge.jsonl"] if "error" not in metrics["judge"] else [])
+        write_metrics(args.output, metrics, inputs=inputs, outputs=outputs)
+    return metrics
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -190,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         kwargs = scoring_kwargs(args.suite, bootstrap=args.bootstrap, seed=args.seed, slice_by=args.slice_by)
         if args.model is not None:
+            if args.paraphrase_predictions is not None:
+                raise ValueError("--paraphrase-predictions belongs to predictions mode; in model mode "
+                                 "--robustness answers the reworded questions itself")
             return run_model_mode(args, kwargs)
         judge = None
         if args.judge_backend or args.judge_model:
@@ -199,10 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             judge = judge_llm_config(args.judge_backend, args.judge_model, args.output, host=args.judge_host,
                                      cache=args.judge_cache, concurrency=args.judge_concurrency,
                                      timeout=args.judge_timeout)
-        inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
-        metrics = score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
-                                         judge=judge, judge_template=args.judge_template,
-                                         judge_concurrency=args.judge_concurrency, **kwargs)
+        metrics = run_predictions_mode(args, kwargs, judge)
     except LLMError as e:  # raised only once the scores are on disk
         return judge_unavailable(e, f"the scores without the judge are in {args.output}/metrics.json")
     except (PredictionsError, UnknownMetricError, FileNotFoundError, ValueError) as e:

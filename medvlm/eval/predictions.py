@@ -171,6 +171,24 @@ def load_predictions(
     return rows, []
 
 
+#: The paraphrase predictions model mode writes beside ``predictions.jsonl`` (``--robustness``).
+PARAPHRASE_FILE = "predictions_paraphrase.jsonl"
+
+
+def load_paraphrase_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a paraphrase predictions file (ours: the rows of ``predictions.jsonl`` plus ``group``
+    and ``variant``, one group per question and its rewordings). Raises :class:`PredictionsError`
+    for an empty file or one whose rows carry no ``group``."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise PredictionsError(f"{path} holds no records (the file is empty); expected the paraphrase "
+                               f"predictions model mode writes with --robustness ({PARAPHRASE_FILE})")
+    if not any(r.get("group") not in (None, "") for r in rows):
+        raise PredictionsError(f"{path} holds no paraphrase groups (no row has a 'group' field); pass the "
+                               f"{PARAPHRASE_FILE} model mode writes with --robustness")
+    return rows
+
+
 def _check(rec: Mapping[str, Any], rid: str, seen: set[str]) -> str | None:
     """Why ``rec`` cannot be scored, or ``None``."""
     if "prediction" not in rec:
