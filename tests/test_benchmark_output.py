@@ -1,0 +1,21 @@
+"""benchmarks/diagnostics_speed.py prints its figures and nothing of the profiler's own chatter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from scripts import ROOT
+
+
+def test_diagnostics_benchmark_prints_its_figures_without_profiler_markers():
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diagnostics_speed.py"), "--family", "llava",
+                           "--rounds", "1", "--repeats", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(a) log-prob / plain forward" in proc.stdout and "peak tensor bytes" in proc.stdout
+    assert "profiler_start" not in proc.stderr and "USDT" not in proc.stderr
+    peaks = [line for line in proc.stdout.splitlines() if line.startswith("(c)")]
+    assert len(peaks) == 2 and all("capture median 0.00" not in line for line in peaks)  # the peaks were measured
