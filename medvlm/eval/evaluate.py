@@ -9,8 +9,11 @@
     metrics.json                  score_records' result (+ robustness, judge and model sections)
     manifest.json                 written last: inputs, options, counts, versions
 
-Predictions and metrics are written before the judge runs, so a judge server that is down
-costs nothing but the judge section (its items are counted invalid).
+Predictions and metrics are written before the judge runs. A judge server that is down or lacks
+the model raises (:func:`~medvlm.eval.judge.check_judge_server`) after ``predictions.jsonl`` and
+``metrics.json`` are on disk, and no manifest is written: the run is unfinished. ``run_eval.py``
+makes the same check before the model loads, so no answers are generated for nothing. Items the
+server fails on otherwise (HTTP 500, malformed JSON, timeouts) are counted invalid.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from medvlm.eval.consistency import DEFAULT_THRESHOLD
 from medvlm.eval.generate import generate_answers
 from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
-from medvlm.eval.run import prediction_rows
+from medvlm.eval.run import paraphrase_robustness, prediction_rows
 from medvlm.eval.scoring import score_records, to_jsonable
 from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
@@ -250,10 +253,8 @@ def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = Non
         groups, unmatched = paraphrase_records(records, max_variants=cfg.paraphrases)
         para_rows = answer_paraphrases(loaded, groups, rows, cfg)
         write_jsonl(out / "predictions_paraphrase.jsonl", para_rows)
-        scored = score_records(para_rows, bootstrap=kwargs.get("bootstrap", 1000), seed=kwargs.get("seed", 0),
-                               slice_by=())
-        metrics["robustness"] = {**scored.get("robustness", {"n": 0, "n_groups": 0}),
-                                 "n_not_paraphrased": len(unmatched), "not_paraphrased": unmatched}
+        metrics["robustness"] = paraphrase_robustness(para_rows, bootstrap=kwargs.get("bootstrap", 1000),
+                                                      seed=kwargs.get("seed", 0), unmatched=unmatched)
         outputs.append("predictions_paraphrase.jsonl")
     metrics["model"] = {"model": cfg.model, "adapter": cfg.adapter, "dataset": cfg.dataset, "split": cfg.split,
                         "family": type(loaded.family).__name__, "seconds": round(time.time() - t0, 2)}
