@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from medvlm.utils.hub import HUB_ID
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ CARD_METRICS = (
     ("open", "bleu", "bleu", "Open-question BLEU"),
     ("open", "token_f1", "f1", "Open-question token F1"),
 )
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class PushNotPossible(ValueError):
