@@ -157,6 +157,10 @@ def test_chinese_and_accented_answers_are_scored_instead_of_zero():
     # token F1 / recall: 肺 (lung) against 肺部 (lung region): 1 shared character of 1 and 2
     assert M.token_f1("肺", "肺部", {}) == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert M.token_recall("肺", "肺部", {}) == 0.5
+    # closed token recall (a yes/no decision) compares whole words: a shared character is not a hit
+    for wrong, ref in (("肝脏", "心脏"), ("右肺", "左肺"), ("没有", "有")):
+        assert M.token_recall_hit(wrong, ref, {}) == 0.0
+    assert M.token_recall_hit("左肺", "左肺", {}) == 1.0
     # BLEU uses sacrebleu's Chinese tokenizer when the reference is Chinese: a perfect answer is 100
     assert M.sentence_bleu("左肺上叶有结节", "左肺上叶有结节", {}) == pytest.approx(100.0)
     assert 0 < M.sentence_bleu("左肺下叶有结节", "左肺上叶有结节", {}) < 100

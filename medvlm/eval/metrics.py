@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from medvlm.eval.normalize import (
-    UNSPACED_SCRIPT,
+    HAN,
     normalize_answer,
     parse_choice_letter,
     split_unspaced,
@@ -287,17 +287,19 @@ def substring(prediction: str, reference: str, record: Mapping[str, Any]) -> flo
     return float(bool(ref) and ref in normalize_answer(prediction))
 
 
-def token_recall_value(prediction: str, reference: str) -> float:
-    """Share of distinct reference tokens that appear in the prediction (0 for an empty reference)."""
-    ref = set(tokens(reference))
+def token_recall_value(prediction: str, reference: str, per_character: bool = True) -> float:
+    """Share of distinct reference tokens that appear in the prediction (0 for an empty reference);
+    ``per_character``: see :func:`~medvlm.eval.normalize.tokens`."""
+    ref = set(tokens(reference, per_character))
     if not ref:
         return 0.0
-    return len(ref & set(tokens(prediction))) / len(ref)
+    return len(ref & set(tokens(prediction, per_character))) / len(ref)
 
 
 @register_metric("token_recall", answer_type="closed")
 def token_recall_hit(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
-    return float(token_recall_value(prediction, reference) >= TOKEN_RECALL_THRESHOLD)
+    # whole words: one shared character must not make a wrong Chinese answer count as correct
+    return float(token_recall_value(prediction, reference, per_character=False) >= TOKEN_RECALL_THRESHOLD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,11 +364,12 @@ def bleu_stats(prediction: str, reference: str) -> tuple[float, tuple[float, ...
     """Sentence BLEU (0-100) and the statistics a corpus BLEU sums: 4 matches, 4 totals, lengths.
 
     Tokens are sacrebleu's ``13a`` (its default, as published English scores use), or ``zh`` when
-    the reference holds Han / kana characters (sacrebleu's Chinese tokenizer: one token per
-    character, the rest as ``13a``); under ``13a`` an unspaced Chinese answer is one token."""
+    the reference holds Han characters (sacrebleu's Chinese tokenizer: one token per Han character,
+    the rest as ``13a``); under ``13a`` an unspaced Chinese answer is one token. Kana are not split
+    by either: Japanese BLEU would need its own tokenizer (sacrebleu's ``ja-mecab``)."""
     import sacrebleu
 
-    tokenize = "zh" if UNSPACED_SCRIPT.search(reference) else "13a"
+    tokenize = "zh" if HAN.search(reference) else "13a"
     s = sacrebleu.sentence_bleu(prediction, [reference], tokenize=tokenize)
     return float(s.score), (*map(float, s.counts), *map(float, s.totals), float(s.sys_len), float(s.ref_len))
 
@@ -375,7 +378,8 @@ def corpus_bleu_from_stats(stats: np.ndarray) -> float:
     """Corpus BLEU (sacrebleu's corpus defaults: exp smoothing; tokens as in :func:`bleu_stats`)
     from summed statistics.
 
-    Identical to ``sacrebleu.corpus_bleu(preds, [refs]).score`` on the same items (tested).
+    Identical to ``sacrebleu.corpus_bleu(preds, [refs]).score`` on the same items when they share
+    one tokenizer (tested); a corpus mixing Chinese and other references sums each item's own.
     """
     from sacrebleu.metrics import BLEU
 

@@ -65,6 +65,8 @@ def normalize_text(text: object) -> str:
 # Han ideographs and kana: scripts written without spaces, so one character is one token (the
 # usual unit for Chinese, e.g. SLAKE's Chinese half). Hangul is spaced into words and kept whole.
 UNSPACED_SCRIPT = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+#: Han ideographs only (what sacrebleu's ``zh`` tokenizer splits).
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 def split_unspaced(text: str) -> str:
@@ -72,10 +74,13 @@ def split_unspaced(text: str) -> str:
     return UNSPACED_SCRIPT.sub(r" \1 ", text)
 
 
-def tokens(text: object) -> list[str]:
-    """Words of ``normalize_text(text)``, Han / kana one character each (the unit of token
-    recall and token F1)."""
-    return split_unspaced(normalize_text(text)).split()
+def tokens(text: object, per_character: bool = True) -> list[str]:
+    """Words of ``normalize_text(text)``, the unit of token recall and token F1. With
+    ``per_character`` a Han / kana character is one token (for graded overlap on open answers);
+    without, an unspaced Chinese answer is one word (for a yes/no decision on a closed answer,
+    where 右肺 and 左肺, right and left lung, share a character but not the answer)."""
+    norm = normalize_text(text)
+    return (split_unspaced(norm) if per_character else norm).split()
 
 
 def normalize_answer(text: object) -> str:
