@@ -92,9 +92,11 @@ def test_near_duplicate_chinese_questions_compare_characters(tmp_path):
     # SLAKE's Chinese questions have no spaces: as whole words they would never be near duplicates
     records = [rec("zh", question="这张图片中的器官是什么？", answer="肺"),
                rec("zh-near", question="这张图片中的器官是什么呢？", answer="肺"),
-               rec("zh-other", question="病变在哪里？", answer="左肺")]
+               rec("zh-other", question="病变在哪里？", answer="左肺"),
+               rec("zh-liver", question="图中的肝脏是否正常？", answer="是"),  # is the liver normal?
+               rec("zh-heart", question="图中的心脏是否正常？", answer="否")]  # is the heart normal?
     _, kept, rejects = run(tmp_path, records, make_step("near_duplicate_questions", threshold=0.8))
-    assert kept == ["zh", "zh-other"]
+    assert kept == ["zh", "zh-heart", "zh-liver", "zh-other"]  # one organ apart is another question
     assert "of 'zh' on the same image" in rejects["zh-near"]["reason"]
 
 
