@@ -160,7 +160,7 @@ except FileNotFoundError as err:
     assert missing.startswith("model folder runs/no/such-adapter does not exist")
 
 
-def test_path_or_hub_id():
+def test_path_or_hub_id(tmp_path, monkeypatch):
     from medvlm.utils.hub import looks_like_hub_id, looks_like_missing_folder
 
     assert looks_like_hub_id("google/paligemma-3b-mix-448") and looks_like_hub_id("llava-hf/llava-1.5-7b-hf")
@@ -168,6 +168,9 @@ def test_path_or_hub_id():
     assert not looks_like_missing_folder("google/paligemma-3b-mix-448") and not looks_like_missing_folder("gpt2")
     assert looks_like_missing_folder("runs/a/adapter") and looks_like_missing_folder("./model")
     assert looks_like_missing_folder("/no/such/folder") and not looks_like_missing_folder(os.getcwd())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # beside a runs/ folder, runs/stage2 is a mistyped path, not a hub id
+    assert not looks_like_hub_id("runs/stage2") and looks_like_missing_folder("runs/stage2")
 
 
 def test_run_eval_checks_pass_a_hub_id_and_stop_a_missing_folder(tmp_path):
