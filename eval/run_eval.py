@@ -38,18 +38,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medvlm.eval.judge import check_judge_server, judge_llm_config, judge_open_rows
+from medvlm.eval.judge import check_judge_server, judge_llm_config
 from medvlm.eval.metrics import UnknownMetricError
 from medvlm.eval.predictions import (
-    MAX_PREDICTION_CHARS,
     PARAPHRASE_FILE,
     PredictionsError,
     load_paraphrase_predictions,
-    load_predictions,
-    prepare_records,
 )
-from medvlm.eval.run import not_paraphrased, paraphrase_robustness
-from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs, write_metrics
+from medvlm.eval.scoring import format_summary, score_predictions_file, scoring_kwargs
 from medvlm.llm import LLMError
 
 
@@ -184,7 +180,10 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
     try:
         config = model_config(args)
         if config.judge_backend:
-            check_judge_server(config.judge_llm_config())
+            try:
+                check_judge_server(config.judge_llm_config())
+            except LLMError as e:
+                return judge_unavailable(e, "nothing was evaluated or written")
         metrics = evaluate_model(config, scoring=scoring)
     except (ModelEvalError, FileNotFoundError, ValueError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
@@ -219,32 +218,16 @@ def paraphrase_file(args: argparse.Namespace) -> str | None:
 
 
 def run_predictions_mode(args: argparse.Namespace, scoring: dict, judge: dict | None) -> dict:
-    """Predictions mode, each result written as soon as it exists: the scores, then the robustness
-    of the paraphrase predictions (if any), then the judge's section."""
+    """Predictions mode: the scores, the robustness of the paraphrase predictions (if any) and the
+    judge's section, each in metrics.json as soon as it exists (see ``score_predictions_file``)."""
     para = paraphrase_file(args)
     para_rows = load_paraphrase_predictions(para) if para else None  # a bad file fails before any work
     inputs = {"predictions": args.predictions, "questions": args.questions, "suite": args.suite}
     if para:
         inputs["paraphrase_predictions"] = para
-    metrics = score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
-                                     **scoring)
-    records = None
-    if para_rows is not None:
-        records, _ = load_predictions(args.predictions, args.questions)
-        metrics["robustness"] = paraphrase_robustness(para_rows, bootstrap=scoring.get("bootstrap", 1000),
-                                                      seed=scoring.get("seed", 0),
-                                                      unmatched=not_paraphrased(records, para_rows))
-        write_metrics(args.output, metrics, inputs=inputs)
-    if judge:
-        if records is None:
-            records, _ = load_predictions(args.predictions, args.questions)
-        clean, _, _ = prepare_records(records, max_prediction_chars=scoring.get("max_prediction_chars",
-                                                                                  MAX_PREDICTION_CHARS))
-        metrics["judge"] = judge_open_rows(clean, judge, args.output, template=args.judge_template,
-                                           concurrency=args.judge_concurrency)
-        outputs = ["metrics.json"] + (["judge.jsonl"] if "error" not in metrics["judge"] else [])
-        write_metrics(args.output, metrics, inputs=inputs, outputs=outputs)
-    return metrics
+    return score_predictions_file(args.predictions, args.output, questions=args.questions, inputs=inputs,
+                                  paraphrase_rows=para_rows, judge=judge, judge_template=args.judge_template,
+                                  judge_concurrency=args.judge_concurrency, **scoring)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

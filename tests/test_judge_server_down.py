@@ -56,6 +56,7 @@ def test_server_down_exits_2_with_the_fix_and_keeps_the_scores(run_eval, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["closed"]["accuracy"] == 0.5 and metrics["open"]["n"] == 1 and "judge" not in metrics
     assert not (out / "judge.jsonl").exists()
+    assert not (out / "manifest.json").exists()  # written only when every step finished, as in model mode
 
 
 def test_a_model_missing_on_the_server_exits_2_naming_ollama_pull(run_eval, tmp_path, capsys):
@@ -75,6 +76,7 @@ def test_server_errors_still_count_items_invalid_and_exit_0(run_eval, tmp_path):
         assert run_eval.main(_argv(_preds(tmp_path), out, stub.host)) == 0
     judge = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["judge"]
     assert judge["n_invalid"] == 1 and judge["invalid_reasons"] == {"LLMServerError": 1}
+    assert json.loads((out / "manifest.json").read_text())["outputs"] == ["metrics.json", "judge.jsonl"]
 
 
 def test_a_server_lost_midway_keeps_the_judge_section_and_exits_2(run_eval, tmp_path, closed_port_host,
@@ -99,6 +101,7 @@ def test_model_mode_checks_the_judge_server_before_loading_the_model(run_eval, t
     assert run_eval.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot connect to Ollama" in err and "ollama serve" in err
+    assert "nothing was evaluated or written" in err and not (tmp_path / "eval").exists()
 
 
 def test_check_judge_server_raises_only_for_a_server_that_is_down(closed_port_host, monkeypatch):

@@ -29,8 +29,8 @@ from medvlm.eval.consistency import DEFAULT_THRESHOLD
 from medvlm.eval.generate import generate_answers
 from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
-from medvlm.eval.run import paraphrase_robustness, prediction_rows
-from medvlm.eval.scoring import score_records, to_jsonable
+from medvlm.eval.run import prediction_rows
+from medvlm.eval.scoring import paraphrase_robustness, score_records, to_jsonable
 from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
 from medvlm.utils.io import write_jsonl as io_write_jsonl

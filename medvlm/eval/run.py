@@ -56,25 +56,5 @@ def evaluate_examples(
     return score_records(rows, bootstrap=bootstrap, slice_by=("qtype", "modality", "body_part"))
 
 
-def not_paraphrased(rows, para_rows) -> list[dict[str, str]]:
-    """``{id, reason}`` for each main prediction row that no paraphrase row belongs to (neither by
-    id nor as the group it anchors)."""
-    covered = {str(r.get("id")) for r in para_rows} | {str(r.get("group")) for r in para_rows}
-    return [{"id": str(r.get("id")), "reason": "no row of the paraphrase predictions belongs to it"}
-            for r in rows if str(r.get("id")) not in covered]
-
-
-def paraphrase_robustness(para_rows, *, bootstrap: int = 1000, seed: int = 0,
-                          unmatched: list[dict] | None = None) -> dict:
-    """The ``robustness`` section of ``metrics.json`` from answers to paraphrase groups (the rows of
-    ``predictions_paraphrase.jsonl``): flip rate, per-variant accuracy, latency, and the questions
-    left out (``unmatched``, when known)."""
-    scored = score_records(para_rows, bootstrap=bootstrap, seed=seed, slice_by=())
-    section = dict(scored.get("robustness", {"n": 0, "n_groups": 0}))
-    if unmatched is not None:
-        section.update(n_not_paraphrased=len(unmatched), not_paraphrased=list(unmatched))
-    return section
-
-
 def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
     return atomic_write_json(Path(out_dir) / "metrics.json", metrics)

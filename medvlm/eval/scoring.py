@@ -249,26 +249,58 @@ def write_metrics(
     return path
 
 
+def not_paraphrased(rows, para_rows) -> list[dict[str, str]]:
+    """``{id, reason}`` for each main prediction row that no paraphrase row belongs to (neither by
+    id nor as the group it anchors)."""
+    covered = {str(r.get("id")) for r in para_rows} | {str(r.get("group")) for r in para_rows}
+    return [{"id": str(r.get("id")), "reason": "no row of the paraphrase predictions belongs to it"}
+            for r in rows if str(r.get("id")) not in covered]
+
+
+def paraphrase_robustness(para_rows, *, bootstrap: int = 1000, seed: int = 0,
+                          unmatched: list[dict] | None = None) -> dict:
+    """The ``robustness`` section of ``metrics.json`` from answers to paraphrase groups (the rows of
+    ``predictions_paraphrase.jsonl``): flip rate, per-variant accuracy, latency, and the questions
+    left out (``unmatched``, when known)."""
+    scored = score_records(para_rows, bootstrap=bootstrap, seed=seed, slice_by=())
+    section = dict(scored.get("robustness", {"n": 0, "n_groups": 0}))
+    if unmatched is not None:
+        section.update(n_not_paraphrased=len(unmatched), not_paraphrased=list(unmatched))
+    return section
+
+
 def score_predictions_file(
     predictions: str | os.PathLike,
     output: str | os.PathLike,
     *,
     questions: str | os.PathLike | None = None,
     inputs: Mapping[str, Any] | None = None,
+    paraphrase_rows: Sequence[Mapping[str, Any]] | None = None,
     judge: Mapping[str, Any] | None = None,
     judge_template: str = "correctness",
     judge_concurrency: int = 1,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Predictions mode of ``eval/run_eval.py``: score a file into ``output/metrics.json`` (+ manifest),
-    then, when ``judge`` (a ``make_llm`` config) is given, judge its open answers into
-    ``output/judge.jsonl`` and add the ``judge`` section. The scores are on disk before the judge
-    starts, so a judge that fails costs nothing but its own section. Returns the metrics."""
+    """Predictions mode of ``eval/run_eval.py``: score a file into ``output/metrics.json``; with
+    ``paraphrase_rows`` (the rows of ``predictions_paraphrase.jsonl``) add the ``robustness``
+    section; with ``judge`` (a ``make_llm`` config) judge the open answers into
+    ``output/judge.jsonl`` and add the ``judge`` section. ``metrics.json`` is rewritten after each
+    step, so a judge server that is down (which raises :class:`~medvlm.llm.LLMError`) loses nothing
+    already scored; ``manifest.json`` is written last, only when every step finished, as in model
+    mode. Returns the metrics."""
+    from medvlm.utils.io import atomic_write_json
+
     records, skipped = load_predictions(predictions, questions)
     logger.info("read %d records from %s (%d skipped while joining)", len(records), predictions, len(skipped))
     metrics = score_records(records, skipped=skipped, **kwargs)
-    inputs = dict(inputs or {"predictions": predictions, "questions": questions})
-    write_metrics(output, metrics, inputs=inputs)
+    out = Path(output)
+    atomic_write_json(out / "metrics.json", to_jsonable(metrics))
+    outputs = ["metrics.json"]
+    if paraphrase_rows is not None:
+        metrics["robustness"] = paraphrase_robustness(
+            paraphrase_rows, bootstrap=kwargs.get("bootstrap", 1000), seed=kwargs.get("seed", 0),
+            unmatched=not_paraphrased(records, paraphrase_rows))
+        atomic_write_json(out / "metrics.json", to_jsonable(metrics))
     if judge:
         from medvlm.eval.judge import judge_open_rows
 
@@ -276,8 +308,9 @@ def score_predictions_file(
                                                                                MAX_PREDICTION_CHARS))
         metrics["judge"] = judge_open_rows(clean, judge, output, template=judge_template,
                                            concurrency=judge_concurrency)
-        outputs = ["metrics.json"] + (["judge.jsonl"] if "error" not in metrics["judge"] else [])
-        write_metrics(output, metrics, inputs=inputs, outputs=outputs)
+        outputs += [] if "error" in metrics["judge"] else ["judge.jsonl"]
+    write_metrics(output, metrics, inputs=dict(inputs or {"predictions": predictions, "questions": questions}),
+                  outputs=outputs)
     return metrics
 
 
