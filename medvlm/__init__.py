@@ -9,5 +9,7 @@ import logging as _logging
 
 # bitsandbytes warns on import, on every CPU machine, that it could not fetch an optional faster
 # 4-bit kernel from the hub ("kernels-community"). Nothing here asks for it, and peft imports
-# bitsandbytes whenever it is installed, so the line would open every script's output.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# bitsandbytes whenever it is installed, so the line would open every script's output. Only that
+# message is dropped; the logger's other warnings still show.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
