@@ -9,9 +9,9 @@ import sys
 from scripts import ROOT
 
 
-def test_diagnostics_benchmark_prints_its_figures_without_profiler_markers():
+def test_diagnostics_benchmark_prints_its_figures_without_profiler_markers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", MEDVLM_HOME=str(tmp_path))  # its phantom data stay out of the user's cache
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diagnostics_speed.py"), "--family", "llava",
                            "--rounds", "1", "--repeats", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
