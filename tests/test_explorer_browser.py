@@ -89,11 +89,12 @@ def _src(page, selector: str) -> str:
     return page.get_attribute(selector, "src") or ""
 
 
-def _toast(page) -> str:
-    page.wait_for_selector(".toast-body", timeout=30_000)
-    text = page.inner_text(".toast-body")
-    for close in page.query_selector_all(".toast-close"):
-        close.click()
+def _toast(page, expected: str) -> str:
+    """Wait for the message holding ``expected`` (not any message: an earlier one may still be
+    fading out), return its text, and close every message."""
+    body = page.wait_for_selector(f".toast-body:has-text({json.dumps(expected)})", timeout=30_000)
+    text = body.inner_text()
+    page.evaluate("document.querySelectorAll('.toast-close').forEach(b => b.click())")  # all at once
     return text
 
 
@@ -196,7 +197,7 @@ def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page, capfd, 
     bad = root / "not-a-scan.png"
     bad.write_text("plain text, not an image")
     _upload(page, bad)
-    assert "not-a-scan.png is not an image" in _toast(page)
+    assert "not-a-scan.png is not an image" in _toast(page, "not-a-scan.png")
     page.click("button:has-text('Model')")
     model_box = page.get_by_label("model (hub id, folder or demo:llava)")
     # The panel mounts its fields when it opens; text typed before the mount sets its initial
@@ -206,7 +207,7 @@ def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page, capfd, 
     model_box.fill(missing)
     playwright.expect(model_box).to_have_value(missing)
     page.click("#load")
-    assert "cannot load model" in _toast(page)
+    assert "cannot load model" in _toast(page, "cannot load model")
     # expected failures are a line in the server's log, not a traceback
     assert "Traceback" not in capfd.readouterr().err
     assert any("not-a-scan.png is not an image" in r.getMessage() for r in caplog.records)
