@@ -49,14 +49,13 @@ from medvlm.diagnostics.logit_lens import LogitLens, lens_from_cache, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
-from medvlm.diagnostics.probe import score_map
+from medvlm.diagnostics.probe import METHODS, score_map
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
 from medvlm.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion")
 BASE = "base model"
 #: Overlays are drawn at least this many pixels wide (the demo model sees 64x64 images).
 MIN_DISPLAY = 256
