@@ -64,9 +64,10 @@ def normalize_text(text: object) -> str:
 
 # Han ideographs and kana: scripts written without spaces, so one character is one token (the
 # usual unit for Chinese, e.g. SLAKE's Chinese half). Hangul is spaced into words and kept whole.
-UNSPACED_SCRIPT = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+_HAN_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+UNSPACED_SCRIPT = re.compile(f"([\u3040-\u30ff{_HAN_RANGES}])")
 #: Han ideographs only (what sacrebleu's ``zh`` tokenizer splits).
-HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+HAN = re.compile(f"[{_HAN_RANGES}]")
 
 
 def split_unspaced(text: str) -> str:
