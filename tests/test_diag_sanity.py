@@ -8,15 +8,11 @@ import torch
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
+from medvlm.diagnostics.attention_quality import score_map
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.gradcam import vision_layers
-from medvlm.diagnostics.sanity import (
-    default_methods,
-    load_mask,
-    randomization_test,
-    randomize_top_layers,
-    roi_scores,
-)
+from medvlm.diagnostics.sanity import default_methods, randomization_test, randomize_top_layers
+from medvlm.utils.images import read_mask
 
 CORPUS = ["where is the abnormality? the lesion is in the left lung, near the liver and the kidney."] * 4
 
@@ -99,7 +95,7 @@ def test_randomisation_flags_maps_that_ignore_the_model(setup, fam):
 
 
 def test_roi_scores_on_a_phantom_lesion(setup, lesion_record):
-    mask = load_mask(lesion_record["roi"])
+    mask = read_mask(lesion_record["roi"])
     assert mask.shape == (64, 64) and 0 < mask.sum() < mask.size
     _, _, ex = setup["paligemma"]
     pooled = mask.reshape(8, 8, 8, 8).mean((1, 3))
@@ -107,13 +103,13 @@ def test_roi_scores_on_a_phantom_lesion(setup, lesion_record):
     r, c = np.argwhere(pooled == 0)[0]  # a cell the lesion does not touch
     far[r, c] = 1.0
     signed = pooled - 0.5 * pooled.max()
-    scores = roi_scores({"on_lesion": pooled, "far": far, "signed": signed, "zero": np.zeros((8, 8))},
-                        lesion_record["roi"])
-    assert scores["on_lesion"]["pointing_game"] is True and scores["on_lesion"]["roi_ratio"] > 1.0
+    scores = {name: score_map(grid, mask) for name, grid in
+              {"on_lesion": pooled, "far": far, "signed": signed, "zero": np.zeros((8, 8))}.items()}
+    assert scores["on_lesion"]["pointing_game"] is True and scores["on_lesion"]["roi_mass_ratio"] > 1.0
     assert scores["on_lesion"]["roi_mass"] == pytest.approx(1.0 * (pooled**2).sum() / pooled.sum())
     assert scores["far"]["pointing_game"] is False and scores["far"]["roi_mass"] == 0.0
     assert scores["signed"]["pointing_game"] is True  # negatives clipped, the lesion core stays
-    assert np.isnan(scores["zero"]["roi_mass"]) and scores["zero"]["reason"]
+    assert np.isnan(scores["zero"]["roi_mass"]) and scores["zero"]["nan_reasons"]["roi_mass"]
     assert ex.image.shape == (64, 64, 3)
 
 
@@ -121,12 +117,13 @@ def test_roi_scores_on_a_phantom_lesion(setup, lesion_record):
 def test_every_method_scores_on_the_phantom(setup, lesion_record, fam):
     model, family, ex = setup[fam]
     maps = {name: fn(model, family, ex) for name, fn in default_methods().items()}
-    scores = roi_scores(maps, lesion_record["roi"])
+    mask = read_mask(lesion_record["roi"])
+    scores = {name: score_map(grid, mask) for name, grid in maps.items()}
     assert set(scores) == set(default_methods())
     for name, s in scores.items():
-        if s["reason"]:
+        if s.get("nan_reasons"):
             assert np.isnan(s["roi_mass"]), name
         else:
             assert 0.0 <= s["roi_mass"] <= 1.0 and s["pointing_game"] in (True, False), name
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        roi_scores(maps, "/nonexistent/mask.png")
+        read_mask("/nonexistent/mask.png")

@@ -24,7 +24,8 @@ from medvlm.diagnostics.explorer import (
     patch_of,
     read_image,
 )
-from medvlm.diagnostics.explorer_samples import load_mask, samples
+from medvlm.diagnostics.explorer_samples import samples
+from medvlm.utils.images import read_mask
 
 
 @pytest.fixture(scope="module", params=["llava", "paligemma"])
@@ -41,7 +42,7 @@ def sample_set(tmp_path_factory):
 
 def test_samples_hold_phantom_cases_with_masks_and_real_dicom(sample_set):
     phantoms = [s for s in sample_set if s.mask]
-    assert len(phantoms) == 4 and all(load_mask(s.mask).any() for s in phantoms)
+    assert len(phantoms) == 4 and all(read_mask(s.mask).any() for s in phantoms)
     assert any(s.image.endswith("CT_small.dcm") for s in sample_set)
 
 
@@ -77,7 +78,7 @@ def test_patch_of_maps_display_pixels_to_grid_cells():
 def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
     em, _ = explorer
     case = next(s for s in sample_set if s.mask)
-    a = analyze(em, em.variants[0], read_image(case.image), case.question, mask=load_mask(case.mask))
+    a = analyze(em, em.variants[0], read_image(case.image), case.question, mask=read_mask(case.mask))
     assert a.errors == {}
     assert list(a.maps) == list(METHODS)
     for name, grid in a.maps.items():
@@ -202,6 +203,6 @@ def test_a_bfloat16_checkpoint_is_explained_by_every_method(explorer, sample_set
     em = load_explorer_model(str(folder), [str(p) for p in sorted(root.glob("run-*/stage*/adapter"))],
                              dtype="bfloat16")
     case = next(s for s in sample_set if s.mask)
-    a = analyze(em, em.variants[1], read_image(case.image), case.question, mask=load_mask(case.mask))
+    a = analyze(em, em.variants[1], read_image(case.image), case.question, mask=read_mask(case.mask))
     assert a.errors == {} and list(a.maps) == list(METHODS)
     assert all(m.dtype == np.float64 and np.isfinite(m).all() for m in a.maps.values())

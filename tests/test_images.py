@@ -12,17 +12,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medvlm.data_curation import load_source
-from medvlm.data_curation.images import (
-    WINDOW_PRESETS,
-    ImageError,
-    apply_window,
-    cache_image_bytes,
-    default_cache_dir,
-    image_to_path,
-    load_image,
-    safe_join,
-    verify_image,
-)
+from medvlm.data_curation.images import cache_image_bytes, default_cache_dir, image_to_path, safe_join
+from medvlm.utils.images import WINDOW_PRESETS, ImageError, apply_window, verify_image
+from medvlm.utils.images import read_image as load_image
 
 
 def _vqa_rad_with(root, rows):

@@ -1,4 +1,4 @@
-"""Images for the unified record: safe path resolution, byte caching, verification, DICOM windowing.
+"""Images for the unified record: safe path resolution and byte caching.
 
 A record's ``image`` column is always a string path. Loaders meet images in three shapes:
 
@@ -8,10 +8,8 @@ A record's ``image`` column is always a string path. Loaders meet images in thre
 * a Hugging Face ``{"bytes": ..., "path": ...}`` dict (or a decoded PIL image): written once to
   ``<cache_dir>/<sha256 of the bytes><suffix>`` by :func:`cache_image_bytes`; the same bytes
   always map to the same file, so a re-run writes nothing;
-* DICOM files: kept as paths; :func:`load_image` converts them to 8-bit RGB with a window.
-
->>> apply_window([-1000.0, 0.0, 1000.0], center=0, width=2000).tolist()
-[0, 128, 255]
+* DICOM files: kept as paths; every room reads them (windowed to 8-bit RGB) through
+  :func:`medvlm.utils.images.read_image`, the one reader of pixels.
 """
 
 from __future__ import annotations
@@ -23,25 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pydicom
 from PIL import Image
 
+from medvlm.utils.images import ImageError
 from medvlm.utils.io import medvlm_home
-
-#: Named CT windows as (center, width) in Hounsfield units (common radiology presets).
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (40.0, 400.0),
-    "brain": (40.0, 80.0),
-    "bone": (400.0, 1800.0),
-}
-
-Window = str | tuple[float, float] | None
-
-
-class ImageError(ValueError):
-    """An image reference that cannot be used; the message says why (loaders record it as a skip)."""
 
 
 def default_cache_dir(source: str) -> Path:
@@ -125,104 +108,3 @@ def image_to_path(value: Any, root: str | os.PathLike | None, cache_dir: str | o
     if root is None:
         raise ImageError(f"image path {os.fspath(value)!r} given but the dataset has no local root folder")
     return resolve_file(root, os.fspath(value), search_dirs)
-
-
-def is_dicom(path: str | os.PathLike) -> bool:
-    """True for ``.dcm``/``.dicom`` files or files with the ``DICM`` marker at byte 128."""
-    path = Path(path)
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def verify_image(path: str | os.PathLike) -> str:
-    """Return "" when the image decodes fully, else the reason (truncated, not an image...).
-
-    PIL's ``verify()`` checks structure only, so the pixels are also decoded with ``load()``
-    to catch truncated files. DICOM files must carry decodable pixel data.
-    """
-    try:
-        if is_dicom(path):
-            ds = pydicom.dcmread(path)
-            if "PixelData" not in ds:
-                return "DICOM file has no pixel data"
-            _ = ds.pixel_array
-            return ""
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            im.load()
-        return ""
-    except Exception as err:  # noqa: BLE001 - any decoder failure means "unusable image"
-        return f"corrupt or truncated image ({type(err).__name__}: {err})"
-
-
-def apply_window(values: Any, center: float, width: float) -> np.ndarray:
-    """Map values (e.g. Hounsfield units) through a linear VOI window to uint8 0..255.
-
-    Formula: DICOM PS3.3 C.11.2.1.2.1 (linear window): below ``c - 0.5 - (w-1)/2`` → 0, above
-    ``c - 0.5 + (w-1)/2`` → 255, else ``((x - (c - 0.5)) / (w - 1) + 0.5) * 255``.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if width < 1:
-        raise ValueError(f"window width must be >= 1, got {width}")
-    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    y = np.where(x <= center - 0.5 - (width - 1) / 2, 0.0, y)
-    y = np.where(x > center - 0.5 + (width - 1) / 2, 255.0, y)
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
-
-
-def _first(value: Any) -> float:
-    """WindowCenter/Width may be multi-valued; the first value is the primary window."""
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        value = value[0]
-    return float(value)
-
-
-def _dicom_window(ds: pydicom.Dataset, window: Window, hu: np.ndarray) -> tuple[float, float]:
-    if isinstance(window, str):
-        if window not in WINDOW_PRESETS:
-            raise ValueError(f"unknown window preset {window!r}; choose one of {sorted(WINDOW_PRESETS)}")
-        return WINDOW_PRESETS[window]
-    if window is not None:
-        return float(window[0]), float(window[1])
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        return _first(ds.WindowCenter), _first(ds.WindowWidth)
-    lo, hi = float(hu.min()), float(hu.max())  # no window stored: stretch the full range
-    return (lo + hi) / 2, max(hi - lo, 1.0)
-
-
-def dicom_to_image(ds: pydicom.Dataset, window: Window = None) -> Image.Image:
-    """A DICOM dataset → 8-bit RGB PIL image (modality LUT, then the window).
-
-    Multi-frame data uses the middle frame. MONOCHROME1 (white = low) is inverted so that
-    every output shows dense tissue bright.
-    """
-    arr = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        arr = arr[arr.shape[0] // 2]
-    if getattr(ds, "PhotometricInterpretation", "MONOCHROME2") in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        return Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("RGB")
-    hu = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float64)  # RescaleSlope/Intercept
-    center, width = _dicom_window(ds, window, hu)
-    out = apply_window(hu, center, width)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        out = 255 - out
-    return Image.fromarray(out, mode="L").convert("RGB")
-
-
-def load_image(path: str | os.PathLike, window: Window = None) -> Image.Image:
-    """Open any image the records point to as an RGB PIL image.
-
-    ``window`` applies to DICOM only: a preset name (``lung``, ``mediastinum``, ``brain``,
-    ``bone``), a ``(center, width)`` pair, or None for the file's own WindowCenter/WindowWidth.
-    """
-    if is_dicom(path):
-        return dicom_to_image(pydicom.dcmread(path), window)
-    with Image.open(path) as im:
-        return im.convert("RGB")

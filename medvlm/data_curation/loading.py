@@ -23,11 +23,12 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
-from medvlm.data_curation.images import ImageError, default_cache_dir, image_to_path, safe_join, verify_image
+from medvlm.data_curation.images import default_cache_dir, image_to_path, safe_join
 from medvlm.data_curation.sources import SOURCES
 from medvlm.data_curation.sources._common import Context, Draft, Skip, normalise_split
 from medvlm.records import COLUMNS, FEATURES, RecordError, make_record, validate_record
 from medvlm.utils.hub import looks_like_hub_id
+from medvlm.utils.images import ImageError, verify_image
 from medvlm.utils.io import did_you_mean
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ _LAZY = {
     "Cache": "capture", "prepare_example": "capture", "write_lens_html": "logit_lens",
     "logprob_increase": "logprob", "save_overlay": "overlay", "attention_rollout": "saliency",
     "image_to_response": "saliency", "raw_attention": "saliency", "randomization_test": "sanity",
-    "roi_scores": "sanity",
 }
 
 def __getattr__(name: str):

@@ -233,3 +233,15 @@ def map_summary(saliency: Any, mask: Any = None, tolerance: float = 0) -> dict[s
     out.update(roi_mass=rm.mass, roi_chance=rm.chance, roi_mass_ratio=rm.ratio,
                pointing_game=pointing_game(p, mask, tolerance))
     return out
+
+
+def score_map(grid: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    """:func:`map_summary` of a map (against a mask when there is one); signed maps are clipped at 0
+    first (the score asks where the positive evidence lies); a map without positive mass gets NaN
+    and the reason."""
+    g = np.clip(np.asarray(grid, float), 0.0, None)
+    if not np.isfinite(g).all() or g.sum() <= 0:
+        why = "map has no positive finite mass"
+        keys = ("focus", "gini", "entropy") + (() if mask is None else ("roi_mass", "roi_chance", "roi_mass_ratio"))
+        return {**dict.fromkeys(keys, float("nan")), "pointing_game": None, "nan_reasons": dict.fromkeys(keys, why)}
+    return map_summary(g, mask)

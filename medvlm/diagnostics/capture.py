@@ -42,14 +42,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from medvlm.models.base import IGNORE_INDEX, ImageSpan, ModelFamily
+from medvlm.utils.images import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -100,34 +99,6 @@ def check_eager(model: torch.nn.Module) -> None:
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def load_image(image: Any, name: str = "image") -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an array (HxW, HxWx1, HxWx3, HxWx4).
-
-    Raises ``ValueError`` naming the file or the shape when the input is not an image.
-    """
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: {path} does not exist; pass an existing image file")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{name}: {path} is not a readable image ({err}); pass a PNG/JPEG file, "
-                             "a PIL image or an HxWx3 array") from err
-    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
-    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-        arr = arr[..., :3] if arr.shape[-1] != 1 else arr[..., 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)) or min(arr.shape[:2]) < 2 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name}: array of shape {arr.shape} and dtype {arr.dtype} is not an image; "
-                         "expected HxW or HxWxC (C in 1, 3, 4) numbers, uint8 0..255 or float 0..1")
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB")
-
-
 @dataclass
 class Example:
     """One question ready for diagnostics.
@@ -158,7 +129,7 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
     """
     from medvlm.training.data import resize_only
 
-    pil = load_image(image)
+    pil = read_image(image)
     if answer is None:
         batch = family.generation_batch(processor, [pil], [question])
     else:

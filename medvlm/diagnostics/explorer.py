@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medvlm.diagnostics.attention_quality import score_map
 from medvlm.diagnostics.capture import (
     AttentionNotEagerError,
     Cache,
     Example,
     capture,
     head_layout,
-    load_image,
     prepare_example,
 )
 from medvlm.diagnostics.gradcam import gradcam
@@ -49,9 +49,11 @@ from medvlm.diagnostics.logit_lens import LogitLens, lens_from_cache, lens_html
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
-from medvlm.diagnostics.probe import METHODS, score_map
+from medvlm.diagnostics.probe import METHODS
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.models.registry import LoadedModel
+from medvlm.utils.images import WINDOW_PRESETS, is_dicom
+from medvlm.utils.images import read_image as read_any_image
 from medvlm.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -156,31 +158,24 @@ def read_image(path: str | Path, window: str | None = None, level: float | None 
     ``level`` and ``width`` are used) or None / ``"file"`` (the file's own window). Raises
     :class:`ExplorerError` naming the file when it is not an image.
     """
-    from medvlm.data_curation.images import WINDOW_PRESETS, is_dicom
-    from medvlm.data_curation.images import load_image as load_record_image
-
     path = Path(path)
     if not path.is_file():
         raise ExplorerError(f"{path.name}: file not found")
+    win: Any = None
     if is_dicom(path):
         if window == "custom":
             if level is None or width is None or width < 1:
                 raise ExplorerError("custom window: give a level and a width >= 1")
-            win: Any = (float(level), float(width))
-        elif window in (None, "", "file"):
-            win = None
+            win = (float(level), float(width))
         elif window in WINDOW_PRESETS:
             win = window
-        else:
+        elif window not in (None, "", "file"):
             raise ExplorerError(f"unknown window {window!r}; choose file, custom or one of {sorted(WINDOW_PRESETS)}")
-        try:
-            return load_record_image(path, win)
-        except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
-            raise ExplorerError(f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})") from err
     try:
-        return load_image(path, name=path.name)
-    except ValueError as err:
-        raise ExplorerError(f"{path.name} is not an image this app can read (PNG, JPEG or DICOM): {err}") from err
+        return read_any_image(path, win, name=path.name)
+    except Exception as err:  # noqa: BLE001 - pydicom and PIL raise many types for a broken file
+        what = ": unreadable DICOM" if is_dicom(path) else " is not an image this app can read (PNG, JPEG or DICOM)"
+        raise ExplorerError(f"{path.name}{what} ({type(err).__name__}: {err})") from err
 
 
 # -- the analysis ---------------------------------------------------------------------------------
@@ -289,7 +284,7 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
     step = progress or (lambda f, t: None)
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
-    pil = load_image(image)
+    pil = read_any_image(image)
     with em.use(variant) as model:
         family, processor = em.family, em.processor
         t0 = time.perf_counter()

@@ -38,7 +38,8 @@ from medvlm.diagnostics.explorer import (  # noqa: E402
     patch_of,
     read_image,
 )
-from medvlm.diagnostics.explorer_samples import Sample, load_mask  # noqa: E402
+from medvlm.diagnostics.explorer_samples import Sample  # noqa: E402
+from medvlm.utils.images import read_mask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
             out: list[Analysis] = []
             try:
                 check_fusion(fusion_v)
-                mask = load_mask(mask_path)
+                mask = read_mask(mask_path)
                 with server.lock:
                     for k, variant in enumerate(chosen):
                         def report(f, text, k=k, variant=variant):

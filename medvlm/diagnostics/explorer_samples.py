@@ -63,7 +63,3 @@ def samples(folder: str | Path | None = None, size: int = 64) -> list[Sample]:
     except ImportError:  # pragma: no cover - pydicom is a dependency
         pass
     return out
-
-
-def load_mask(path: str | None) -> np.ndarray | None:
-    return None if not path else np.asarray(Image.open(path).convert("L")) > 127

@@ -21,7 +21,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from medvlm.diagnostics.capture import load_image
+from medvlm.utils.images import read_image
 
 
 def scale01(grid: Any) -> np.ndarray:
@@ -45,7 +45,7 @@ def heatmap(grid: Any, size: tuple[int, int], cmap: str = "jet") -> np.ndarray:
 def enlarge(image: Any, min_side: int = 256) -> Image.Image:
     """``image`` enlarged by a whole factor (nearest neighbour, so pixels stay sharp) until its
     longer side is at least ``min_side``: a 64-pixel model input stays readable in a report."""
-    pil = load_image(image)
+    pil = read_image(image)
     factor = max(1, -(-min_side // max(pil.size)))
     return pil.resize((pil.width * factor, pil.height * factor), Image.Resampling.NEAREST)
 
@@ -58,7 +58,7 @@ def overlay(image: Any, grid: Any, alpha: float = 0.5, cmap: str = "jet", outlin
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; expected a value in [0, 1]")
-    base = load_image(image)
+    base = read_image(image)
     heat = Image.fromarray(heatmap(grid, base.size, cmap))
     out = Image.blend(base, heat, alpha)
     if outline is not None:

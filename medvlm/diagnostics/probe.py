@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvlm.diagnostics.attention_quality import map_summary
+from medvlm.diagnostics.attention_quality import score_map
 from medvlm.diagnostics.capture import (
     AttentionNotEagerError,
     Cache,
@@ -62,8 +62,9 @@ from medvlm.diagnostics.probe_summary import (
     trust_verdict,
 )
 from medvlm.diagnostics.saliency import attention_rollout, last_quarter, raw_attention, rollout
-from medvlm.diagnostics.sanity import load_mask, randomization_test
+from medvlm.diagnostics.sanity import randomization_test
 from medvlm.models.base import ModelFamily
+from medvlm.utils.images import read_mask
 from medvlm.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -148,18 +149,6 @@ def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
     return {name: table[name] for name in methods}
 
 
-def score_map(grid: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-    """:func:`map_summary` of a map (against a mask when there is one); signed maps are clipped at 0
-    first (the score asks where the positive evidence lies); a map without positive mass gets NaN
-    and the reason."""
-    g = np.clip(np.asarray(grid, float), 0.0, None)
-    if not np.isfinite(g).all() or g.sum() <= 0:
-        why = "map has no positive finite mass"
-        keys = ("focus", "gini", "entropy") + (() if mask is None else ("roi_mass", "roi_chance", "roi_mass_ratio"))
-        return {**dict.fromkeys(keys, float("nan")), "pointing_game": None, "nan_reasons": dict.fromkeys(keys, why)}
-    return map_summary(g, mask)
-
-
 # -- hidden states for the geometry ---------------------------------------------------------------
 def _EMBED_AND_RESID(name: str) -> bool:  # noqa: N802 - a names_filter constant
     """Keep every layer's output and only layer 0's input (the embeddings)."""
@@ -216,7 +205,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
                            "side": meta.get("side"), "methods": {}, "errors": {}}
     t = clock()
     ex = prepare_example(model, processor, family, rec["image"], rec["question"])
-    mask = load_mask(rec["roi"])
+    mask = read_mask(rec["roi"])
     q = ex.target_positions[0]
     try:
         check_eager(model)
@@ -346,7 +335,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                 rel = f"overlays/{len(rows):02d}_{name}.png"
                 try:
                     save_overlay(out_dir / rel, enlarge(ex.image), np.clip(grid, 0, None),
-                                 outline=load_mask(rec["roi"]))
+                                 outline=read_mask(rec["roi"]))
                     row["overlays"][name] = rel
                 except ValueError as err:
                     row["errors"][f"overlay_{name}"] = str(err)

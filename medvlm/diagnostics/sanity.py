@@ -1,4 +1,4 @@
-"""Is a saliency method explaining *this* model? The model-parameter randomisation test, and ROI scores.
+"""Is a saliency method explaining *this* model? The model-parameter randomisation test.
 
 Randomisation test (Adebayo et al. 2018, "Sanity checks for saliency maps"): re-initialise the top
 ``top_k`` decoder layers (and/or the vision tower's top layers) of a seeded deep copy of the model,
@@ -12,10 +12,6 @@ correlation: it is reported as NaN with the reason and not flagged either way.
 
 Re-initialisation calls each submodule's ``reset_parameters()`` (PyTorch's default init for
 Linear / LayerNorm / Embedding); norm layers without it (RMSNorm) keep their weights.
-
-:func:`roi_scores` scores maps against a lesion mask with
-:mod:`medvlm.diagnostics.attention_quality` (ROI mass vs chance, pointing game), so a report can
-say which methods point at phantom lesions.
 """
 
 from __future__ import annotations
@@ -24,15 +20,12 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.stats import pearsonr, spearmanr
 
-from medvlm.diagnostics.attention_quality import pointing_game, roi_mass
 from medvlm.diagnostics.capture import Example
 from medvlm.diagnostics.gradcam import gradcam, vision_layers
 from medvlm.diagnostics.logprob import logprob_increase
@@ -135,37 +128,3 @@ def randomization_test(model: torch.nn.Module, family: ModelFamily, example: Exa
         s["flagged"] = None if np.isnan(s["spearman"]) else bool(s["spearman"] > threshold)
         scores[name] = s
     return SanityReport(scores, maps_a, maps_b, tower, top_k, threshold)
-
-
-def load_mask(mask: Any) -> np.ndarray:
-    """A boolean mask from a path (PNG, 0/255 or 0/1) or an array (nonzero = ROI)."""
-    if isinstance(mask, (str, Path)):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"mask {path} does not exist; the record's roi path must name a mask image")
-        with Image.open(path) as im:
-            mask = np.asarray(im.convert("L"))
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"mask of shape {arr.shape}; expected a 2-D array")
-    return arr > 0
-
-
-def roi_scores(maps: dict[str, Any], mask: Any, tolerance: float = 0) -> dict[str, dict[str, Any]]:
-    """ROI mass (with chance level and ratio) and pointing game of each map against ``mask``.
-
-    Negative cells (signed maps such as log-probability increase) are clipped to 0 first: the score
-    asks where the *positive* evidence lies. A map that is then all zero gets NaN and a reason.
-    """
-    m = load_mask(mask)
-    out: dict[str, dict[str, Any]] = {}
-    for name, grid in maps.items():
-        g = np.clip(np.asarray(grid, float), 0.0, None)
-        if not np.isfinite(g).all() or g.sum() <= 0:
-            out[name] = {"roi_mass": float("nan"), "roi_chance": float("nan"), "roi_ratio": float("nan"),
-                         "pointing_game": None, "reason": "map has no positive finite mass"}
-            continue
-        rm = roi_mass(g, m)
-        out[name] = {"roi_mass": rm.mass, "roi_chance": rm.chance, "roi_ratio": rm.ratio,
-                     "pointing_game": pointing_game(g, m, tolerance), "reason": ""}
-    return out

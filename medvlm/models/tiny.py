@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from medvlm.data_curation.phantom import GENERATOR_VERSION, PhantomConfig, load_phantom
+from medvlm.utils.images import read_mask
 from medvlm.utils.io import medvlm_home, sha256_json, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -178,14 +179,11 @@ def _vision_targets(records) -> torch.Tensor:
 
 def _patch_coverage(records, grid: int, size: int) -> torch.Tensor:
     """Share of each patch covered by the lesion mask: [n_images, grid*grid] (0 without a lesion)."""
-    from PIL import Image
-
     out = torch.zeros(len(records), grid * grid)
     cell = size // grid
     for i, roi in enumerate(records["roi"]):
         if roi:
-            with Image.open(roi) as im:
-                mask = torch.from_numpy(np.asarray(im.convert("L").resize((size, size)), dtype=np.float32) / 255.0)
+            mask = torch.from_numpy(read_mask(roi, size=(size, size)).astype(np.float32))
             out[i] = mask.reshape(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
     return out
 

@@ -10,27 +10,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
+
+from medvlm.utils.images import read_image
 
 logger = logging.getLogger(__name__)
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; check the dataset's image paths "
-                                "(they are resolved relative to the dataset root by the loaders)")
-    with Image.open(p) as im:
-        return im.convert("RGB")
-
-
-def resize_only(processor, images: list[Image.Image]) -> np.ndarray:
+def resize_only(processor, images: list) -> np.ndarray:
     """Run the processor's resize/crop without rescale/normalise → uint8 [n, H, W, 3]."""
     out = processor.image_processor(images, do_rescale=False, do_normalize=False,
                                     return_tensors="np")["pixel_values"]
@@ -89,7 +79,7 @@ def prepare_examples(records, processor, batch: int = 64) -> PreparedExamples:
     index = {p: i for i, p in enumerate(unique)}
     chunks = []
     for start in tqdm(range(0, len(unique), batch), desc="images", disable=None):
-        chunk = [open_image(p) for p in unique[start:start + batch]]
+        chunk = [read_image(p) for p in unique[start:start + batch]]
         chunks.append(resize_only(processor, chunk))
     images = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
     tok = processor.tokenizer

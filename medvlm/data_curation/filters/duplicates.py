@@ -20,8 +20,8 @@ from medvlm.data_curation.filters.base import (
     _batches,
     _hash64,
 )
-from medvlm.data_curation.images import load_image
 from medvlm.eval.normalize import UNSPACED_SCRIPT, normalize_text
+from medvlm.utils.images import read_image
 
 
 @dataclass
@@ -150,7 +150,7 @@ def average_hash(path: str | os.PathLike) -> int:
     """64-bit average hash (aHash; N. Krawetz, "Looks Like It", 2011): grey, shrink to 8 x 8, one bit
     per pixel brighter than the mean. Written here because it is a few lines and the library that
     offers it (imagehash) would be a dependency for this alone. DICOM files are read too."""
-    small = load_image(path).convert("L").resize((8, 8), Image.Resampling.LANCZOS)
+    small = read_image(path).convert("L").resize((8, 8), Image.Resampling.LANCZOS)
     pixels = np.asarray(small, dtype=np.float32)
     return int(np.packbits((pixels > pixels.mean()).ravel()).view(">u8")[0])
 
