@@ -146,11 +146,26 @@ def write_medpix_shortqa(root: Path) -> Path:
 
 
 def write_roco_qa(root: Path) -> Path:
-    """ROCO-QA HF copy: splits named ``Vaild`` and ``Test``."""
-    for split, color in (("Vaild", (5, 5, 5)), ("Test", (9, 9, 9))):
-        _parquet(root / "data" / f"{split}-00000-of-00001.parquet", {
-            "image": [{"bytes": image_bytes(color), "path": f"PMC_{split}.jpg"}],
-            "question": [f"What does the {split} image show?"], "answer": ["A fracture"]}, "image")
+    """ROCO-QA as ``adishourya/ROCO-QA`` ships it: splits ``Vaild`` and ``Test`` (Test in two shards),
+    ``image_id`` an id string (``ROCO_00020``), the picture as bytes without a name in ``image``."""
+    def shard(name: str, ids: list[str], answers: list[str]) -> None:
+        _parquet(root / "data" / f"{name}.parquet", {
+            "image_id": ids,
+            "image": [{"bytes": image_bytes((int(i[-3:]), 5, 9)), "path": None} for i in ids],  # one id, one picture
+            "question": [f"What does image {i} show?" for i in ids], "answer": answers}, "image")
+    shard("Vaild-00000-of-00001", ["ROCO_00020", "ROCO_00020", "ROCO_00031"], ["A fracture", "Yes", "No"])
+    shard("Test-00000-of-00002", ["ROCO_00100"], ["A cyst"])
+    shard("Test-00001-of-00002", ["ROCO_00101", "ROCO_00102"], ["No", "Pneumothorax"])
+    return root
+
+
+def write_roco_qa_train(root: Path) -> Path:
+    """``adishourya/ROCO-QA-Train``: one split ``Train`` sharded as ``data/Train-000NN-of-000MM.parquet``."""
+    for k in range(2):
+        ids = [f"ROCO_1{k}00{j}" for j in range(2)]
+        _parquet(root / "data" / f"Train-0000{k}-of-00002.parquet", {
+            "image_id": ids, "image": [{"bytes": image_bytes((k, j, 1)), "path": None} for j in range(2)],
+            "question": ["Is there a mass?", "Which organ?"], "answer": ["yes", "Liver"]}, "image")
     return root
 
 

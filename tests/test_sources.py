@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 
+import datasets
 import fixtures_sources as fx
 import pytest
+from PIL import Image
 
 from medvlm.data_curation import load_source
 from medvlm.data_curation.loading import UnknownSourceError
@@ -123,12 +125,44 @@ def test_medpix_shortqa_image_in_image_id_column_is_cached_once(tmp_path):
     assert [r["split"] for r in recs.values() if r["answer"] == "Kidney"] == ["validation"]
 
 
-def test_roco_qa_vaild_split_maps_to_validation(tmp_path):
+def test_roco_qa_picture_in_image_id_string_in_image_id_vaild_is_validation(tmp_path):
     root = fx.write_roco_qa(tmp_path / "rq")
     res = _load("roco_qa", root, tmp_path)
-    assert sorted(res.dataset["split"]) == ["test", "validation"]
+    assert res.skipped == [] and len(res.dataset) == 6
+    recs = _by_id(res.dataset)
+    assert sorted(recs) == [f"roco_qa-test-{i}" for i in range(3)] + [f"roco_qa-validation-{i}" for i in range(3)]
+    first = recs["roco_qa-validation-0"]
+    assert json.loads(first["meta"])["image_id"] == "ROCO_00020" and first["group_id"] == "ROCO_00020"
+    assert json.loads(first["meta"])["image_column"] == "image" and first["answer"] == "A fracture"
+    assert first["image"] == recs["roco_qa-validation-1"]["image"]  # same picture, one cached file
+    with Image.open(first["image"]) as im:
+        assert im.size == (8, 8)
+    # the Test split's two shards number on: no id collides, every row is kept
+    assert [recs[f"roco_qa-test-{i}"]["group_id"] for i in range(3)] == ["ROCO_00100", "ROCO_00101", "ROCO_00102"]
     only = _load("roco_qa", root, tmp_path, split="Vaild")
-    assert only.dataset["split"] == ["validation"] and only.dataset["group_id"] == ["PMC_Vaild"]
+    assert only.dataset["split"] == ["validation"] * 3 and only.dataset["answer"] == ["A fracture", "yes", "no"]
+
+
+def test_roco_qa_train_shards_all_load(tmp_path):
+    res = _load("roco_qa", fx.write_roco_qa_train(tmp_path / "rqt"), tmp_path, split="train")
+    assert len(res.dataset) == 4 and res.skipped == []
+    assert sorted(res.dataset["group_id"]) == ["ROCO_10000", "ROCO_10001", "ROCO_11000", "ROCO_11001"]
+    assert len(set(res.dataset["image"])) == 4
+
+
+def test_hf_qa_image_column_chosen_by_content(tmp_path):
+    """A copy whose ``image`` names a file in the folder and ``image_id`` holds an id: the file is used;
+    a row where no column holds a picture is skipped with what each column held."""
+    root = tmp_path / "q"
+    fx.write_image(root / "imgs" / "a.png")
+    path = root / "data" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image_id": ["ROCO_1", "ROCO_2"], "image": ["imgs/a.png", "imgs/missing.png"],
+                                "question": ["Q1?", "Q2?"], "answer": ["yes", "no"]}).to_parquet(str(path))
+    res = _load("roco_qa", root, tmp_path)
+    assert res.dataset["image"] == [str((root / "imgs" / "a.png").resolve())]
+    assert res.skipped[0]["row"] == 1 and "image: 'imgs/missing.png'" in res.skipped[0]["reason"]
+    assert "image_id: 'ROCO_2'" in res.skipped[0]["reason"]
 
 
 # PMC-VQA -------------------------------------------------------------------------------------
