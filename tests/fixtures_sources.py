@@ -120,6 +120,44 @@ def write_medpix(root: Path) -> Path:
     return root
 
 
+def _jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_medpix_splits(root: Path) -> Path:
+    """MedPix-2-0 with its official split: ``splitted_dataset/{data,descriptions}_{train,train_1,train_2,
+    dev,test}.jsonl`` (one JSON object per line, the keys of Case_topic.json / Descriptions.json, cases
+    carrying the release's extra keys such as ``Discussion`` and ``Media``) and ``uid_list.json``."""
+    cases, descs = {}, {}
+    for n, uid in enumerate(("MPX1009", "MPX2000", "MPX3000", "MPX3001")):
+        images = [f"{uid}_synpic{10 * n + k}" for k in range(2 if uid == "MPX3000" else 1)]
+        cases[uid] = {"U_id": uid, "TAC": images[:1], "MRI": images[1:], "Case": {
+            "Title": f"Case {uid}", "History": f"History of {uid}", "Exam": "N/A", "Findings": f"Findings {uid}.",
+            "Differential Diagnosis": "x", "Case Diagnosis": f"Diagnosis {uid}", "Diagnosis By": "Imaging",
+            "Discussion": "See factoid.", "Media": None, "Treatment & Follow Up": "None."},
+            "Topic": {"Title": "t", "Disease Discussion": "d", "ACR Code": "1.9", "Category": "Unsure",
+                      "External Links": None, "Keywords": "k", "Reference": "r"}}
+        descs[uid] = [{"Type": "CT" if k == 0 else "MR", "U_id": uid, "image": img,
+                       "Description": {"ACR Codes": "1.9", "Age": str(30 + n), "Caption": f"Caption of {img}.",
+                                       "Figure Part": None, "Modality": "CT - noncontrast", "Plane": "Axial",
+                                       "Sex": "female"}, "Location": "Brain and Neuro", "Location Category": "Head"}
+                      for k, img in enumerate(images)]
+        for img in images:
+            write_image(root / "images" / f"{img}.png", (10 * n, 20, 30))
+    members = {"train_1": ["MPX3000"], "train_2": ["MPX3001"], "dev": ["MPX1009"], "test": ["MPX2000"]}
+    members["train"] = members["train_1"] + members["train_2"]
+    folder = root / "splitted_dataset"
+    for name, uids in members.items():
+        _jsonl(folder / f"data_{name}.jsonl", [cases[u] for u in uids])
+        _jsonl(folder / f"descriptions_{name}.jsonl", [d for u in uids for d in descs[u]])
+    write_json(folder / "uid_list.json", members)
+    write_json(root / "Case_topic.json", list(cases.values()))
+    write_json(root / "Descriptions.json", [d for v in descs.values() for d in v])
+    return root
+
+
 def _parquet(path: Path, columns: dict, image_col: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = {k: datasets.Value("string") for k in columns}

@@ -106,8 +106,50 @@ def test_medpix_tac_mri_lists_and_case_text(tmp_path):
     fallback = recs["medpix-MPX2000_synpic3"]
     assert fallback["answer"] == "Kidney cyst." and json.loads(fallback["meta"])["answer_from"] == "findings"
     assert fallback["group_id"] == "MPX2000" and fallback["split"] == ""
-    with pytest.raises(ValueError, match="no official split"):
+    with pytest.raises(FileNotFoundError, match=r"split 'train' needs splitted_dataset/data_train.jsonl.*split_by_group"):
         load_source("medpix", tmp_path / "mp", split="train")
+
+
+@pytest.mark.parametrize("split, ids, record_split", [
+    ("test", ["medpix-MPX2000_synpic10"], "test"),
+    ("dev", ["medpix-MPX1009_synpic0"], "validation"),
+    ("validation", ["medpix-MPX1009_synpic0"], "validation"),
+    ("train", ["medpix-MPX3000_synpic20", "medpix-MPX3000_synpic21", "medpix-MPX3001_synpic30"], "train"),
+    ("train_1", ["medpix-MPX3000_synpic20", "medpix-MPX3000_synpic21"], "train"),
+    ("train-2", ["medpix-MPX3001_synpic30"], "train"),
+])
+def test_medpix_official_splits(tmp_path, split, ids, record_split):
+    res = _load("medpix", fx.write_medpix_splits(tmp_path / "MedPix-2-0"), tmp_path, split=split)
+    recs = _by_id(res.dataset)
+    assert sorted(recs) == ids and res.skipped == [] and res.warnings == []
+    assert {r["split"] for r in recs.values()} == {record_split}
+    for rec in recs.values():
+        meta = json.loads(rec["meta"])
+        assert rec["answer"] == f"Caption of {meta['image_id']}." and rec["group_id"] == meta["u_id"]
+        assert meta["official_split"] == {"validation": "dev", "train-2": "train_2"}.get(split, split)
+        with Image.open(rec["image"]) as im:
+            assert im.size == (8, 8)
+    if split == "train":  # uid_list.json tells which half of train a case is in
+        assert {json.loads(r["meta"])["train_part"] for r in recs.values()} == {"train_1", "train_2"}
+        assert recs["medpix-MPX3000_synpic21"]["modality"] == "MRI"
+
+
+def test_medpix_all_official_splits_without_the_train_halves_twice(tmp_path):
+    res = _load("medpix", fx.write_medpix_splits(tmp_path / "MedPix-2-0"), tmp_path)
+    assert sorted(res.dataset["split"]) == ["test", "train", "train", "train", "validation"]
+    assert len(set(res.dataset["id"])) == 5 and res.skipped == []
+    with pytest.raises(ValueError, match="unknown split 'train_3'; use one of train, validation, test, train_1"):
+        load_source("medpix", tmp_path / "MedPix-2-0", split="train_3")
+
+
+def test_medpix_case_missing_from_uid_list_is_a_warning_not_a_drop(tmp_path):
+    root = fx.write_medpix_splits(tmp_path / "MedPix-2-0")
+    uids = json.loads((root / "splitted_dataset" / "uid_list.json").read_text())
+    fx.write_json(root / "splitted_dataset" / "uid_list.json", {**uids, "test": ["MPX9999"]})
+    res = _load("medpix", root, tmp_path, split="test")
+    assert res.dataset["id"] == ["medpix-MPX2000_synpic10"]
+    assert res.warnings == ["medpix: splitted_dataset/data_test.jsonl holds cases not listed under 'test' in "
+                            "uid_list.json: ['MPX2000']"]
 
 
 # HF-format sets ------------------------------------------------------------------------------

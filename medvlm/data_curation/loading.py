@@ -152,6 +152,20 @@ def _check_options(name: str, module: Any, options: dict[str, Any]) -> dict[str,
     return {**allowed, **options}
 
 
+def _wanted_split(split: str | None, extra: tuple[str, ...]) -> str | None:
+    """The split asked for, normalised: train/validation/test (any spelling), or one of the source's
+    own ``EXTRA_SPLITS`` (MedPix 2.0's ``train_1`` / ``train_2``, also written ``train-1``)."""
+    if split is None:
+        return None
+    want = normalise_split(split)
+    if want in ("train", "validation", "test"):
+        return want
+    if want.replace("-", "_") in extra:
+        return want.replace("-", "_")
+    names = ", ".join(("train", "validation", "test", *extra))
+    raise ValueError(f"unknown split {split!r}; use one of {names} (or None for all)")
+
+
 def _load_full(name: str, target: str, path: str | os.PathLike | None, split: str | None, **options):
     """Entries of the form ``module:function`` return records themselves (the phantom dataset)."""
     mod_name, func_name = target.split(":")
@@ -181,8 +195,9 @@ def load_source(
     Args:
         name: a key of :data:`medvlm.data_curation.sources.SOURCES` (``slake``, ``rocov2``...).
         path: release folder, local HF copy (parquet files) or hub id ``owner/name``.
-        split: ``train``/``validation``/``test`` (source spellings such as ``Vaild`` accepted), or
-            None for every split the source ships.
+        split: ``train``/``validation``/``test`` (source spellings such as ``Vaild`` or ``dev``
+            accepted), a source's own split (MedPix 2.0's ``train_1``, ``train_2``), or None for
+            every split the source ships.
         verify_images: decode every distinct image and skip rows whose image is corrupt or
             truncated. None (default) verifies when there are at most ``VERIFY_AUTO_LIMIT``
             distinct images and logs that it did not otherwise.
@@ -196,13 +211,11 @@ def load_source(
     """
     if name not in SOURCES:
         raise UnknownSourceError(did_you_mean(name, list(SOURCES), "source"))
-    want = None if split is None else normalise_split(split)
-    if want is not None and want not in ("train", "validation", "test"):
-        raise ValueError(f"unknown split {split!r}; use train, validation or test (or None for all)")
     target = SOURCES[name]
     if ":" in target:
-        return _load_full(name, target, path, want, **options)
+        return _load_full(name, target, path, _wanted_split(split, ()), **options)
     module = importlib.import_module(target)
+    want = _wanted_split(split, getattr(module, "EXTRA_SPLITS", ()))
     opts = _check_options(name, module, options)
     text = os.fspath(path) if path is not None else ""
     if looks_like_hub_id(text):
