@@ -243,6 +243,26 @@ def write_vqa_rad(root: Path) -> Path:
     return root
 
 
+def write_vqa_rad_data_rad(root: Path) -> Path:
+    """VQA-RAD as ``data_RAD/`` of aioz-ai/MICCAI19-MedVQA: ``trainset.json`` / ``testset.json`` (qids restart
+    at 1 in each, ``phrase_type`` "freeform" in both, lower-case answers) and the pictures in ``images/``."""
+    def row(qid, image, q, a, kind, phrase="freeform"):
+        return {"qid": qid, "image_name": image, "answer": a, "answer_type": kind, "question_type": "PRES",
+                "question": q, "phrase_type": phrase}
+    write_json(root / "trainset.json", [
+        row(1, "synpic100.jpg", "what kind of image is this?", "cta - ct angiography", "OPEN"),
+        row(2, "synpic100.jpg", "is this a t1 weighted image?", "no", "CLOSED"),
+        row(3, "synpic300.jpg", "how many lesions are there?", 2, "OPEN", "para"),
+    ])
+    write_json(root / "testset.json", [
+        row(1, "synpic200.jpg", "was the ct scan taken with contrast?", "yes", "CLOSED"),
+        row(2, "synpic200.jpg", "where is the lesion?", "left temporal lobe", "OPEN"),
+    ])
+    for k, name in enumerate(("synpic100.jpg", "synpic200.jpg", "synpic300.jpg")):
+        write_image(root / "images" / name, (50 * k, 9, 9))
+    return root
+
+
 def write_llava_med(root: Path) -> Path:
     """LLaVA-Med: instruct JSON (``conversatons`` misspelling, <image> at start or end), eval JSONL."""
     write_json(root / "llava_med_instruct_10.json", [

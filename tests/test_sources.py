@@ -233,6 +233,7 @@ def test_hf_copies_of_release_sources(tmp_path):
     rad = _load("vqa_rad", fx.write_vqa_rad_hf(tmp_path / "vh"), tmp_path).dataset
     assert sorted(rad["split"]) == ["test", "test", "train", "train"]
     assert sorted(set(rad["answer"])) == ["left lobe", "yes"]
+    assert {json.loads(m)["answer_type_derived"] for m in rad["meta"]} == {True}
     assert len(set(rad["group_id"])) == 1  # same image bytes, one group
 
 
@@ -247,6 +248,33 @@ def test_vqa_rad_integer_answers_trailing_spaces_and_case(tmp_path):
     assert recs["vqa_rad-3"]["answer"] == "no" and recs["vqa_rad-3"]["split"] == "test"
     assert recs["vqa_rad-4"]["answer"] == "Left Temporal Lobe"  # open answers keep their case
     assert recs["vqa_rad-1"]["body_part"] == "head" and not res.warnings
+
+
+def test_vqa_rad_trainset_testset_with_images_folder(tmp_path):
+    root = fx.write_vqa_rad_data_rad(tmp_path / "data_RAD")
+    res = _load("vqa_rad", root, tmp_path)
+    recs = _by_id(res.dataset)
+    assert res.skipped == [] and sorted(recs) == ["vqa_rad-test-1", "vqa_rad-test-2", "vqa_rad-train-1",
+                                                  "vqa_rad-train-2", "vqa_rad-train-3"]
+    assert recs["vqa_rad-test-1"]["split"] == "test"  # from the file: phrase_type is "freeform" here
+    assert recs["vqa_rad-test-1"]["answer"] == "yes" and recs["vqa_rad-test-1"]["answer_type"] == "closed"
+    assert recs["vqa_rad-train-3"]["answer"] == "2" and recs["vqa_rad-train-1"]["group_id"] == "synpic100"
+    assert recs["vqa_rad-train-1"]["image"] == str((root / "images" / "synpic100.jpg").resolve())
+    for rec in recs.values():
+        with Image.open(rec["image"]) as im:
+            assert im.size == (8, 8)
+    test = _load("vqa_rad", root, tmp_path, split="test").dataset
+    assert sorted(test["id"]) == ["vqa_rad-test-1", "vqa_rad-test-2"]
+    (root / "testset.json").unlink()
+    with pytest.raises(FileNotFoundError, match="split 'test' needs testset.json beside trainset.json"):
+        load_source("vqa_rad", root, split="test")
+
+
+def test_vqa_rad_release_json_finds_images_in_either_folder(tmp_path):
+    root = fx.write_vqa_rad(tmp_path / "v")
+    (root / "VQA_RAD Image Folder").rename(root / "images")
+    res = _load("vqa_rad", root, tmp_path)
+    assert len(res.dataset) == 4 and res.skipped == []
 
 
 # LLaVA-Med -----------------------------------------------------------------------------------
