@@ -207,6 +207,23 @@ def write_roco_qa_train(root: Path) -> Path:
     return root
 
 
+def write_slake_parquet(root: Path) -> Path:
+    """SLAKE as ``mdwiratathya/SLAKE-vqa-english``: ``data/{train,validation,test}-*.parquet`` (train in two
+    shards) with ``image`` ({bytes, path}), ``question``, ``answer`` and no ``answer_type``."""
+    a, b = ({"bytes": image_bytes(c), "path": None} for c in ((1, 2, 3), (4, 5, 6)))
+    shards = {
+        "train-00000-of-00002": ([a, a], ["Is this a CT image?", "Which organ is abnormal, heart or lung?"],
+                                 ["Yes", "Lung"]),
+        "train-00001-of-00002": ([b], ["What organ is shown?"], ["Liver"]),
+        "validation-00000-of-00001": ([b], ["Does the picture contain the liver?"], ["No"]),
+        "test-00000-of-00001": ([a, b], ["Is the lesion on the left or right?", "Is this an MRI?"], ["Left", "no"]),
+    }
+    for name, (images, questions, answers) in shards.items():
+        _parquet(root / "data" / f"{name}.parquet", {"image": images, "question": questions, "answer": answers},
+                 "image")
+    return root
+
+
 _PMC_HEADER = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
 
 

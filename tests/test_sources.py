@@ -79,6 +79,31 @@ def test_slake_official_splits_share_an_image(tmp_path):
     assert report["group_id"]["examples"] == ["xmlab1"]
 
 
+def test_slake_parquet_copy_without_answer_type(tmp_path):
+    root = fx.write_slake_parquet(tmp_path / "SLAKE-vqa-english")
+    res = _load("slake", root, tmp_path)
+    recs = _by_id(res.dataset)
+    assert res.skipped == [] and sorted(recs) == ["slake-test-0", "slake-test-1", "slake-train-0", "slake-train-1",
+                                                  "slake-train-2", "slake-validation-0"]
+    kinds = {i: (r["answer"], r["answer_type"]) for i, r in recs.items()}
+    assert kinds["slake-train-0"] == ("yes", "closed") and kinds["slake-validation-0"] == ("no", "closed")
+    assert kinds["slake-train-1"] == ("Lung", "open") and kinds["slake-test-0"] == ("Left", "open")  # derived
+    metas = [json.loads(r["meta"]) for r in recs.values()]
+    assert all(m["answer_type_derived"] and m["q_lang"] == "en" and m["q_lang_derived"] for m in metas)
+    assert recs["slake-train-0"]["image"] == recs["slake-test-0"]["image"]  # same picture, one file, one group
+    assert recs["slake-train-0"]["group_id"] == recs["slake-test-0"]["group_id"] != recs["slake-train-2"]["group_id"]
+    with Image.open(recs["slake-train-2"]["image"]) as im:
+        assert im.size == (8, 8)
+    assert _load("slake", root, tmp_path, split="validation").dataset["id"] == ["slake-validation-0"]
+    assert len(_load("slake", root, tmp_path, lang="zh").dataset) == 0  # an English-only copy
+
+
+def test_slake_folder_without_json_or_parquet_names_both_layouts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of \('train.json'.*and no parquet files"):
+        load_source("slake", tmp_path / "empty")
+
+
 # ROCOv2 / MedPix -----------------------------------------------------------------------------
 
 
