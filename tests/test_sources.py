@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import datasets
 import fixtures_sources as fx
 import pytest
+import yaml
 from PIL import Image
 
 from medvlm.data_curation import load_source
 from medvlm.data_curation.loading import UnknownSourceError
+from medvlm.data_curation.mixing import build_mix
 from medvlm.data_curation.splits import leakage_report
 from medvlm.records import FEATURES, validate_record
 
@@ -249,6 +252,60 @@ def test_pmc_vqa_v2_letter_answers_and_padded_choices(tmp_path):
     assert rec["choices"] == ["Axial", "Sagittal", "Coronal view", "Oblique"]
     assert rec["answer"] == "Coronal view" and json.loads(rec["meta"])["answer_letter"] == "C"
     assert recs["pmc_vqa-v2-test-0"]["answer"] == "Left"
+
+
+def test_pmc_vqa_version_resolved_per_split(tmp_path):
+    """v1's train.csv beside v2's test_2.csv: each split reads the version that has it (not 0 train rows)."""
+    root = fx.write_pmc_vqa(tmp_path / "p")
+    (root / "test.csv").unlink()
+    (root / "train_2.csv").unlink()
+    res = _load("pmc_vqa", root, tmp_path)
+    assert sorted(res.dataset["id"]) == ["pmc_vqa-v1-train-0", "pmc_vqa-v2-test-0"] and res.warnings == []
+    train = _load("pmc_vqa", root, tmp_path, split="train").dataset
+    assert train["id"] == ["pmc_vqa-v1-train-0"] and train["answer"] == ["CT"]
+    with Image.open(train["image"][0]) as im:
+        assert im.size == (8, 8)
+
+
+def test_pmc_vqa_both_versions_default_is_said_and_version_option_chooses(tmp_path, caplog):
+    root = fx.write_pmc_vqa(tmp_path / "p")
+    with caplog.at_level(logging.WARNING):
+        res = _load("pmc_vqa", root, tmp_path, split="train")
+    assert res.dataset["id"] == ["pmc_vqa-v2-train-0"]
+    assert res.warnings == ["pmc_vqa: both v1 (train.csv) and v2 (train_2.csv) hold the train split; reading v2 "
+                            "(train_2.csv); pass version=1 or version=2 to choose"]
+    assert res.warnings[0] in caplog.text
+    for version in (1, "v1", "1"):
+        v1 = _load("pmc_vqa", root, tmp_path, version=version)
+        assert sorted(v1.dataset["id"]) == ["pmc_vqa-v1-test-0", "pmc_vqa-v1-train-0"] and v1.warnings == []
+
+
+def test_pmc_vqa_missing_file_raises_naming_what_was_looked_for_and_what_exists(tmp_path):
+    root = fx.write_pmc_vqa(tmp_path / "p")
+    (root / "train_2.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            "no version-2 file for split train (looked for ['train_2.csv']) in ")) as err:
+        load_source("pmc_vqa", root, split="train", version=2)
+    assert "it holds ['test.csv', 'test_2.csv', 'train.csv']" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="ships no validation split"):
+        load_source("pmc_vqa", root, split="validation")
+    for name in ("train.csv", "test.csv"):
+        (root / name).unlink()
+    res = _load("pmc_vqa", root, tmp_path)  # split=None: the test split loads, the missing train is said
+    assert res.dataset["id"] == ["pmc_vqa-v2-test-0"]
+    assert res.warnings == [f"pmc_vqa: no file for split train (looked for ['train.csv', 'train_2.csv']) in {root}"
+                            "; it holds ['test_2.csv']; read ['test_2.csv'] only"]
+
+
+def test_pmc_vqa_version_from_a_mix_yaml(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVLM_HOME", str(tmp_path / "home"))
+    root = fx.write_pmc_vqa(tmp_path / "p")
+    mix = {"seed": 0, "stopping_strategy": "once", "phases": [{"name": "main", "weights": {"pmc": 1.0}}],
+           "sources": [{"name": "pmc", "source": "pmc_vqa", "path": str(root), "split": "train",
+                        "options": {"version": 1}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    data = build_mix(tmp_path / "mix.yaml", tmp_path / "out", report=False)
+    assert datasets.load_from_disk(str(data))["id"] == ["pmc_vqa-v1-train-0"]
 
 
 def test_hf_copies_of_release_sources(tmp_path):
