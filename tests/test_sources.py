@@ -14,7 +14,7 @@ from PIL import Image
 
 from medvlm.data_curation import load_source
 from medvlm.data_curation.loading import UnknownSourceError
-from medvlm.data_curation.mixing import build_mix
+from medvlm.data_curation.mixing import MixError, build_mix
 from medvlm.data_curation.splits import leakage_report
 from medvlm.records import FEATURES, validate_record
 
@@ -390,6 +390,45 @@ def test_cxr_paraphrase_groups_by_study_with_paraphrase_key(tmp_path):
     assert len(keys) == 2  # three wordings each of two questions
     assert sorted({m["question_variant"] for m in metas}) == ["0", "1", "2"]
     assert metas[0]["extra"] == {"view": "PA"} and len(res.warnings) == 1
+
+
+# Single-file datasets ------------------------------------------------------------------------
+
+
+def test_single_data_file_as_path(tmp_path):
+    root = fx.write_llava_med(tmp_path / "l")
+    instruct = _load("llava_med", root / "llava_med_instruct_10.json", tmp_path)
+    assert sorted(instruct.dataset["id"]) == ["llava_med-a1-0", "llava_med-a1-1", "llava_med-a2-0"]
+    assert set(instruct.dataset["split"]) == {"train"} and instruct.skipped == []
+    assert instruct.dataset["image"][0] == str((root / "images" / "34754592_F1.jpg").resolve())
+    answers = _load("llava_med", root / "llava_med_eval_qa.jsonl", tmp_path).dataset
+    assert sorted(answers["answer"]) == ["A nodule.", "no"] and set(answers["split"]) == {"test"}
+    csv = _load("cxr_paraphrase", fx.write_cxr_paraphrase(tmp_path / "c") / "paraphrases_test.csv", tmp_path)
+    assert len(csv.dataset) == 6 and sorted(set(csv.dataset["group_id"])) == ["s1", "s2"]
+    with Image.open(csv.dataset["image"][0]) as im:
+        assert im.size == (8, 8)
+    with pytest.raises(ValueError, match="either a file as path .* or files="):
+        load_source("llava_med", root / "llava_med_instruct_10.json", files=["llava_med_eval_qa.jsonl"])
+    slake = fx.write_slake(tmp_path / "s") / "train.json"
+    with pytest.raises(NotADirectoryError, match=r"is a file; this source reads a folder: pass the folder"):
+        load_source("slake", slake)
+
+
+def test_single_data_file_in_a_mix(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVLM_HOME", str(tmp_path / "home"))
+    root = fx.write_llava_med(tmp_path / "l")
+
+    def mix(source, path):
+        cfg = {"seed": 0, "stopping_strategy": "once", "phases": [{"name": "main", "weights": {"a": 1.0}}],
+               "sources": [{"name": "a", "source": source, "path": str(path), "split": "train"}]}
+        (tmp_path / "mix.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp_path / "mix.yaml"
+
+    data = build_mix(mix("llava_med", root / "llava_med_instruct_10.json"), tmp_path / "out", report=False)
+    assert len(datasets.load_from_disk(str(data))) == 3
+    slake = fx.write_slake(tmp_path / "s") / "train.json"
+    with pytest.raises(MixError, match="is a file but `source: slake` reads a folder: set `path:` in .*mix.yaml"):
+        build_mix(mix("slake", slake), tmp_path / "out2", report=False)
 
 
 # Registry ------------------------------------------------------------------------------------
