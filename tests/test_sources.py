@@ -180,6 +180,16 @@ def test_medpix_case_missing_from_uid_list_is_a_warning_not_a_drop(tmp_path):
                             "uid_list.json: ['MPX2000']"]
 
 
+def test_medpix_bad_jsonl_line_is_a_recorded_skip(tmp_path):
+    root = fx.write_medpix_splits(tmp_path / "MedPix-2-0")
+    with open(root / "splitted_dataset" / "descriptions_test.jsonl", "a") as fh:
+        fh.write('{"Type": "CT", "U_id": \n')
+    res = _load("medpix", root, tmp_path, split="test")
+    assert res.dataset["id"] == ["medpix-MPX2000_synpic10"]
+    assert [(s["file"], s["row"]) for s in res.skipped] == [("splitted_dataset/descriptions_test.jsonl", 1)]
+    assert res.skipped[0]["reason"].startswith("invalid JSON line")
+
+
 # HF-format sets ------------------------------------------------------------------------------
 
 

@@ -129,6 +129,13 @@ def _check_uids(ctx: Context, suffix: str, cases: list, uid_list: dict[str, set[
         ctx.warnings.append(msg)
 
 
+def _bad_row(row) -> str:
+    """Skip reason for a row that is not an object (a JSONL line that did not parse says so itself)."""
+    if isinstance(row, str) and row.startswith("invalid JSON line"):
+        return row
+    return f"row is {type(row).__name__}, expected an object"
+
+
 def _join(ctx: Context, cases: Iterable[tuple[int, dict | str]], descs: list[tuple[int, dict | str]],
           case_file: str, desc_file: str, split: str, official: str,
           uid_list: dict[str, set[str]] | None = None) -> Iterator[Draft | Skip]:
@@ -140,8 +147,7 @@ def _join(ctx: Context, cases: Iterable[tuple[int, dict | str]], descs: list[tup
     cases = list(cases)
     for cidx, case in cases:
         if not isinstance(case, dict):
-            yield Skip(case_file, cidx, case if isinstance(case, str) else
-                       f"row is {type(case).__name__}, expected an object")
+            yield Skip(case_file, cidx, _bad_row(case))
             continue
         extra = ctx.extras(case, CASE_KEYS, case_file)
         for key, modality in LISTS.items():
@@ -153,8 +159,7 @@ def _join(ctx: Context, cases: Iterable[tuple[int, dict | str]], descs: list[tup
     cases_by_uid = {str(c.get("U_id")): c for _, c in cases if isinstance(c, dict)}
     for didx, desc in descs:
         if not isinstance(desc, dict):
-            yield Skip(desc_file, didx, desc if isinstance(desc, str) else
-                       f"row is {type(desc).__name__}, expected an object")
+            yield Skip(desc_file, didx, _bad_row(desc))
             continue
         if str(desc.get("image", "")) in listed:
             continue
