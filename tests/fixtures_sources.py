@@ -120,6 +120,44 @@ def write_medpix(root: Path) -> Path:
     return root
 
 
+def _jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_medpix_splits(root: Path) -> Path:
+    """MedPix-2-0 with its official split: ``splitted_dataset/{data,descriptions}_{train,train_1,train_2,
+    dev,test}.jsonl`` (one JSON object per line, the keys of Case_topic.json / Descriptions.json, cases
+    carrying the release's extra keys such as ``Discussion`` and ``Media``) and ``uid_list.json``."""
+    cases, descs = {}, {}
+    for n, uid in enumerate(("MPX1009", "MPX2000", "MPX3000", "MPX3001")):
+        images = [f"{uid}_synpic{10 * n + k}" for k in range(2 if uid == "MPX3000" else 1)]
+        cases[uid] = {"U_id": uid, "TAC": images[:1], "MRI": images[1:], "Case": {
+            "Title": f"Case {uid}", "History": f"History of {uid}", "Exam": "N/A", "Findings": f"Findings {uid}.",
+            "Differential Diagnosis": "x", "Case Diagnosis": f"Diagnosis {uid}", "Diagnosis By": "Imaging",
+            "Discussion": "See factoid.", "Media": None, "Treatment & Follow Up": "None."},
+            "Topic": {"Title": "t", "Disease Discussion": "d", "ACR Code": "1.9", "Category": "Unsure",
+                      "External Links": None, "Keywords": "k", "Reference": "r"}}
+        descs[uid] = [{"Type": "CT" if k == 0 else "MR", "U_id": uid, "image": img,
+                       "Description": {"ACR Codes": "1.9", "Age": str(30 + n), "Caption": f"Caption of {img}.",
+                                       "Figure Part": None, "Modality": "CT - noncontrast", "Plane": "Axial",
+                                       "Sex": "female"}, "Location": "Brain and Neuro", "Location Category": "Head"}
+                      for k, img in enumerate(images)]
+        for img in images:
+            write_image(root / "images" / f"{img}.png", (10 * n, 20, 30))
+    members = {"train_1": ["MPX3000"], "train_2": ["MPX3001"], "dev": ["MPX1009"], "test": ["MPX2000"]}
+    members["train"] = members["train_1"] + members["train_2"]
+    folder = root / "splitted_dataset"
+    for name, uids in members.items():
+        _jsonl(folder / f"data_{name}.jsonl", [cases[u] for u in uids])
+        _jsonl(folder / f"descriptions_{name}.jsonl", [d for u in uids for d in descs[u]])
+    write_json(folder / "uid_list.json", members)
+    write_json(root / "Case_topic.json", list(cases.values()))
+    write_json(root / "Descriptions.json", [d for v in descs.values() for d in v])
+    return root
+
+
 def _parquet(path: Path, columns: dict, image_col: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = {k: datasets.Value("string") for k in columns}
@@ -146,11 +184,43 @@ def write_medpix_shortqa(root: Path) -> Path:
 
 
 def write_roco_qa(root: Path) -> Path:
-    """ROCO-QA HF copy: splits named ``Vaild`` and ``Test``."""
-    for split, color in (("Vaild", (5, 5, 5)), ("Test", (9, 9, 9))):
-        _parquet(root / "data" / f"{split}-00000-of-00001.parquet", {
-            "image": [{"bytes": image_bytes(color), "path": f"PMC_{split}.jpg"}],
-            "question": [f"What does the {split} image show?"], "answer": ["A fracture"]}, "image")
+    """ROCO-QA as ``adishourya/ROCO-QA`` ships it: splits ``Vaild`` and ``Test`` (Test in two shards),
+    ``image_id`` an id string (``ROCO_00020``), the picture as bytes without a name in ``image``."""
+    def shard(name: str, ids: list[str], answers: list[str]) -> None:
+        _parquet(root / "data" / f"{name}.parquet", {
+            "image_id": ids,
+            "image": [{"bytes": image_bytes((int(i[-3:]), 5, 9)), "path": None} for i in ids],  # one id, one picture
+            "question": [f"What does image {i} show?" for i in ids], "answer": answers}, "image")
+    shard("Vaild-00000-of-00001", ["ROCO_00020", "ROCO_00020", "ROCO_00031"], ["A fracture", "Yes", "No"])
+    shard("Test-00000-of-00002", ["ROCO_00100"], ["A cyst"])
+    shard("Test-00001-of-00002", ["ROCO_00101", "ROCO_00102"], ["No", "Pneumothorax"])
+    return root
+
+
+def write_roco_qa_train(root: Path) -> Path:
+    """``adishourya/ROCO-QA-Train``: one split ``Train`` sharded as ``data/Train-000NN-of-000MM.parquet``."""
+    for k in range(2):
+        ids = [f"ROCO_1{k}00{j}" for j in range(2)]
+        _parquet(root / "data" / f"Train-0000{k}-of-00002.parquet", {
+            "image_id": ids, "image": [{"bytes": image_bytes((k, j, 1)), "path": None} for j in range(2)],
+            "question": ["Is there a mass?", "Which organ?"], "answer": ["yes", "Liver"]}, "image")
+    return root
+
+
+def write_slake_parquet(root: Path) -> Path:
+    """SLAKE as ``mdwiratathya/SLAKE-vqa-english``: ``data/{train,validation,test}-*.parquet`` (train in two
+    shards) with ``image`` ({bytes, path}), ``question``, ``answer`` and no ``answer_type``."""
+    a, b = ({"bytes": image_bytes(c), "path": None} for c in ((1, 2, 3), (4, 5, 6)))
+    shards = {
+        "train-00000-of-00002": ([a, a], ["Is this a CT image?", "Which organ is abnormal, heart or lung?"],
+                                 ["Yes", "Lung"]),
+        "train-00001-of-00002": ([b], ["What organ is shown?"], ["Liver"]),
+        "validation-00000-of-00001": ([b], ["Does the picture contain the liver?"], ["No"]),
+        "test-00000-of-00001": ([a, b], ["Is the lesion on the left or right?", "Is this an MRI?"], ["Left", "no"]),
+    }
+    for name, (images, questions, answers) in shards.items():
+        _parquet(root / "data" / f"{name}.parquet", {"image": images, "question": questions, "answer": answers},
+                 "image")
     return root
 
 
@@ -187,6 +257,26 @@ def write_vqa_rad(root: Path) -> Path:
     ])
     for name in ("synpic100.jpg", "synpic200.jpg"):
         write_image(root / "VQA_RAD Image Folder" / name)
+    return root
+
+
+def write_vqa_rad_data_rad(root: Path) -> Path:
+    """VQA-RAD as ``data_RAD/`` of aioz-ai/MICCAI19-MedVQA: ``trainset.json`` / ``testset.json`` (qids restart
+    at 1 in each, ``phrase_type`` "freeform" in both, lower-case answers) and the pictures in ``images/``."""
+    def row(qid, image, q, a, kind, phrase="freeform"):
+        return {"qid": qid, "image_name": image, "answer": a, "answer_type": kind, "question_type": "PRES",
+                "question": q, "phrase_type": phrase}
+    write_json(root / "trainset.json", [
+        row(1, "synpic100.jpg", "what kind of image is this?", "cta - ct angiography", "OPEN"),
+        row(2, "synpic100.jpg", "is this a t1 weighted image?", "no", "CLOSED"),
+        row(3, "synpic300.jpg", "how many lesions are there?", 2, "OPEN", "para"),
+    ])
+    write_json(root / "testset.json", [
+        row(1, "synpic200.jpg", "was the ct scan taken with contrast?", "yes", "CLOSED"),
+        row(2, "synpic200.jpg", "where is the lesion?", "left temporal lobe", "OPEN"),
+    ])
+    for k, name in enumerate(("synpic100.jpg", "synpic200.jpg", "synpic300.jpg")):
+        write_image(root / "images" / name, (50 * k, 9, 9))
     return root
 
 

@@ -5,7 +5,8 @@
 >>> # result.skipped[0]         # {"source", "file", "row", "reason"}
 
 ``path`` may be the original release folder, a local copy of the Hugging Face version
-(a folder holding parquet files), or a hub id (``owner/name``; needs the hub, loaded with
+(a folder holding parquet files), a single data file for sources that ship one (``llava_med``'s
+instruct JSON, a ``cxr_paraphrase`` CSV), or a hub id (``owner/name``; needs the hub, loaded with
 ``datasets.load_dataset``). Records' ``image`` column holds absolute paths; images that exist
 only as bytes are written to ``image_cache_dir`` (default ``$MEDVLM_HOME/image_cache/<source>/``).
 """
@@ -153,6 +154,39 @@ def _check_options(name: str, module: Any, options: dict[str, Any]) -> dict[str,
     return {**allowed, **options}
 
 
+def source_accepts_file(name: str) -> bool:
+    """True when source ``name`` can be given one data file instead of its folder (its loader has a
+    ``files`` option: LLaVA-Med's instruct JSON / eval JSONL, a paraphrase CSV)."""
+    target = SOURCES.get(name, ":")
+    return ":" not in target and "files" in getattr(importlib.import_module(target), "OPTIONS", {})
+
+
+def _one_file(name: str, module: Any, path: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """A single data file given as ``path``: read that file, with its folder as the root (images
+    resolve from there)."""
+    if "files" not in getattr(module, "OPTIONS", {}):
+        raise NotADirectoryError(f"{name}: {str(path)!r} is a file; this source reads a folder: pass the folder "
+                                 f"holding the release files ({str(path.parent)!r}?), a local HF copy, or a hub id")
+    if opts.get("files") is not None:
+        raise ValueError(f"{name}: pass either a file as path ({str(path)!r}) or files={opts['files']!r} with "
+                         "its folder, not both")
+    return {**opts, "files": [path.name]}
+
+
+def _wanted_split(split: str | None, extra: tuple[str, ...]) -> str | None:
+    """The split asked for, normalised: train/validation/test (any spelling), or one of the source's
+    own ``EXTRA_SPLITS`` (MedPix 2.0's ``train_1`` / ``train_2``, also written ``train-1``)."""
+    if split is None:
+        return None
+    want = normalise_split(split)
+    if want in ("train", "validation", "test"):
+        return want
+    if want.replace("-", "_") in extra:
+        return want.replace("-", "_")
+    names = ", ".join(("train", "validation", "test", *extra))
+    raise ValueError(f"unknown split {split!r}; use one of {names} (or None for all)")
+
+
 def _load_full(name: str, target: str, path: str | os.PathLike | None, split: str | None, **options):
     """Entries of the form ``module:function`` return records themselves (the phantom dataset)."""
     mod_name, func_name = target.split(":")
@@ -181,9 +215,11 @@ def load_source(
 
     Args:
         name: a key of :data:`medvlm.data_curation.sources.SOURCES` (``slake``, ``rocov2``...).
-        path: release folder, local HF copy (parquet files) or hub id ``owner/name``.
-        split: ``train``/``validation``/``test`` (source spellings such as ``Vaild`` accepted), or
-            None for every split the source ships.
+        path: release folder, local HF copy (parquet files), hub id ``owner/name``, or one data
+            file of a source with a ``files`` option (read alone; its folder is the root).
+        split: ``train``/``validation``/``test`` (source spellings such as ``Vaild`` or ``dev``
+            accepted), a source's own split (MedPix 2.0's ``train_1``, ``train_2``), or None for
+            every split the source ships.
         verify_images: decode every distinct image and skip rows whose image is corrupt or
             truncated. None (default) verifies when there are at most ``VERIFY_AUTO_LIMIT``
             distinct images and logs that it did not otherwise.
@@ -197,20 +233,21 @@ def load_source(
     """
     if name not in SOURCES:
         raise UnknownSourceError(did_you_mean(name, list(SOURCES), "source"))
-    want = None if split is None else normalise_split(split)
-    if want is not None and want not in ("train", "validation", "test"):
-        raise ValueError(f"unknown split {split!r}; use train, validation or test (or None for all)")
     target = SOURCES[name]
     if ":" in target:
-        return _load_full(name, target, path, want, **options)
+        return _load_full(name, target, path, _wanted_split(split, ()), **options)
     module = importlib.import_module(target)
+    want = _wanted_split(split, getattr(module, "EXTRA_SPLITS", ()))
     opts = _check_options(name, module, options)
     text = os.fspath(path) if path is not None else ""
     if looks_like_hub_id(text):
         ctx = Context(source=name, root=None, hub_id=text, split=want, options=opts)
     else:
         root = Path(text).expanduser()
-        if not root.is_dir():
+        if root.is_file():
+            opts = _one_file(name, module, root, opts)
+            root = root.parent
+        elif not root.is_dir():
             raise FileNotFoundError(f"{name}: dataset folder {str(root)!r} does not exist; pass the folder "
                                     "holding the release files, a local HF copy, or a hub id owner/name")
         ctx = Context(source=name, root=root.resolve(), hub_id=None, split=want, options=opts)

@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 
 from medvlm.data_curation.filters import KEY_FIELDS, FilterPipeline, FilterStep
-from medvlm.data_curation.loading import UnknownSourceError
+from medvlm.data_curation.loading import UnknownSourceError, source_accepts_file
 from medvlm.data_curation.sources import SOURCES
 from medvlm.records import COLUMNS, FEATURES
 from medvlm.utils.hub import looks_like_hub_id
@@ -78,7 +78,8 @@ def check_source_paths(specs: list[SourceSpec], origin: str = "the mix YAML") ->
             continue  # the path is optional: the phantom dataset is generated there when missing
         if spec.source in JSON_KINDS or spec.source in SOURCES:
             what = ("a JSON-lines file or folder of *.jsonl records" if spec.source in JSON_KINDS
-                    else "the dataset folder, a local HF copy, or a hub id owner/name")
+                    else f"the dataset folder{' or its data file' if source_accepts_file(spec.source) else ''}, "
+                         "a local HF copy, or a hub id owner/name")
             if not spec.path:
                 raise MixError(f"{where}: `source: {spec.source}` needs `path:` ({what}); add it in {origin}")
             text = str(spec.path)
@@ -87,6 +88,9 @@ def check_source_paths(specs: list[SourceSpec], origin: str = "the mix YAML") ->
             if not Path(text).expanduser().exists():
                 raise MixError(f"{where}: dataset folder/file {text!r} does not exist: set `path:` in {origin} "
                                f"to your copy ({what})")
+            if spec.source in SOURCES and Path(text).expanduser().is_file() and not source_accepts_file(spec.source):
+                raise MixError(f"{where}: {text!r} is a file but `source: {spec.source}` reads a folder: set "
+                               f"`path:` in {origin} to the folder holding it")
             if spec.source in JSON_KINDS and not _jsonl_files(Path(text).expanduser()):
                 raise MixError(f"{where}: {text!r} holds no JSON-lines records (a .jsonl file, or a folder "
                                f"with generated.jsonl or other *.jsonl files); fix `path:` in {origin}")

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
+from PIL import Image
+
+from medvlm.data_curation.images import ImageError, safe_join
+
 logger = logging.getLogger(__name__)
 
 _SPLIT_ALIASES = {
@@ -212,6 +216,68 @@ def hf_rows(ctx: Context) -> Iterator[tuple[str, str, int, dict[str, Any]]]:
         return hf_hub_rows(ctx.hub_id, ctx.split)
     assert ctx.root is not None
     return hf_local_rows(ctx.root, ctx.split)
+
+
+def numbered(rows: Iterable[tuple[str, str, int, dict[str, Any]]]) -> Iterator[tuple[str, str, int, int, dict[str, Any]]]:
+    """(split, file, row in file, row in split, row): a split sharded over several files
+    (``Test-00000-of-00002.parquet``, ``Test-00001-of-00002.parquet``) restarts the row index in each
+    file; the running number across the split's files gives record ids that stay unique."""
+    counts: dict[str, int] = {}
+    for split, file, idx, row in rows:
+        n = counts.get(split, 0)
+        counts[split] = n + 1
+        yield split, file, idx, n, row
+
+
+def _image_content(value: Any, root: Path | None) -> tuple[str, Any]:
+    """What a cell holds: ("bytes", image reference), ("file", path), or ("", description)."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(value, Image.Image):
+        return "bytes", value
+    if isinstance(value, bytes | bytearray):
+        return ("bytes", {"bytes": bytes(value), "path": None}) if value else ("", "empty bytes")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return "bytes", value
+        value = value.get("path") or ""
+    if isinstance(value, str) and value.strip():
+        if root is not None:
+            try:
+                if safe_join(root, value).is_file():
+                    return "file", value
+            except ImageError:
+                pass
+        return "", f"{value!r} (no image file of that name under the dataset folder)"
+    return "", f"{type(value).__name__} {value!r}"[:80]
+
+
+def pick_image_column(row: Mapping[str, Any], columns: Iterable[str], root: Path | None) -> tuple[str | None, Any, str]:
+    """The column of ``row`` that holds the picture, chosen by content, not by name order.
+
+    Copies disagree on which column holds the picture: MEDPIX-ShortQA keeps it under ``image_id``,
+    ROCO-QA keeps an id string (``ROCO_00020``) under ``image_id`` and the picture under ``image``.
+    A column holding image bytes wins; else one naming a file that exists under ``root``; the first
+    of ``columns`` breaks ties. Returns (column, image reference, "") or (None, None, reason), the
+    reason saying what each candidate column held.
+    """
+    found: dict[str, list[tuple[str, Any]]] = {"bytes": [], "file": []}
+    held = []
+    for col in columns:
+        if col not in row:
+            continue
+        kind, ref = _image_content(row[col], root)
+        if kind:
+            found[kind].append((col, ref))
+        else:
+            held.append(f"{col}: {ref}")
+    for kind in ("bytes", "file"):
+        if found[kind]:
+            col, ref = found[kind][0]
+            return col, ref, ""
+    if not held:
+        return None, None, f"no image column (looked for {list(columns)}, found {sorted(row)})"
+    return None, None, "no column holds image bytes or an existing image file: " + "; ".join(held)
 
 
 def closed_or_open(answer: Any) -> str:

@@ -5,6 +5,12 @@ Release layout (the HF copy is the same JSON, with ``validation.json`` instead o
     train.json  validate.json | validation.json  test.json
     imgs/xmlab102/source.jpg  mask.png  detection.json
 
+Parquet copies (e.g. ``mdwiratathya/SLAKE-vqa-english``: ``data/{train,validation,test}-*.parquet``
+with ``image`` ({bytes, path}), ``question``, ``answer``) and hub ids are read when no split JSON is
+there. Columns a copy lacks are derived and ``meta`` says so: ``answer_type`` (a yes/no answer is
+closed, any other open: ``answer_type_derived``; choice answers such as "Left" then count as open)
+and ``q_lang`` (``zh`` when the question holds Han characters: ``q_lang_derived``).
+
 Rows: ``img_id, img_name ("xmlab102/source.jpg"), question, answer, q_lang ("en"|"zh"), location,
 modality, answer_type ("OPEN"|"CLOSED"), base_type, content_type, triple, qid``.
 
@@ -19,9 +25,20 @@ modality, answer_type ("OPEN"|"CLOSED"), base_type, content_type, triple, qid``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
-from medvlm.data_curation.sources._common import Context, Draft, Skip, first_existing, read_json_list
+from medvlm.data_curation.sources._common import (
+    Context,
+    Draft,
+    Skip,
+    closed_or_open,
+    first_existing,
+    hf_rows,
+    image_key,
+    numbered,
+    read_json_list,
+)
 
 OPTIONS = {"lang": "en"}
 SPLIT_FILES = {
@@ -34,12 +51,17 @@ KNOWN = {"img_id", "img_name", "question", "answer", "q_lang", "location", "moda
 
 
 def iter_records(ctx: Context) -> Iterator[Draft | Skip]:
-    """Yield drafts for the wanted split(s) of a SLAKE folder."""
-    if ctx.root is None:
-        raise ValueError("slake: download the release (or the HF copy's JSON + imgs folder) and pass its folder")
+    """Yield drafts for the wanted split(s) of a SLAKE folder (release JSON, else parquet) or hub id."""
     lang = ctx.options["lang"]
     if lang not in (None, "all", "en", "zh"):
         raise ValueError(f"slake: lang must be 'en', 'zh', 'all' or None, got {lang!r}")
+    names = sum(SPLIT_FILES.values(), ())
+    if ctx.root is None or not any((ctx.root / n).is_file() for n in names):
+        if ctx.root is not None and not any(ctx.root.rglob("*.parquet")):
+            raise FileNotFoundError(f"slake: none of {names} and no parquet files (data/train-*.parquet) found "
+                                    f"in {ctx.root}; pass the release folder or a local copy of the HF version")
+        yield from _iter_hf(ctx, lang)
+        return
     found = False
     for split, names in SPLIT_FILES.items():
         if not ctx.wants(split):
@@ -57,7 +79,45 @@ def iter_records(ctx: Context) -> Iterator[Draft | Skip]:
                 continue
             yield from _row(ctx, file, idx, split, row)
     if not found:
-        raise FileNotFoundError(f"slake: none of {sum(SPLIT_FILES.values(), ())} found in {ctx.root}")
+        raise FileNotFoundError(f"slake: none of {SPLIT_FILES[ctx.split] if ctx.split else names} found in {ctx.root}")
+
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+_FOLDER = re.compile(r"xmlab\d+")
+
+
+def _iter_hf(ctx: Context, lang: str | None) -> Iterator[Draft | Skip]:
+    """Parquet rows: the release's columns where the copy kept them, derived (and marked) where not."""
+    for split, file, idx, n, row in numbered(hf_rows(ctx)):
+        meta = {k: row[k] for k in ("qid", "img_id", "q_lang", "base_type", "content_type", "triple") if k in row}
+        if not row.get("q_lang"):
+            meta["q_lang"] = "zh" if _HAN.search(str(row.get("question") or "")) else "en"
+            meta["q_lang_derived"] = True
+        if lang not in (None, "all") and meta["q_lang"] != lang:
+            continue
+        if row.get("answer_type"):
+            kind = str(row["answer_type"]).strip().lower()
+        else:
+            kind = closed_or_open(row.get("answer"))
+            meta["answer_type_derived"] = True
+        if kind not in ("open", "closed"):
+            yield Skip(file, idx, f"answer_type {row.get('answer_type')!r} is neither OPEN nor CLOSED")
+            continue
+        image = row["image"] if "image" in row else str(row.get("img_name") or "")
+        name = str(row.get("img_name") or (image.get("path") if isinstance(image, dict) else image) or "")
+        m = _FOLDER.search(name)
+        folder = m.group(0) if m else ""
+        extra = ctx.extras(row, KNOWN | {"image"}, file)
+        if extra:
+            meta["extra"] = extra
+        qid = row.get("qid")
+        yield Draft(file, idx, image_dirs=("imgs", ""), fields={
+            "id": f"slake-{split}-{qid if qid is not None else n}", "image": image,
+            "question": row.get("question"), "answer": row.get("answer"), "answer_type": kind, "split": split,
+            "group_id": folder or image_key(image) or f"{split}-{n}", "modality": str(row.get("modality") or ""),
+            "body_part": str(row.get("location") or ""), "roi": f"imgs/{folder}/mask.png" if folder else "",
+            "meta": meta,
+        })
 
 
 def _row(ctx: Context, file: str, idx: int, split: str, row: dict) -> Iterator[Draft | Skip]:
