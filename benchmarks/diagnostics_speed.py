@@ -42,8 +42,9 @@ from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.capture import capture, prepare_example
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.occlusion import occlusion
+from medvlm.models.base import TinySizes
 from medvlm.models.registry import get_family
-from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer
+from medvlm.models.tiny import build_tiny, build_tokenizer
 
 
 def peak_tensor_bytes(fn) -> tuple[int, object]:
@@ -65,7 +66,7 @@ def tensor_bytes(tensors) -> int:
 
 def load(family_name: str, records, tok, image_size: int = 64):
     """(model, family, example) of a random tiny model with eager attention, on the first lesion record."""
-    model, processor = build_tiny(TinyConfig(family=family_name, image_size=image_size), tok)
+    model, processor = build_tiny(family_name, TinySizes(image_size=image_size), tok)
     model.set_attn_implementation("eager")
     model.eval()
     family = get_family(family_name)

@@ -22,9 +22,10 @@ import time
 import torch
 
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
+from medvlm.demo import ensure_demo_model
 from medvlm.eval.generate import generate_answers
-from medvlm.models.registry import load_model_and_processor
-from medvlm.training.data import prepare_examples
+from medvlm.models.adapters import load_with_adapter
+from medvlm.models.inputs import prepare_examples
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -49,15 +50,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    loaded = load_model_and_processor(args.model, attn_implementation="sdpa")
-    if args.adapter:
-        from peft import PeftModel
-
-        loaded.model = PeftModel.from_pretrained(loaded.model, args.adapter).merge_and_unload()
+    ensure_demo_model(args.model)
+    loaded = load_with_adapter(args.model, args.adapter, merge=True, attn_implementation="sdpa")
     model, processor, family = loaded.model.eval(), loaded.processor, loaded.family
     records = load_phantom(PhantomConfig(), kind="qa", split="test").select(range(args.n))
-    ex = prepare_examples(records, processor)
-    images = [ex.images[i] for i in ex.image_index]
+    ex = prepare_examples(records, processor, family)
+    images = ex.images()
     qs = ex.questions
     k, mnt = args.samples, args.max_new_tokens
 

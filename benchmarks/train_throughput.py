@@ -25,10 +25,10 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from medvlm.data_curation.phantom import ALL_TYPES, PhantomConfig, load_phantom  # noqa: E402
+from medvlm.demo import ensure_demo_model  # noqa: E402
+from medvlm.models.inputs import VLMCollator, prepare_examples  # noqa: E402
 from medvlm.models.registry import load_model_and_processor  # noqa: E402
 from medvlm.training.arguments import LoraArguments, StageArguments  # noqa: E402
-from medvlm.training.collator import VLMCollator  # noqa: E402
-from medvlm.training.data import prepare_examples  # noqa: E402
 from medvlm.training.lora import attach_lora  # noqa: E402
 from medvlm.training.trainer import MedVLMTrainer  # noqa: E402
 
@@ -72,6 +72,7 @@ def naive_collator(family, processor):
 
 
 def run(kind: str, family_name: str, records, steps: int, batch_size: int, warmup: int) -> dict:
+    ensure_demo_model(f"demo:{family_name}")
     loaded = load_model_and_processor(f"demo:{family_name}")
     model = attach_lora(loaded.model, loaded.family, LoraArguments(lora_r=16, lora_alpha=32), "bench")
     counter = Tokens(warmup)
@@ -88,7 +89,7 @@ def run(kind: str, family_name: str, records, steps: int, batch_size: int, warmu
     else:
         args = StageArguments(**common)
         t_prep = time.perf_counter()
-        examples = prepare_examples(records, loaded.processor)  # one-off: decode and resize every image once
+        examples = prepare_examples(records, loaded.processor, loaded.family)  # one-off: every image prepared once
         prep = time.perf_counter() - t_prep
         trainer = MedVLMTrainer(model=model, args=args, train_dataset=examples,
                                 data_collator=VLMCollator(loaded.family, loaded.processor), callbacks=[counter])

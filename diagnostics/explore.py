@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from medvlm.demo import ensure_demo_model
 from medvlm.diagnostics.explorer import ExplorerError, load_explorer_model
 from medvlm.diagnostics.explorer_app import Server, build_app, launch
 from medvlm.diagnostics.explorer_samples import samples
@@ -41,6 +42,16 @@ def default_sources(runs_dir: Path = Path("runs")) -> tuple[str, list[str]]:
         return run_sources(runs[-1])
     logger.info("no demo run under %s: serving the embedded demo base model", runs_dir)
     return "demo:llava", []
+
+
+def load_demo_or_model(model: str, adapters: list[str], dtype: str):
+    """:func:`load_explorer_model`, building a ``demo:<family>`` base first when it is not built yet."""
+    if model and model.startswith("demo:"):
+        try:
+            ensure_demo_model(model)
+        except ValueError as err:  # an unknown family
+            raise ExplorerError(str(err)) from err
+    return load_explorer_model(model, adapters, dtype=dtype)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, adapters = default_sources()
         adapters = adapters + (args.adapter if args.run else [])
-        em = load_explorer_model(model, adapters, dtype=args.dtype)
+        em = load_demo_or_model(model, adapters, args.dtype)
     except (ExplorerError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    server = Server(em, lambda name, ads: load_explorer_model(name, ads, dtype=args.dtype), samples())
+    server = Server(em, lambda name, ads: load_demo_or_model(name, ads, args.dtype), samples())
     local = args.host in ("127.0.0.1", "localhost", "::1")
     if not local:
         logger.warning("serving on %s: the Model panel (load any model or adapter path) is switched off", args.host)

@@ -38,6 +38,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medvlm.demo import ensure_demo_model
 from medvlm.eval.judge import check_judge_server, judge_llm_config
 from medvlm.eval.metrics import UnknownMetricError
 from medvlm.eval.predictions import (
@@ -184,6 +185,7 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
                 check_judge_server(config.judge_llm_config())
             except LLMError as e:
                 return judge_unavailable(e, "nothing was evaluated or written")
+        ensure_demo_model(config.model)  # demo:<family>: built on first use
         metrics = evaluate_model(config, scoring=scoring)
     except (ModelEvalError, FileNotFoundError, ValueError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)

@@ -9,7 +9,8 @@ Any config key can be overridden on the command line: ``--max_steps 20 --output_
 
 import sys
 
+from medvlm.demo import ensure_demo_model
 from medvlm.training.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("stage1"))
+    sys.exit(main("stage1", prepare_model=ensure_demo_model))

@@ -11,7 +11,8 @@ last checkpoint (same data, optimizer and scheduler state).
 
 import sys
 
+from medvlm.demo import ensure_demo_model
 from medvlm.training.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("stage2"))
+    sys.exit(main("stage2", prepare_model=ensure_demo_model))

@@ -13,9 +13,10 @@ import pytest  # noqa: E402
 TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400, patch_size=16)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def medvlm_home(tmp_path_factory):
-    """One MEDVLM_HOME for the session (phantom data are built once per config)."""
+    """One MEDVLM_HOME for the session (phantom data and prepared images are built once per config;
+    nothing is written to the user's cache)."""
     home = tmp_path_factory.mktemp("medvlm_home")
     old = os.environ.get("MEDVLM_HOME")
     os.environ["MEDVLM_HOME"] = str(home)
@@ -37,11 +38,12 @@ def small_phantom(medvlm_home):
 
 def _tiny_folder(family: str, root, phantom_cfg):
     """A random tiny model of ``family`` saved with its processor (no pre-training: fast)."""
-    from medvlm.models.tiny import TinyConfig, build_tiny, build_tokenizer, phantom_corpus
+    from medvlm.demo.base import TinyConfig, phantom_corpus
+    from medvlm.models.tiny import build_tiny, build_tokenizer
 
     cfg = TinyConfig(family=family, phantom=phantom_cfg, **TINY)
     tok = build_tokenizer(phantom_corpus(phantom_cfg), cfg.vocab_size)
-    model, processor = build_tiny(cfg, tok)
+    model, processor = build_tiny(family, cfg.sizes(), tok)
     folder = root / f"tiny-{family}"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

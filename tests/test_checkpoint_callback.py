@@ -13,12 +13,12 @@ from medvlm.training.callbacks import CheckpointEvalCallback, checkpoint_scalars
 @pytest.fixture(scope="module")
 def setup(tiny_paligemma, small_phantom):
     from medvlm.data_curation.phantom import load_phantom
+    from medvlm.models.inputs import prepare_examples
     from medvlm.models.registry import load_model_and_processor
-    from medvlm.training.data import prepare_examples
 
     loaded = load_model_and_processor(str(tiny_paligemma))
     records = load_phantom(small_phantom, kind="qa", split="validation").select(range(10))
-    return loaded, records, prepare_examples(records, loaded.processor)
+    return loaded, records, prepare_examples(records, loaded.processor, loaded.family)
 
 
 def _save(cb, model, out, step):

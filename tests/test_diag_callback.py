@@ -40,10 +40,9 @@ def paligemma(tiny_paligemma):
 def test_trainer_run_writes_diagnostics_into_every_checkpoint(tiny_llava, probe_records, tmp_path):
     from peft import LoraConfig, get_peft_model
 
+    from medvlm.models.inputs import VLMCollator, prepare_examples
     from medvlm.models.registry import load_model_and_processor
     from medvlm.training.arguments import StageArguments
-    from medvlm.training.collator import VLMCollator
-    from medvlm.training.data import prepare_examples
     from medvlm.training.trainer import MedVLMTrainer
 
     lm = load_model_and_processor(str(tiny_llava))
@@ -57,7 +56,7 @@ def test_trainer_run_writes_diagnostics_into_every_checkpoint(tiny_llava, probe_
     diag = DiagnosticsCallback(lm.family, lm.processor, probe_records, max_examples=3, clock=clock)
     args = StageArguments(output_dir=str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=2,
                           report_to=[], logging_steps=1, save_strategy="steps", disable_tqdm=True)
-    train = prepare_examples(probe_records.select(range(4)), lm.processor)
+    train = prepare_examples(probe_records.select(range(4)), lm.processor, lm.family)
     trainer = MedVLMTrainer(model=model, args=args, train_dataset=train,
                             data_collator=VLMCollator(lm.family, lm.processor), callbacks=[Tick(), diag])
     trainer.train()

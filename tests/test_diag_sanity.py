@@ -10,7 +10,6 @@ from tiny_models import FAMILIES, eager_tiny
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.attention_quality import score_map
 from medvlm.diagnostics.capture import prepare_example
-from medvlm.diagnostics.gradcam import vision_layers
 from medvlm.diagnostics.sanity import default_methods, randomization_test, randomize_top_layers
 from medvlm.utils.images import read_mask
 
@@ -62,7 +61,7 @@ def test_randomize_touches_only_the_top_layers_of_a_copy(setup, fam):
     assert same(params(family.decoder_layers(again)[1]), params(new[1]))  # seeded
     vis = randomize_top_layers(model, family, top_k=1, tower="vision", seed=3)
     assert same(params(family.decoder_layers(vis)[1]), original[1])
-    assert not same(params(vision_layers(vis, family)[-1]), params(vision_layers(model, family)[-1]))
+    assert not same(params(family.vision_layers(vis)[-1]), params(family.vision_layers(model)[-1]))
     with pytest.raises(ValueError, match="top_k=5"):
         randomize_top_layers(model, family, top_k=5)
     with pytest.raises(ValueError, match="tower='text'"):

@@ -29,7 +29,7 @@ def test_paligemma_golden_label_mask(tiny_paligemma):
     loaded = load_model_and_processor(str(tiny_paligemma))
     fam, proc = loaded.family, loaded.processor
     tok = proc.tokenizer
-    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False)
+    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, prepared=True)
     ids, labels, tt, am = (batch[k] for k in ("input_ids", "labels", "token_type_ids", "attention_mask"))
     n_image = N_IMAGE
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
@@ -53,7 +53,7 @@ def test_llava_golden_label_mask(tiny_llava):
     loaded = load_model_and_processor(str(tiny_llava))
     fam, proc = loaded.family, loaded.processor
     tok = proc.tokenizer
-    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, do_resize=False, do_center_crop=False)
+    batch = fam.train_batch(proc, IMAGES, QUESTIONS, ANSWERS, prepared=True)
     ids, labels, am = batch["input_ids"], batch["labels"], batch["attention_mask"]
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
         prompt = f"{tok.bos_token}USER: {'<image>' * N_IMAGE}\n{q} ASSISTANT:"
@@ -70,8 +70,7 @@ def test_llava_golden_label_mask(tiny_llava):
 def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES, ["short?", QUESTIONS[1]],
-                                           do_resize=False, do_center_crop=False)
+    batch = loaded.family.generation_batch(loaded.processor, IMAGES, ["short?", QUESTIONS[1]], prepared=True)
     am = batch["attention_mask"]
     assert am[0, 0] == 0 and am[0, -1] == 1 and am[1].all()  # left padding
     assert "labels" not in batch or batch["labels"] is None
@@ -81,8 +80,7 @@ def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
 def test_image_span_comes_from_the_sequence(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], do_resize=False,
-                                           do_center_crop=False)
+    batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], prepared=True)
     span = loaded.family.image_span(loaded.model, batch["input_ids"][0])
     assert span.grid == (4, 4) and span.end - span.start == N_IMAGE
     with pytest.raises(ValueError, match="no image tokens"):
@@ -184,8 +182,8 @@ def test_run_eval_checks_pass_a_hub_id_and_stop_a_missing_folder(tmp_path):
 def test_an_adapter_from_another_demo_base_is_refused_before_any_base_is_built(tmp_path, monkeypatch):
     import json
 
+    from medvlm.demo import base as demo_base
     from medvlm.eval.evaluate import ModelEvalConfig, ModelEvalError, check_inputs
-    from medvlm.models import tiny
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -197,7 +195,7 @@ def test_an_adapter_from_another_demo_base_is_refused_before_any_base_is_built(t
     def no_build(*args, **kwargs):
         raise AssertionError("the base model was built just to be compared")
 
-    monkeypatch.setattr(tiny, "ensure_base_model", no_build)
+    monkeypatch.setattr(demo_base, "ensure_base_model", no_build)
     with pytest.raises(ModelEvalError) as err:
         check_inputs(ModelEvalConfig(model="demo:llava", adapter=str(adapter), output=str(tmp_path / "out")))
     assert "MEDVLM_HOME points elsewhere" in str(err.value) and "--model" in str(err.value)

@@ -23,8 +23,7 @@ def test_quantised_base_trains_its_lora_adapter(tiny_paligemma, bits):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     images = [np.full((64, 64, 3), v, np.uint8) for v in (20, 220)]
-    batch = loaded.family.train_batch(loaded.processor, images, ["Is there a lesion?"] * 2, ["yes", "no"],
-                                      do_resize=False)
+    batch = loaded.family.train_batch(loaded.processor, images, ["Is there a lesion?"] * 2, ["yes", "no"], prepared=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(3):

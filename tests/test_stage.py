@@ -152,7 +152,8 @@ def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_llava, tmp_pat
     assert main("stage2", _argv(tiny_llava, out, "--max_steps", "1",
                                 "--init_adapter", str(stage1_run / "adapter"))) == 2
     err = capsys.readouterr().err
-    assert "was trained on base model" in err and "model_name_or_path" in err
+    assert "was trained on a paligemma model" in err and "is a llava model" in err and "model_name_or_path" in err
+    assert "Loading weights" not in err  # refused before any weights load
     assert not (out / "manifest.json").exists()
 
 

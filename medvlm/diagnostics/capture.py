@@ -20,10 +20,11 @@ sequence length, ``D`` model width, ``d`` head width)::
 A tutorial on a tiny random PaliGemma (eager attention, 2 decoder layers)::
 
     >>> import numpy as np
-    >>> from medvlm.models.tiny import TinyConfig, build_tokenizer, build_tiny
+    >>> from medvlm.models.base import TinySizes
+    >>> from medvlm.models.tiny import build_tokenizer, build_tiny
     >>> from medvlm.models.registry import get_family
     >>> tok = build_tokenizer(["where is the lesion in the left lung"], 300)
-    >>> model, processor = build_tiny(TinyConfig(vision_layers=1, text_layers=2, patch_size=8), tok)
+    >>> model, processor = build_tiny("paligemma", TinySizes(vision_layers=1, text_layers=2, patch_size=8), tok)
     >>> model.set_attn_implementation("eager")
     >>> family = get_family("paligemma")
     >>> ex = prepare_example(model, processor, family, np.zeros((64, 64, 3), np.uint8), "where?")
@@ -47,55 +48,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvlm.models.base import IGNORE_INDEX, ImageSpan, ModelFamily
+from medvlm.models.base import EAGER_FIX, IGNORE_INDEX, AttentionNotEagerError, ImageSpan, ModelFamily
 from medvlm.utils.images import read_image
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("attn", "attn_mean", "resid_pre", "resid_post", "head_out", "v")
 Positions = int | str | Sequence[int] | None
-
-
-class AttentionNotEagerError(RuntimeError):
-    """The model's attention returns no weights (sdpa / flash); diagnostics need eager attention."""
-
-
-EAGER_FIX = ("load the model with attn_implementation='eager' (load_model_and_processor(..., "
-             "attn_implementation='eager')) or call model.set_attn_implementation('eager')")
-
-
-# -- structure found through the family seam ----------------------------------------------------
-def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
-    """The self-attention block of one decoder layer: ``self_attn``, else the child with an o_proj."""
-    attn = getattr(layer, "self_attn", None)
-    if attn is not None:
-        return attn
-    for child in layer.children():
-        if hasattr(child, "o_proj"):
-            return child
-    raise ValueError(f"no attention module with an o_proj in {type(layer).__name__}; "
-                     "the family adapter must expose standard decoder layers")
-
-
-def text_config(model: torch.nn.Module):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def head_layout(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(n_heads, n_kv_heads, head_dim) of the language model."""
-    tc = text_config(model)
-    n_heads = int(tc.num_attention_heads)
-    n_kv = int(getattr(tc, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // n_heads)
-    return n_heads, n_kv, head_dim
-
-
-def check_eager(model: torch.nn.Module) -> None:
-    impl = getattr(text_config(model), "_attn_implementation", None) or model.config._attn_implementation
-    if impl not in (None, "eager"):
-        raise AttentionNotEagerError(f"the language model uses attn_implementation={impl!r}, which returns no "
-                                     f"attention weights; {EAGER_FIX}")
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -127,14 +86,12 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
     With an answer the sequence is teacher-forced (the family's training batch) and the target
     positions are those predicting the answer tokens, end-of-sequence excluded.
     """
-    from medvlm.training.data import resize_only
-
     pil = read_image(image)
     if answer is None:
         batch = family.generation_batch(processor, [pil], [question])
     else:
         batch = family.train_batch(processor, [pil], [question], [answer])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in family.model_inputs(batch).items() if k != "labels"}
     ids = inputs["input_ids"][0]
     eos = processor.tokenizer.eos_token_id
     if answer is None:
@@ -145,10 +102,10 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
         if not keep:
             raise ValueError(f"answer {answer!r} produced no answer tokens for question {question!r}")
         positions, targets = [p - 1 for p in keep], [int(ids[p]) for p in keep]
-    check_length(model, int(ids.shape[0]))
-    span = family.image_span(model, ids)
-    return Example(to_model(model, inputs), positions, targets, resize_only(processor, [pil])[0], question,
-                   answer, span)
+    check_length(model, family, int(ids.shape[0]))
+    span = family.image_spans(model, inputs)[0]
+    return Example(to_model(model, inputs), positions, targets, family.prepare_images(processor, [pil])[0],
+                   question, answer, span)
 
 
 def to_model(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,22 +117,11 @@ def to_model(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict
                 else v.to(device)) for k, v in inputs.items()}
 
 
-def check_length(model: torch.nn.Module, seq_len: int) -> None:
-    limit = getattr(text_config(model), "max_position_embeddings", None)
-    if limit is not None and seq_len > int(limit):
+def check_length(model: torch.nn.Module, family: ModelFamily, seq_len: int) -> None:
+    limit = family.max_length(model)
+    if limit is not None and seq_len > limit:
         raise ValueError(f"the sequence has {seq_len} tokens but the language model's maximum length "
                          f"(max_position_embeddings) is {int(limit)}; shorten the question or answer")
-
-
-def _check_pixels(model: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
-    px = inputs.get("pixel_values")
-    if px is None:
-        return
-    vc = getattr(model.config, "vision_config", None)
-    size = getattr(vc, "image_size", None)
-    if px.ndim != 4 or px.shape[1] != 3 or (isinstance(size, int) and tuple(px.shape[-2:]) != (size, size)):
-        raise ValueError(f"pixel_values has shape {tuple(px.shape)}; expected [batch, 3, {size}, {size}] "
-                         "as the processor makes it (pass the image through prepare_example)")
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -302,16 +248,16 @@ def capture(
     then holds the i-th of these positions, sorted. Default: every position, as a plain forward.
     """
     if attention or attention_mean:
-        check_eager(model)
+        family.check_eager(model)
     if "input_ids" not in inputs:
         raise KeyError(f"inputs need 'input_ids'; found {sorted(inputs)}")
     input_ids = inputs["input_ids"]
     seq_len = int(input_ids.shape[-1])
-    check_length(model, seq_len)
-    _check_pixels(model, inputs)
-    spans = [family.image_span(model, row) for row in input_ids]
+    check_length(model, family, seq_len)
+    family.check_pixels(model, inputs)
+    spans = family.image_spans(model, inputs)
     blocks = family.decoder_layers(model)
-    n_heads, n_kv, head_dim = head_layout(model)
+    n_heads, n_kv, head_dim = family.head_layout(model)
     chosen = _resolve_layers(layers, len(blocks))
     head_idx = list(range(n_heads)) if heads is None else sorted({int(h) for h in heads})
     if any(not 0 <= h < n_heads for h in head_idx):
@@ -356,7 +302,7 @@ def capture(
     try:
         for layer, ks in wanted.items():
             block = blocks[layer]
-            attn = attention_module(block)
+            attn = family.attention_module(block)
             if "attn" in ks or "attn_mean" in ks:
                 handles.append(attn.register_forward_hook(on_attn(layer)))
             if "head_out" in ks:

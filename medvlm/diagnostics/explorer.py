@@ -41,7 +41,6 @@ from medvlm.diagnostics.capture import (
     Cache,
     Example,
     capture,
-    head_layout,
     prepare_example,
 )
 from medvlm.diagnostics.gradcam import gradcam
@@ -51,7 +50,16 @@ from medvlm.diagnostics.occlusion import occlusion
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
 from medvlm.diagnostics.probe import METHODS
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
-from medvlm.models.registry import LoadedModel
+from medvlm.eval.generate import generate_answers
+from medvlm.models.adapters import (
+    AdapterError,
+    adapter_folder,
+    adapter_record,
+    apply_adapter,
+    check_adapter,
+    family_of,
+)
+from medvlm.models.registry import LoadedModel, load_model_and_processor
 from medvlm.utils.images import WINDOW_PRESETS, is_dicom
 from medvlm.utils.images import read_image as read_any_image
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -84,20 +92,21 @@ class ExplorerModel:
             self._load_adapter(label, folder, first=i == 0)
         self.model.eval()
         self.n_layers = len(self.family.decoder_layers(self.model))
-        self.n_heads = head_layout(self.model)[0]
+        self.n_heads = self.family.head_layout(self.model)[0]
 
     def _load_adapter(self, label: str, folder: str, first: bool) -> None:
-        from peft import PeftModel
-
-        path = Path(folder)
-        if (path / "adapter" / "adapter_config.json").is_file():  # a stage folder of a medvlm run
-            path = path / "adapter"
-        if not (path / "adapter_config.json").is_file():
-            raise ExplorerError(f"adapter {folder}: no adapter_config.json; pass a LoRA adapter folder "
-                                "(e.g. runs/<run>/stage2/adapter) or a stage folder holding adapter/")
+        path = adapter_folder(folder)
+        try:
+            record = adapter_record(path)
+        except AdapterError as err:
+            raise ExplorerError(str(err)) from err
+        if record["merged_into_base"]:  # two named adapters share one base: it cannot hold a merged chain
+            raise ExplorerError(f"adapter {folder} is a checkpoint of a stage that merged "
+                                f"{record['merged_into_base'][0]} into its base; open that stage's final "
+                                "adapter (saved relative to the original base) instead")
         key = f"adapter{len(self.adapters)}"
         if first:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=key)
+            self.model = apply_adapter(self.model, path, name=key)
         else:
             self.model.load_adapter(str(path), adapter_name=key)
         self.adapters[label] = key
@@ -121,10 +130,6 @@ class ExplorerModel:
         self.model.set_adapter(self.adapters[variant])
         yield self.model
 
-    @property
-    def image_size(self) -> int:
-        return int(self.model.config.vision_config.image_size)
-
 
 def adapter_label(letter: str, folder: str | Path) -> str:
     """``"A: stage1"`` for ``runs/<run>/stage1/adapter`` or ``runs/<run>/stage1``."""
@@ -135,12 +140,15 @@ def adapter_label(letter: str, folder: str | Path) -> str:
 def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str = "auto") -> ExplorerModel:
     """Load ``model`` (hub id, folder or ``demo:<family>``) with eager attention and up to two
     adapters, labelled A and B. Raises :class:`ExplorerError` with the reason when it cannot."""
-    from medvlm.models.registry import load_model_and_processor
-
     if not model:
         raise ExplorerError("give a model: a hub id, a model folder or demo:llava / demo:paligemma")
     if len(adapters) > 2:
         raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
+    for folder in adapters:  # before any weights load
+        try:
+            check_adapter(folder, model, family_of(model))
+        except AdapterError as err:
+            raise ExplorerError(str(err)) from err
     try:
         loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True)
     except (OSError, ValueError, KeyError) as err:
@@ -263,8 +271,6 @@ def _token_table(model, processor, ex: Example, logits: torch.Tensor, k: int = 5
 
 
 def _generate(model, processor, family, image: Image.Image, question: str, max_new_tokens: int) -> str:
-    from medvlm.eval.generate import generate_answers
-
     return generate_answers(model, processor, family, [image], [question], batch_size=1,
                             max_new_tokens=max_new_tokens, resized=False, progress=False)[0]
 

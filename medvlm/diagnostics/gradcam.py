@@ -1,14 +1,15 @@
 """Grad-CAM on the vision tower (Selvaraju et al. 2017, "Grad-CAM: visual explanations from deep
 networks via gradient-based localization").
 
-The activations A [patches, channels] are the output of the vision tower's last encoder layer
-(what LLaVA's ``vision_feature_layer=-1`` and PaliGemma's projector read). The score is the summed
+The activations A [patches, channels] are the output of the vision layer the projector reads,
+named by the family (:meth:`~medvlm.models.base.ModelFamily.gradcam_layer`: PaliGemma's last
+SigLIP layer, LLaVA-1.5's penultimate CLIP layer, ``vision_feature_layer: -2``), mapped onto the
+image's token grid by the family (:meth:`~medvlm.models.base.ModelFamily.gradcam_map`). The score is the summed
 log-probability of the target tokens at their positions (the answer tokens when the example holds
 an answer, else the model's own prediction at the last position; the caller may pass token ids).
 Channel weights α_c = mean over patches of ∂score/∂A_pc; map = ReLU(Σ_c α_c A_pc) on the grid.
 
-When the tower emits extra tokens before the patches (CLIP's class token) the last rows*cols
-tokens are the patches. A map that ReLU zeroes entirely (no patch raises the score) is returned as
+A map that ReLU zeroes entirely (no patch raises the score) is returned as
 zeros; score it with care (``attention_quality`` rejects all-zero maps).
 """
 
@@ -19,19 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medvlm.diagnostics.capture import Example, _check_pixels, _first, check_length
+from medvlm.diagnostics.capture import Example, _first, check_length
 from medvlm.models.base import ModelFamily
-
-
-def vision_layers(model: torch.nn.Module, family: ModelFamily) -> torch.nn.ModuleList:
-    """The encoder layers of the vision tower: its longest ``ModuleList`` named ``*layers``."""
-    tower = family.get_part(model, "vision_tower")
-    found = [m for name, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList)
-             and name.split(".")[-1] == "layers"]
-    if not found:
-        raise ValueError(f"no encoder layers found in the vision tower {type(tower).__name__}; "
-                         "expected a ModuleList named 'layers'")
-    return max(found, key=len)
 
 
 def target_logprob(logits: torch.Tensor, positions: Sequence[int], target_ids: Sequence[int] | None
@@ -54,17 +44,17 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     """
     targets = target_ids if target_ids is not None or positions is not None else (example.target_ids or None)
     positions = list(positions) if positions is not None else example.target_positions
-    check_length(model, int(example.inputs["input_ids"].shape[-1]))
+    check_length(model, family, int(example.inputs["input_ids"].shape[-1]))
     if "pixel_values" not in example.inputs:
         raise KeyError(f"Grad-CAM needs 'pixel_values' in the inputs; found {sorted(example.inputs)}")
-    _check_pixels(model, example.inputs)
-    span = family.image_span(model, example.inputs["input_ids"][0])
+    family.check_pixels(model, example.inputs)
+    span = family.image_spans(model, example.inputs)[0]
     acts: list[torch.Tensor] = []
 
     def keep(module, args, output):
         acts.append(_first(output))
 
-    handle = vision_layers(model, family)[-1].register_forward_hook(keep)
+    handle = family.gradcam_layer(model).register_forward_hook(keep)
     was_training = model.training
     try:
         model.eval()
@@ -78,8 +68,5 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     finally:
         handle.remove()
         model.train(was_training)
-    n = span.grid[0] * span.grid[1]
-    a, g = acts[-1][0, -n:].detach().float(), grads[0, -n:].float()  # [N, C]
-    weights = g.mean(0)  # alpha_c
-    cam = torch.relu(a @ weights)
-    return cam.reshape(span.grid).double().cpu().numpy()
+    cam = family.gradcam_map(acts[-1].detach(), grads, span, example.inputs)
+    return cam.double().cpu().numpy()

@@ -24,20 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medvlm.diagnostics.capture import Cache, Example, capture, text_config
+from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
-
-
-def residual_to_logits(model: torch.nn.Module, family: ModelFamily, resid: torch.Tensor) -> torch.Tensor:
-    """Logits from residual vectors [..., D]: final norm, unembedding, and the final-logit
-    soft-capping (tanh(z / cap) · cap) when the text config sets it (Gemma 2)."""
-    head = family.unembed(model)
-    logits = head(family.final_norm(model)(resid.to(head.weight.dtype)))
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
 
 
 @dataclass
@@ -89,7 +78,7 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
         h = cache["resid_post", layer][0, span.start:span.end]
         tops, hits = [], []
         for i in range(0, h.shape[0], chunk):
-            p = torch.softmax(residual_to_logits(model, family, h[i:i + chunk]), -1)
+            p = torch.softmax(family.lens_logits(model, h[i:i + chunk]), -1)
             tops.append(p.topk(k, dim=-1))
             if target_id is not None:
                 hits.append(p[:, target_id])

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medvlm.diagnostics.capture import Cache, Example, attention_module, capture, head_layout
-from medvlm.diagnostics.logit_lens import residual_to_logits
+from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.models.base import ModelFamily
 
 
@@ -105,10 +104,10 @@ def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
 def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layer: int, query: int,
                        positions: Sequence[int]) -> torch.Tensor:
     """c for one layer: [heads, positions, D], from captured ``attn`` rows at ``query`` and ``v``."""
-    n_heads, _, head_dim = head_layout(model)
+    n_heads, _, head_dim = family.head_layout(model)
     a = cache["attn", layer][0][:, cache.query_index(query), list(positions)].float()  # [H, P]
     v = cache["v", layer][0][list(positions)].float()  # [P, H, d]
-    w_o = effective_weight(attention_module(family.decoder_layers(model)[layer]).o_proj)  # [D, H*d]
+    w_o = effective_weight(family.attention_module(family.decoder_layers(model)[layer]).o_proj)  # [D, H*d]
     w_o = w_o.unflatten(1, (n_heads, head_dim))[:, cache.heads]  # [D, H, d]
     return torch.einsum("hp,phd,Dhd->hpD", a, v, w_o)
 
@@ -157,7 +156,7 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
         contrib = layer_contributions(model, family, cache, layers_g, q, src)  # [g, H, P, D]
         h = torch.stack([cache["resid_pre", layer][0, q] for layer in layers_g]).float()  # [g, D]
         candidates = torch.cat([h, (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
-        logp = torch.cat([torch.log_softmax(residual_to_logits(model, family, candidates[i:i + chunk]), -1)
+        logp = torch.cat([torch.log_softmax(family.lens_logits(model, candidates[i:i + chunk]), -1)
                           [:, target_id] for i in range(0, candidates.shape[0], chunk)])
         bases.append(logp[:len(layers_g)])
         scores.append(logp[len(layers_g):].reshape(contrib.shape[:3]))
@@ -172,11 +171,11 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
 def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],
                         query: int, positions: Sequence[int]) -> torch.Tensor:
     """:func:`head_contributions` of several layers in one einsum: [layers, heads, positions, D]."""
-    n_heads, _, head_dim = head_layout(model)
+    n_heads, _, head_dim = family.head_layout(model)
     qi, pos = cache.query_index(query), list(positions)
     blocks = family.decoder_layers(model)
     a = torch.stack([cache["attn", layer][0][:, qi, pos] for layer in layers]).float()  # [L, H, P]
     v = torch.stack([cache["v", layer][0][pos] for layer in layers]).float()  # [L, P, H, d]
-    w_o = torch.stack([effective_weight(attention_module(blocks[layer]).o_proj) for layer in layers])  # [L, D, H*d]
+    w_o = torch.stack([effective_weight(family.attention_module(blocks[layer]).o_proj) for layer in layers])  # [L, D, H*d]
     w_o = w_o.unflatten(2, (n_heads, head_dim))[:, :, cache.heads]  # [L, D, H, d]
     return torch.einsum("lhp,lphd,lDhd->lhpD", a, v, w_o)

@@ -23,6 +23,9 @@ import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from medvlm.data_curation.spec import load_split
+from medvlm.models.adapters import AdapterError, adapter_record, load_with_adapter
+from medvlm.models.families import FAMILIES
 from medvlm.utils.hub import HUB_ID
 
 logger = logging.getLogger(__name__)
@@ -78,38 +81,24 @@ def adapter_base(stage_dir: str | Path, prefer_local: bool = False) -> str:
 
 
 def load_adapter_model(stage_dir: str | Path, model_name_or_path: str | None = None):
-    """Base model + the stage's final adapter (eager attention, eval mode) as a ``LoadedModel``.
-
-    When the stage merged a previous adapter into the base (``adapter_mode: merge``), that adapter
-    is merged first, as in training.
-    """
-    from peft import PeftModel
-
-    from medvlm.models.registry import LoadedModel, load_model_and_processor
-
+    """Base model + the stage's final adapter (eager attention, eval mode) as a ``LoadedModel``,
+    through the one loader (:func:`~medvlm.models.adapters.load_with_adapter`)."""
     stage_dir = Path(stage_dir)
-    loaded = load_model_and_processor(model_name_or_path or adapter_base(stage_dir, prefer_local=True),
-                                      dtype="auto", attn_implementation="eager", for_inference=True)
-    model, cfg = loaded.model, stage_config(stage_dir)
-    if cfg.get("init_adapter") and cfg.get("adapter_mode") == "merge":
-        model = PeftModel.from_pretrained(model, cfg["init_adapter"]).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(stage_dir / "adapter"))
-    return LoadedModel(model.eval(), loaded.processor, loaded.family)
+    return load_with_adapter(model_name_or_path or adapter_base(stage_dir, prefer_local=True), stage_dir / "adapter",
+                             dtype="auto", attn_implementation="eager", for_inference=True)
 
 
 def probe_records_for(stage_dir: str | Path, split: str = "validation"):
     """The records the stage evaluated on (its ``eval_dataset``), ``split`` else its ``eval_split``."""
-    from medvlm.training.arguments import DataArguments
-    from medvlm.training.stage import load_records
-
     stage_dir, cfg = Path(stage_dir), stage_config(stage_dir)
-    fields = {k: v for k, v in cfg.items() if k in DataArguments.__dataclass_fields__}
-    data_args = DataArguments(**fields)
+    kwargs = dict(question_types=cfg.get("eval_question_types") or None,
+                  phantom_patients=cfg.get("phantom_patients", 4000), phantom_seed=cfg.get("phantom_seed", 0),
+                  build_dir=stage_dir)
+    dataset = cfg.get("eval_dataset", "phantom")
     try:
-        return load_records(data_args.eval_dataset, split, data_args.eval_question_types, data_args, stage_dir)
+        return load_split(dataset, split, **kwargs)
     except ValueError:
-        return load_records(data_args.eval_dataset, data_args.eval_split, data_args.eval_question_types, data_args,
-                            stage_dir)
+        return load_split(dataset, cfg.get("eval_split", "test"), **kwargs)
 
 
 def compute_final_diagnostics(stage_dir: str | Path, *, max_examples: int = 8,
@@ -158,9 +147,14 @@ def build_model_card(run_dir: str | Path, report_md: str, metrics: dict, *, repo
     except FileNotFoundError:
         base = str(cfg.get("model_name_or_path") or "")
     hub_base = base if HUB_ID.match(base) else None
-    from medvlm.models.registry import FAMILIES
-
-    family = next((f for f in FAMILIES if f in base.lower()), "")
+    try:
+        record = adapter_record(run_dir / "adapter")
+    except AdapterError:
+        record = {}
+    family = record.get("family") or ""
+    load_from = record.get("resolved_path") if base.startswith("demo:") and record.get("resolved_path") else base
+    family = family or next((f for f in FAMILIES if f in base.lower()), "")
+    model_class = FAMILIES[family].model_class.__name__ if family in FAMILIES else "AutoModelForImageTextToText"
     train_data = _dataset_label(cfg.get("dataset"))
     eval_data = _dataset_label(cfg.get("eval_dataset"))
     split = cfg.get("eval_split")
@@ -177,10 +171,13 @@ def build_model_card(run_dir: str | Path, report_md: str, metrics: dict, *, repo
     if hub_base is None and base:
         lines += [f"The base model `{base}` is not a hub id (a local folder or the embedded demo model); load "
                   "the same base before attaching this adapter.", ""]
-    lines += ["## Use", "", "```python", "from peft import PeftModel",
-              "from medvlm.models.registry import load_model_and_processor", "",
-              f"loaded = load_model_and_processor({base!r})",
-              f"model = PeftModel.from_pretrained(loaded.model, {repo_id or 'ADAPTER_FOLDER'!r})", "```", "",
+    adapter = repo_id or "ADAPTER_FOLDER"
+    lines += ["## Use", "", "The adapter is relative to the base model itself (a stage that merged an earlier "
+              "adapter saved both as one), so plain transformers and PEFT reproduce the run:", "",
+              "```python", "from peft import PeftModel", f"from transformers import AutoProcessor, {model_class}", "",
+              f"base = {model_class}.from_pretrained({load_from!r})",
+              f"processor = AutoProcessor.from_pretrained({load_from!r})",
+              f"model = PeftModel.from_pretrained(base, {adapter!r})", "```", "",
               "## Training", ""]
     for key in ("lora_preset", "lora_r", "lora_alpha", "lora_towers", "learning_rate", "num_train_epochs",
                 "per_device_train_batch_size", "adapter_mode", "init_adapter", "seed"):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medvlm.diagnostics.capture import Example, _check_pixels, check_length
+from medvlm.diagnostics.capture import Example, check_length
 from medvlm.models.base import ModelFamily
 
 
@@ -52,9 +52,10 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     inputs = example.inputs
     if "pixel_values" not in inputs:
         raise KeyError(f"occlusion needs 'pixel_values' in the inputs; found {sorted(inputs)}")
-    check_length(model, int(inputs["input_ids"].shape[-1]))
-    _check_pixels(model, inputs)
-    rows, cols = (example.span or family.image_span(model, inputs["input_ids"][0])).grid
+    check_length(model, family, int(inputs["input_ids"].shape[-1]))
+    family.check_pixels(model, inputs)
+    span = example.span or family.image_spans(model, inputs)[0]
+    rows, cols = span.grid
     positions = list(positions) if positions is not None else example.target_positions
     seq_len = int(inputs["input_ids"].shape[-1])
     keep = torch.tensor([p % seq_len for p in positions], dtype=torch.long)  # logits only where scored
@@ -67,18 +68,11 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
         if target_ids is None:
             target_ids = example.target_ids or base_logits[0, rows_at].argmax(-1).tolist()
         base = float(_answer_score(base_logits, rows_at, target_ids)[0])
-        px = inputs["pixel_values"]
-        ph, pw = px.shape[-2] // rows, px.shape[-1] // cols
-        fill = px.mean(dim=(-2, -1), keepdim=True)  # [1, C, 1, 1]
         blocks = [(r, c) for r in range(0, rows, block) for c in range(0, cols, block)]
         drops = np.zeros((rows, cols))
         for start in range(0, len(blocks), batch_size):
             chunk = blocks[start:start + batch_size]
-            occluded = px.repeat(len(chunk), 1, 1, 1)
-            for i, (r, c) in enumerate(chunk):
-                occluded[i, :, r * ph:(r + block) * ph, c * pw:(c + block) * pw] = fill[0]
-            batch = {k: (occluded if k == "pixel_values" else v.expand(len(chunk), *v.shape[1:]))
-                     for k, v in inputs.items()}
+            batch = family.occluded_batch(inputs, span, chunk, block)
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
             scores = base - _answer_score(logits, rows_at, target_ids).double().cpu().numpy()
             for (r, c), drop in zip(chunk, scores, strict=True):

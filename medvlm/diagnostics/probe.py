@@ -45,7 +45,6 @@ from medvlm.diagnostics.capture import (
     Cache,
     Example,
     capture,
-    check_eager,
     prepare_example,
 )
 from medvlm.diagnostics.gradcam import gradcam
@@ -208,7 +207,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     mask = read_mask(rec["roi"])
     q = ex.target_positions[0]
     try:
-        check_eager(model)
+        family.check_eager(model)
         eager = True
     except AttentionNotEagerError as err:
         eager = False

@@ -27,7 +27,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from medvlm.diagnostics.capture import Example
-from medvlm.diagnostics.gradcam import gradcam, vision_layers
+from medvlm.diagnostics.gradcam import gradcam
 from medvlm.diagnostics.logprob import logprob_increase
 from medvlm.diagnostics.saliency import attention_rollout, raw_attention
 from medvlm.models.base import ModelFamily
@@ -62,7 +62,7 @@ def randomize_top_layers(model: torch.nn.Module, family: ModelFamily, top_k: int
     if tower in ("language", "both"):
         stacks.append(family.decoder_layers(clone))
     if tower in ("vision", "both"):
-        stacks.append(vision_layers(clone, family))
+        stacks.append(family.vision_layers(clone))
     for stack in stacks:
         if not 1 <= top_k <= len(stack):
             raise ValueError(f"top_k={top_k}; the {tower} tower has {len(stack)} layers")

@@ -25,12 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlm.data_curation.spec import load_split
 from medvlm.eval.consistency import DEFAULT_THRESHOLD
 from medvlm.eval.generate import generate_answers
 from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import paraphrase_robustness, score_records, to_jsonable
+from medvlm.models.adapters import AdapterError, check_adapter, family_of, load_with_adapter
+from medvlm.models.inputs import prepare_examples
 from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
 from medvlm.utils.io import write_jsonl as io_write_jsonl
@@ -101,8 +104,6 @@ class ModelEvalConfig:
 
 def check_inputs(cfg: ModelEvalConfig) -> None:
     """Fail fast, before loading anything, on a missing model folder or adapter."""
-    from medvlm.training.lora import AdapterError, check_adapter
-
     model = cfg.model
     if not model.startswith("demo:") and looks_like_missing_folder(model):
         raise ModelEvalError(f"model folder {model} does not exist; pass an existing folder holding "
@@ -112,10 +113,9 @@ def check_inputs(cfg: ModelEvalConfig) -> None:
                              "(save_pretrained output) or a hub id")
     if cfg.adapter:
         try:
-            check_adapter(cfg.adapter, cfg.model)
+            check_adapter(cfg.adapter, cfg.model, family_of(cfg.model), what="--adapter")
         except AdapterError as e:
-            raise ModelEvalError(str(e).replace("init_adapter", "--adapter")
-                                 .replace("model_name_or_path: ", "--model ")
+            raise ModelEvalError(str(e).replace("model_name_or_path: ", "--model ")
                                  .replace("model_name_or_path", "--model")) from e
     if cfg.judge_backend:
         try:
@@ -126,12 +126,8 @@ def check_inputs(cfg: ModelEvalConfig) -> None:
 
 def load_eval_records(cfg: ModelEvalConfig):
     """The records to evaluate (phantom, saved dataset or mix), the first ``max_samples`` of them."""
-    from medvlm.training.arguments import DataArguments
-    from medvlm.training.stage import load_records
-
-    data_args = DataArguments(dataset=cfg.dataset, phantom_patients=cfg.phantom_patients,
-                              phantom_seed=cfg.phantom_seed)
-    records = load_records(cfg.dataset, cfg.split, cfg.question_types, data_args, Path(cfg.output))
+    records = load_split(cfg.dataset, cfg.split, question_types=cfg.question_types,
+                         phantom_patients=cfg.phantom_patients, phantom_seed=cfg.phantom_seed, build_dir=cfg.output)
     if len(records) == 0:
         raise ModelEvalError(f"dataset {cfg.dataset} has no records in split {cfg.split!r}")
     if cfg.max_samples:
@@ -141,21 +137,12 @@ def load_eval_records(cfg: ModelEvalConfig):
 
 def load_model(cfg: ModelEvalConfig):
     """``LoadedModel`` with the adapter applied (merged into the weights: faster generation)."""
-    from medvlm.models.registry import load_model_and_processor
-
     try:
-        loaded = load_model_and_processor(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                          for_inference=True)
+        return load_with_adapter(cfg.model, cfg.adapter, merge=True, dtype=cfg.dtype,
+                                 attn_implementation=cfg.attn_implementation, for_inference=True)
     except OSError as e:  # transformers' "not a valid model identifier" and missing files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelEvalError(f"cannot load model {cfg.model!r}: {first}") from e
-    if cfg.adapter:
-        from peft import PeftModel
-
-        loaded.model = PeftModel.from_pretrained(loaded.model, cfg.adapter).merge_and_unload()
-        logger.info("applied adapter %s", cfg.adapter)
-    loaded.model.eval()
-    return loaded
 
 
 # Generation ------------------------------------------------------------------------------------
@@ -164,10 +151,8 @@ def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = Fals
     """Prediction rows for ``records``: greedy answers with ``latency_s``, plus ``samples`` (one
     ``generate`` per batch with ``num_return_sequences``) when ``sample``. Extra fields of the records
     (``group``, ``variant``) are kept."""
-    from medvlm.training.data import prepare_examples
-
-    examples = prepare_examples(records, loaded.processor)
-    images = [examples.images[i] for i in examples.image_index]
+    examples = prepare_examples(records, loaded.processor, loaded.family)
+    images = examples.images()
     common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     latencies: list[float] = []
     answers = generate_answers(loaded.model, loaded.processor, loaded.family, images, examples.questions,

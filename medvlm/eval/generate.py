@@ -1,4 +1,4 @@
-"""Batched generation for both families: left padding, KV cache, the image really passed.
+"""Batched generation for every family: left padding, KV cache, the image really passed.
 
 The prompt is stripped from the output by position (everything after the input length), and
 ``num_return_sequences`` gives several samples per question from one ``generate`` call (the
@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from medvlm.models.base import ModelFamily
-from medvlm.training.collator import NO_RESIZE
 
 
 @torch.inference_mode()
@@ -37,8 +36,8 @@ def generate_answers(
     progress: bool = True,
     latencies: list[float] | None = None,
 ) -> list[str] | list[list[str]]:
-    """Answers for ``questions`` about ``images`` (uint8 arrays at the model's resolution when
-    ``resized``, else any PIL/array image). One string per question, or a list of
+    """Answers for ``questions`` about ``images`` (prepared by the family when ``resized``:
+    :meth:`~medvlm.models.base.ModelFamily.prepare_images`; else any PIL/array image). One string per question, or a list of
     ``num_return_sequences`` strings when that is above 1.
 
     ``latencies``, when given a list, receives one number per question: the wall time of its
@@ -58,13 +57,12 @@ def generate_answers(
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         torch.manual_seed(seed)
     outputs: list = []
-    kwargs = NO_RESIZE if resized else {}
     starts = range(0, len(questions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress or None):
         t0 = time.perf_counter()
         batch = family.generation_batch(processor, list(images[start:start + batch_size]),
-                                        list(questions[start:start + batch_size]), **kwargs)
-        batch = {k: v.to(device) for k, v in batch.items()}
+                                        list(questions[start:start + batch_size]), prepared=resized)
+        batch = {k: v.to(device) for k, v in family.model_inputs(batch).items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         out = model.generate(**batch, **gen_kwargs)

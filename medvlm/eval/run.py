@@ -14,7 +14,7 @@ from pathlib import Path
 from medvlm.eval.generate import generate_answers
 from medvlm.eval.scoring import score_records
 from medvlm.models.base import ModelFamily
-from medvlm.training.data import PreparedExamples
+from medvlm.models.inputs import PreparedExamples
 from medvlm.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def evaluate_examples(
     progress: bool = True,
 ) -> dict:
     """Greedy answers for ``examples``, scored; writes ``{name}.jsonl`` into ``out_dir`` if given."""
-    images = [examples.images[i] for i in examples.image_index]
-    answers = generate_answers(model, processor, family, images, examples.questions, batch_size=batch_size,
+    answers = generate_answers(model, processor, family, examples.images(), examples.questions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress)
     rows = prediction_rows(records, answers)
     if out_dir is not None:

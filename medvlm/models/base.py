@@ -1,8 +1,25 @@
 """The model-family seam: everything model-specific sits behind :class:`ModelFamily`.
 
-Training, eval and diagnostics call these methods and never branch on the family. Adding a
-family (MedGemma, Qwen2-VL ...) means one new file that subclasses ``ModelFamily`` and one line
-in :mod:`medvlm.models.registry`.
+Training, eval and diagnostics call these methods and never branch on the family or guess the
+model's structure. Adding a family (MedGemma, Qwen2.5-VL ...) is one new file that subclasses
+``ModelFamily``, plus one line in :mod:`medvlm.models.families`; the family contract test
+(``tests/test_family_contract.py``) then runs over it.
+
+What a family says about its models:
+
+- **inputs**: how images are prepared once for its processor (:meth:`prepare_images`, a fixed
+  resolution by default) and fingerprinted for the on-disk cache (:meth:`image_settings`); how a
+  training batch is built and which labels are masked (:meth:`train_batch`); how a generation
+  batch is built (:meth:`generation_batch`, left-padded); where the image tokens are and their
+  grid, read from the actual inputs (:meth:`image_spans`);
+- **structure**: the decoder layers, each layer's attention module, the head layout, the final
+  norm, the unembedding with any logit soft-capping (:meth:`lens_logits`), whether attention
+  weights are returned (:meth:`check_eager`), the vision layer the projector reads and the token
+  grid Grad-CAM maps onto (:meth:`gradcam_layer`, :meth:`gradcam_map`);
+- **LoRA**: target names per tower and per preset (:attr:`lora_presets`), parameters LoRA cannot
+  reach (:meth:`bare_parameters`), and which tower a parameter belongs to;
+- **the embedded default**: a tiny model of the real class with its real processor class
+  (:meth:`tiny_model`).
 
 Canonical parts (names used across medvlm), each a dotted path in the HF module tree::
 
@@ -15,19 +32,23 @@ Canonical parts (names used across medvlm), each a dotted path in the HF module 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 IGNORE_INDEX = -100
+TOWERS = ("vision", "projector", "language")
 
-#: LoRA target names per tower, per preset. "paper" reproduces the seed paper's list (q, k, v, o,
-#: up, down projections on both towers): on SigLIP/CLIP only q/k/v match, since their attention
-#: output is ``out_proj`` and their MLP is ``fc1``/``fc2``. "full" adds those so the vision tower is
-#: covered fully, and the projector's linear layers.
-LORA_PRESETS: dict[str, dict[str, Any]] = {
+#: SigLIP / CLIP vision towers and Llama / Gemma decoders: the LoRA target names per tower, per
+#: preset. "paper" reproduces the seed paper's list (q, k, v, o, up, down projections on both
+#: towers): on SigLIP/CLIP only q/k/v match, since their attention output is ``out_proj`` and their
+#: MLP is ``fc1``/``fc2``. "full" adds those so the vision tower is covered fully, and the
+#: projector's linear layers. A family whose modules are named otherwise sets its own.
+SIGLIP_LLAMA_LORA_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "r": 12, "alpha": 32,
         "names": {"vision": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
@@ -42,16 +63,53 @@ LORA_PRESETS: dict[str, dict[str, Any]] = {
                                "down_proj"]},
     },
 }
-TOWERS = ("vision", "projector", "language")
+
+#: Processor keywords for images that :meth:`ModelFamily.prepare_images` already brought to the
+#: model's input resolution: only rescaling and normalisation remain.
+PREPARED = {"do_resize": False, "do_center_crop": False}
+
+
+class AttentionNotEagerError(RuntimeError):
+    """The model's attention returns no weights (sdpa / flash); diagnostics need eager attention."""
+
+
+EAGER_FIX = ("load the model with attn_implementation='eager' (load_model_and_processor(..., "
+             "attn_implementation='eager')) or call model.set_attn_implementation('eager')")
 
 
 @dataclass
 class ImageSpan:
-    """Where the image tokens sit in one sequence, and their grid (rows, cols)."""
+    """Where one image's tokens sit in one sequence, and their grid (rows, cols)."""
 
     start: int
     end: int  # exclusive
     grid: tuple[int, int]
+
+
+@dataclass
+class TinySizes:
+    """Widths, depths and resolution of a tiny model of a family (tests, the embedded demo)."""
+
+    image_size: int = 64
+    patch_size: int = 16
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    seed: int = 0
+
+
+def text_config(model: torch.nn.Module):
+    """The language model's config (the composite config's text part)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class ModelFamily:
@@ -59,6 +117,8 @@ class ModelFamily:
 
     name: str = ""
     model_class: type[PreTrainedModel]
+    #: ``model_type`` values of ``config.json`` this family handles
+    model_types: tuple[str, ...] = ()
     #: dotted module paths of the canonical parts (see module docstring)
     parts: dict[str, str] = {
         "vision_tower": "model.vision_tower",
@@ -66,22 +126,111 @@ class ModelFamily:
         "language_model": "model.language_model",
         "lm_head": "lm_head",
     }
+    lora_presets: dict[str, dict[str, Any]] = SIGLIP_LLAMA_LORA_PRESETS
 
     # -- inputs ---------------------------------------------------------------------------------
     def train_batch(self, processor: ProcessorMixin, images: list, questions: list[str],
-                    answers: list[str], **kwargs) -> BatchFeature:
-        """Tokenised training batch with ``labels`` (IGNORE_INDEX on image, prompt, padding)."""
+                    answers: list[str], *, prepared: bool = False) -> BatchFeature:
+        """Right-padded training batch with ``labels`` (IGNORE_INDEX on image, prompt, padding).
+        ``prepared``: the images come from :meth:`prepare_images` (no resizing left to do)."""
         raise NotImplementedError
 
-    def generation_batch(self, processor: ProcessorMixin, images: list, questions: list[str],
-                         **kwargs) -> BatchFeature:
+    def generation_batch(self, processor: ProcessorMixin, images: list, questions: list[str], *,
+                         prepared: bool = False) -> BatchFeature:
         """Left-padded generation batch ending where the answer starts."""
         raise NotImplementedError
 
+    def processor_kwargs(self, prepared: bool) -> dict[str, Any]:
+        """Extra processor keywords for images already prepared by :meth:`prepare_images`."""
+        return dict(PREPARED) if prepared else {}
+
+    def prepare_images(self, processor: ProcessorMixin, images: Sequence[Any]) -> list[np.ndarray]:
+        """Each PIL image resized (and cropped) the way the processor would, without rescaling or
+        normalising: uint8 HxWx3 arrays at the model's input resolution. Done once per image (the
+        on-disk image cache holds them), so a training step only rescales and normalises."""
+        out = processor.image_processor(list(images), do_rescale=False, do_normalize=False,
+                                        return_tensors="np")["pixel_values"]
+        arr = np.asarray(out)
+        if arr.shape[1] == 3:  # channels first → last
+            arr = arr.transpose(0, 2, 3, 1)
+        return list(np.clip(arr.round(), 0, 255).astype(np.uint8))
+
+    def image_settings(self, processor: ProcessorMixin) -> dict[str, Any]:
+        """What decides the prepared form of an image (the image cache's fingerprint)."""
+        settings = processor.image_processor.to_dict()
+        return {k: v for k, v in settings.items() if not k.startswith("image_") and k != "processor_class"}
+
+    def input_size(self, model: torch.nn.Module) -> tuple[int, int] | None:
+        """(height, width) in pixels of a prepared image, or None when it varies per image."""
+        size = int(model.config.vision_config.image_size)
+        return size, size
+
+    def image_grid(self, model: torch.nn.Module) -> tuple[int, int]:
+        """Token grid of one image for fixed-resolution families, from the vision config."""
+        vc = model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def image_token_id(self, model: torch.nn.Module) -> int:
+        cfg = model.config
+        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+
+    def image_spans(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[ImageSpan]:
+        """The image-token span of each sequence of a batch (one image per sequence), its grid
+        read from the inputs; raises when a sequence holds no image or a broken span."""
+        return [self.image_span(model, row, inputs, i) for i, row in enumerate(inputs["input_ids"])]
+
+    def image_span(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                   inputs: Mapping[str, torch.Tensor] | None = None, row: int = 0) -> ImageSpan:
+        """Image-token span in one sequence (1-D ids), checked against the grid."""
+        pos = (input_ids == self.image_token_id(model)).nonzero().flatten()
+        if pos.numel() == 0:
+            raise ValueError("the sequence holds no image tokens; pass the image through the processor")
+        start, end = int(pos[0]), int(pos[-1]) + 1
+        rows, cols = self.span_grid(model, inputs, row)
+        if end - start != rows * cols or pos.numel() != rows * cols:
+            raise ValueError(f"found {pos.numel()} image tokens at {start}..{end}, expected a contiguous "
+                             f"{rows}x{cols} grid")
+        return ImageSpan(start, end, (rows, cols))
+
+    def span_grid(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] | None,
+                  row: int) -> tuple[int, int]:
+        """The token grid of the image of batch row ``row`` (fixed families: the config's grid)."""
+        return self.image_grid(model)
+
+    def check_pixels(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
+        """Pixel values shaped as this family's processor makes them."""
+        px = inputs.get("pixel_values")
+        if px is None:
+            return
+        size = self.input_size(model)
+        if px.ndim != 4 or px.shape[1] != 3 or (size is not None and tuple(px.shape[-2:]) != size):
+            want = f"[batch, 3, {size[0]}, {size[1]}]" if size else "[batch, 3, H, W]"
+            raise ValueError(f"pixel_values has shape {tuple(px.shape)}; expected {want} as the processor makes "
+                             "it (pass the image through prepare_example)")
+
+    def occluded_batch(self, inputs: Mapping[str, torch.Tensor], span: ImageSpan,
+                       cells: Sequence[tuple[int, int]], block: int) -> dict[str, torch.Tensor]:
+        """``len(cells)`` copies of a one-example batch, copy i with the ``block``×``block`` cells
+        from ``cells[i]`` (row, col of the token grid) replaced by the image's per-channel mean in
+        the processor's normalised space (occlusion saliency)."""
+        px = inputs["pixel_values"]
+        rows, cols = span.grid
+        ph, pw = px.shape[-2] // rows, px.shape[-1] // cols
+        fill = px.mean(dim=(-2, -1), keepdim=True)[0]  # [C, 1, 1]
+        occluded = px.repeat(len(cells), 1, 1, 1)
+        for i, (r, c) in enumerate(cells):
+            occluded[i, :, r * ph:(r + block) * ph, c * pw:(c + block) * pw] = fill
+        return {k: (occluded if k == "pixel_values" else v.expand(len(cells), *v.shape[1:]))
+                for k, v in inputs.items()}
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The processor's outputs that the model's forward takes (labels kept when present)."""
+        return {k: v for k, v in batch.items() if k not in ("num_crops",)}
+
     # -- structure ------------------------------------------------------------------------------
     def get_part(self, model: torch.nn.Module, part: str) -> torch.nn.Module:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        obj = base
+        obj = unwrap(model)
         for attr in self.parts[part].split("."):
             obj = getattr(obj, attr)
         return obj
@@ -89,36 +238,75 @@ class ModelFamily:
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return self.get_part(model, "language_model").layers
 
+    def attention_module(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The self-attention block of one decoder layer (its ``o_proj`` takes the heads' outputs,
+        its forward returns ``(output, weights)``)."""
+        return layer.self_attn
+
+    def head_layout(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """(n_heads, n_kv_heads, head_dim) of the language model."""
+        tc = text_config(model)
+        n_heads = int(tc.num_attention_heads)
+        n_kv = int(getattr(tc, "num_key_value_heads", None) or n_heads)
+        head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // n_heads)
+        return n_heads, n_kv, head_dim
+
+    def max_length(self, model: torch.nn.Module) -> int | None:
+        limit = getattr(text_config(model), "max_position_embeddings", None)
+        return None if limit is None else int(limit)
+
+    def check_eager(self, model: torch.nn.Module) -> None:
+        """Raise :class:`AttentionNotEagerError` unless the language model returns attention weights."""
+        base = unwrap(model)
+        impl = getattr(text_config(base), "_attn_implementation", None) or base.config._attn_implementation
+        if impl not in (None, "eager"):
+            raise AttentionNotEagerError(f"the language model uses attn_implementation={impl!r}, which returns "
+                                         f"no attention weights; {EAGER_FIX}")
+
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.get_part(model, "language_model").norm
 
     def unembed(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.get_part(model, "lm_head")
 
-    def image_token_id(self, model: torch.nn.Module) -> int:
-        cfg = model.config
-        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+    def logit_softcap(self, model: torch.nn.Module) -> float | None:
+        """The final-logit soft-capping of the config (Gemma 2: tanh(z / cap) · cap), or None."""
+        cap = getattr(text_config(model), "final_logit_softcapping", None)
+        return float(cap) if cap else None
 
-    def image_grid(self, model: torch.nn.Module) -> tuple[int, int]:
-        """Patch grid of one image, from the vision config (not a hard-coded 24x24)."""
-        vc = model.config.vision_config
-        side = vc.image_size // vc.patch_size
-        return side, side
+    def lens_logits(self, model: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) the model would give residual vectors [..., D]: final norm, unembedding
+        and the final-logit soft-capping when the config sets it, as the model's own head does."""
+        head = self.unembed(model)
+        logits = head(self.final_norm(model)(resid.to(head.weight.dtype)))
+        cap = self.logit_softcap(model)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
-    def image_span(self, model: torch.nn.Module, input_ids: torch.Tensor) -> ImageSpan:
-        """Image-token span in one sequence (1-D ids), checked against the grid."""
-        pos = (input_ids == self.image_token_id(model)).nonzero().flatten()
-        if pos.numel() == 0:
-            raise ValueError("the sequence holds no image tokens; pass the image through the processor")
-        start, end = int(pos[0]), int(pos[-1]) + 1
-        rows, cols = self.image_grid(model)
-        if end - start != rows * cols or pos.numel() != rows * cols:
-            raise ValueError(f"found {pos.numel()} image tokens at {start}..{end}, expected a contiguous "
-                             f"{rows}x{cols} grid from the vision config")
-        return ImageSpan(start, end, (rows, cols))
+    def vision_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        """The encoder layers of the vision tower."""
+        return self.get_part(model, "vision_tower").encoder.layers
+
+    def vision_feature_layer(self, model: torch.nn.Module) -> int:
+        """Index into :meth:`vision_layers` of the layer whose output the projector reads."""
+        return -1
+
+    def gradcam_layer(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision layer Grad-CAM hooks: the one whose output the projector reads."""
+        return self.vision_layers(model)[self.vision_feature_layer(model)]
+
+    def gradcam_map(self, acts: torch.Tensor, grads: torch.Tensor, span: ImageSpan,
+                    inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Grad-CAM on the span's grid from the hooked layer's output and its gradient
+        ([batch, tokens, C] each): α_c = mean over patches of the gradient, map = ReLU(Σ_c α_c A).
+        Default: the last rows·cols tokens are the patches (CLIP's class token comes first)."""
+        n = span.grid[0] * span.grid[1]
+        a, g = acts[0, -n:].float(), grads[0, -n:].float()
+        return torch.relu(a @ g.mean(0)).reshape(span.grid)
 
     # -- LoRA -----------------------------------------------------------------------------------
-    def lora_target_regex(self, towers: list[str] | tuple[str, ...], names: dict[str, list[str]]) -> str:
+    def lora_target_regex(self, towers: Sequence[str], names: dict[str, list[str]]) -> str:
         """A regex that peft full-matches against module names, one alternative per tower."""
         unknown = set(towers) - set(TOWERS)
         if unknown:
@@ -135,6 +323,12 @@ class ModelFamily:
             raise ValueError(f"no LoRA target names for towers {list(towers)}")
         return rf"^(?:base_model\.model\.)?(?:{'|'.join(alts)})$"
 
+    def bare_parameters(self) -> dict[str, tuple[str, str]]:
+        """Modules whose parameters no LoRA target can reach (a projector that is a bare weight):
+        ``{module name: (tower, why)}``. When ``lora_towers`` names the tower, the module is trained
+        fully instead (peft's ``modules_to_save``)."""
+        return {}
+
     def tower_of(self, param_name: str) -> str:
         """Which tower a parameter belongs to (for per-tower trainable counts)."""
         for tower, part in (("vision", "vision_tower"), ("projector", "projector"),
@@ -142,3 +336,9 @@ class ModelFamily:
             if f"{self.parts[part]}." in param_name or param_name.startswith(self.parts[part]):
                 return tower
         return "other"
+
+    # -- the embedded default -------------------------------------------------------------------
+    def tiny_model(self, sizes: TinySizes, tokenizer) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """A tiny model of the family's real class with random weights and its real processor
+        class, the tokenizer given (built locally), at ``sizes``."""
+        raise NotImplementedError

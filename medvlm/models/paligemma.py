@@ -11,40 +11,65 @@ HF module tree (transformers 5)::
 
 Inputs are built by the processor itself: ``suffix=`` gives ``token_type_ids`` (0 on image and
 prompt, which PaliGemma attends to bidirectionally as a prefix-LM; 1 on the answer) and the EOS.
+An image is ``(image_size / patch_size)²`` tokens (1,024 for the 448-pixel checkpoints), one per
+SigLIP patch, in row-major order.
 """
 
 from __future__ import annotations
 
-from transformers import BatchFeature, PaliGemmaForConditionalGeneration, ProcessorMixin
+from transformers import (
+    BatchFeature,
+    GemmaConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
 
-from medvlm.models.base import IGNORE_INDEX, ModelFamily
+from medvlm.models.base import IGNORE_INDEX, ModelFamily, TinySizes
 
 
 class PaliGemmaFamily(ModelFamily):
     name = "paligemma"
     model_class = PaliGemmaForConditionalGeneration
+    model_types = ("paligemma",)
     #: PaliGemma's task prefix for question answering (big_vision convention)
     prompt_template = "answer en {question}"
 
-    def _prompts(self, processor: ProcessorMixin, questions: list[str]) -> list[str]:
+    def _prompts(self, processor, questions: list[str]) -> list[str]:
         return [processor.image_token + self.prompt_template.format(question=q) for q in questions]
 
-    def train_batch(self, processor, images, questions, answers, **kwargs) -> BatchFeature:
-        processor.tokenizer.padding_side = "right"
+    def train_batch(self, processor, images, questions, answers, *, prepared: bool = False) -> BatchFeature:
         batch = processor(images=images, text=self._prompts(processor, questions), suffix=answers,
-                          padding="longest", return_tensors="pt", **kwargs)
+                          padding="longest", padding_side="right", return_tensors="pt",
+                          **self.processor_kwargs(prepared))
         labels = batch["input_ids"].clone()
         labels[batch["token_type_ids"] == 0] = IGNORE_INDEX  # image tokens, <bos>, prompt, "\n"
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX  # padding
         batch["labels"] = labels
         return batch
 
-    def generation_batch(self, processor, images, questions, **kwargs) -> BatchFeature:
-        processor.tokenizer.padding_side = "left"
-        try:
-            batch = processor(images=images, text=self._prompts(processor, questions), padding="longest",
-                              return_tensors="pt", **kwargs)
-            batch.pop("labels", None)  # the processor adds all-ignored labels; generate must not see them
-            return batch
-        finally:
-            processor.tokenizer.padding_side = "right"
+    def generation_batch(self, processor, images, questions, *, prepared: bool = False) -> BatchFeature:
+        batch = processor(images=images, text=self._prompts(processor, questions), padding="longest",
+                          padding_side="left", return_tensors="pt", **self.processor_kwargs(prepared))
+        batch.pop("labels", None)  # the processor adds all-ignored labels; generate must not see them
+        return batch
+
+    def tiny_model(self, sizes: TinySizes, tokenizer):
+        size = {"height": sizes.image_size, "width": sizes.image_size}
+        image_processor = SiglipImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor.image_seq_length = (sizes.image_size // sizes.patch_size) ** 2
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        vocab = len(processor.tokenizer)
+        vision = SiglipVisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=2 * sizes.vision_hidden,
+                                    num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                                    image_size=sizes.image_size, patch_size=sizes.patch_size, vision_use_head=False)
+        text = GemmaConfig(hidden_size=sizes.text_hidden, intermediate_size=2 * sizes.text_hidden,
+                           num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
+                           num_key_value_heads=sizes.text_heads, head_dim=sizes.text_hidden // sizes.text_heads,
+                           vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                                 vocab_size=vocab, projection_dim=sizes.text_hidden, hidden_size=sizes.text_hidden)
+        return PaliGemmaForConditionalGeneration(config), processor

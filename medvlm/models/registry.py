@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
 from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
+from medvlm.models.tiny import DEMO_SCHEME, demo_model_dir
 from medvlm.utils.hub import looks_like_hub_id, looks_like_missing_folder
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,10 @@ class LoadedModel:
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
-    """``demo:<family>`` names the embedded tiny base model (built and cached on first use)."""
-    if model_name_or_path.startswith("demo:"):
-        from medvlm.models.tiny import ensure_base_model
-
-        return str(ensure_base_model(model_name_or_path.split(":", 1)[1]))
+    """``demo:<family>`` names the embedded demo base of a family (the folder it was last built in,
+    see :mod:`medvlm.models.tiny`); anything else is returned as given."""
+    if model_name_or_path.startswith(DEMO_SCHEME):
+        return str(demo_model_dir(model_name_or_path))
     return model_name_or_path
 
 
@@ -72,7 +72,7 @@ def load_model_and_processor(
     attn_implementation: str | None = "eager",
     for_inference: bool = False,
 ) -> LoadedModel:
-    """Load a PaliGemma or LLaVA-style model and its processor.
+    """Load a model of a registered family and its processor.
 
     ``attn_implementation="eager"`` is the default because diagnostics need attention weights
     (sdpa returns none); pass ``"sdpa"`` for faster training when no diagnostics run.

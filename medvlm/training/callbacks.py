@@ -9,6 +9,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medvlm.eval.generate import generate_answers
+from medvlm.eval.metrics import is_correct
+from medvlm.eval.run import prediction_rows, write_metrics
+from medvlm.eval.scoring import score_records
+from medvlm.models.adapters import write_record
 from medvlm.utils.io import to_jsonable, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,20 @@ def _active_wandb():
     return wandb if getattr(wandb, "run", None) is not None else None
 
 
+class AdapterRecordCallback(TrainerCallback):
+    """Writes ``medvlm_adapter.json`` (the base, the family, adapters merged into the base) into every
+    checkpoint, so a checkpoint's adapter loads with :func:`~medvlm.models.adapters.load_with_adapter`
+    like a final one."""
+
+    def __init__(self, base_model: str, family: str, merged_into_base: Sequence[str] = ()):
+        self.base_model, self.family, self.merged = base_model, family, list(merged_into_base)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.base_model, self.family,
+                         self.merged)
+
+
 class CheckpointEvalCallback(TrainerCallback):
     """At each save, evaluate ``examples`` (a fixed validation subset) into ``checkpoint-N/metrics.json``
     (and its raw answers into ``checkpoint-N/eval_predictions.jsonl``).
@@ -74,12 +93,8 @@ class CheckpointEvalCallback(TrainerCallback):
 
     def evaluate(self, model, folder: Path, step: int) -> tuple[dict, list[dict]]:
         """Answer the subset with ``model``; write predictions and metrics into ``folder``."""
-        from medvlm.eval.generate import generate_answers
-        from medvlm.eval.run import prediction_rows, write_metrics
-        from medvlm.eval.scoring import score_records
-
         ex = self.examples
-        images = [ex.images[ex.image_index[i]] for i in range(self.n)]
+        images = [ex.image(i) for i in range(self.n)]
         answers = generate_answers(model, self.processor, self.family, images, ex.questions[:self.n],
                                    batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, progress=False)
         records = [self.records[i] for i in range(self.n)]
@@ -92,14 +107,12 @@ class CheckpointEvalCallback(TrainerCallback):
 
     def log_wandb(self, wandb, metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], step: int) -> None:
         """Scalars and a table of sample predictions (with images) to the active W&B run."""
-        from medvlm.eval.metrics import is_correct
-
         table = wandb.Table(columns=["step", "id", "image", "question", "answer", "prediction", "correct",
                                      "answer_type", "qtype"])
         ex = self.examples
         for i, row in enumerate(rows[:self.table_rows]):
             correct = is_correct(row["prediction"], row["answer"], row) if row["answer_type"] == "closed" else None
-            table.add_data(step, row["id"], wandb.Image(ex.images[ex.image_index[i]], caption=row["id"]),
+            table.add_data(step, row["id"], wandb.Image(ex.image(i), caption=row["id"]),
                            row["question"], row["answer"], row["prediction"], correct, row["answer_type"],
                            row.get("qtype", ""))
         wandb.log({**checkpoint_scalars(metrics, self.prefix), f"{self.prefix}/predictions": table,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from medvlm.config import ConfigError, parse_config
+from medvlm.models.adapters import AdapterError
 from medvlm.training.arguments import DataArguments, LoraArguments, ModelArguments, StageArguments
 
 CONFIG_TYPES = (ModelArguments, DataArguments, LoraArguments, StageArguments)
@@ -22,9 +23,12 @@ def parse_stage_config(argv: Sequence[str] | None = None, stage: str | None = No
     return model_args, data_args, lora_args, args
 
 
-def main(stage: str, argv: Sequence[str] | None = None) -> int:
+def main(stage: str, argv: Sequence[str] | None = None,
+         prepare_model: Callable[[str], object] | None = None) -> int:
+    """Parse the config, run the stage, print the result; exit code 2 on a user error.
+    ``prepare_model(model_name_or_path)`` runs before the model loads (the recipes pass
+    :func:`medvlm.demo.ensure_demo_model`, which builds a ``demo:<family>`` base on first use)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from medvlm.training.lora import AdapterError
     from medvlm.training.stage import run_stage
 
     try:
@@ -32,6 +36,8 @@ def main(stage: str, argv: Sequence[str] | None = None) -> int:
         if stage == "stage2" and not lora_args.init_adapter:
             raise ConfigError("stage 2 starts from a stage-1 adapter: set init_adapter (e.g. "
                               "--init_adapter runs/demo/stage1/adapter)")
+        if prepare_model is not None:
+            prepare_model(model_args.model_name_or_path)
         metrics = run_stage(model_args, data_args, lora_args, args)
     except (*USER_ERRORS, AdapterError) as err:
         print(f"error: {err}", file=sys.stderr)

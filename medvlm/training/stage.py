@@ -19,46 +19,30 @@ import shutil
 import time
 from pathlib import Path
 
-import datasets
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from medvlm.config import ConfigError, to_yaml
-from medvlm.data_curation.phantom import PhantomConfig, load_phantom
+from medvlm.data_curation.spec import load_split
+from medvlm.diagnostics.callback import DiagnosticsCallback
+from medvlm.eval.metrics import UnknownMetricError, get_metric
+from medvlm.eval.run import evaluate_examples, write_metrics
+from medvlm.models.adapters import check_adapter, concat_adapters, family_of, write_record
+from medvlm.models.inputs import VLMCollator, prepare_examples
 from medvlm.models.registry import load_model_and_processor
 from medvlm.training.arguments import DataArguments, LoraArguments, ModelArguments, StageArguments
-from medvlm.training.callbacks import CheckpointEvalCallback
-from medvlm.training.collator import VLMCollator
-from medvlm.training.data import prepare_examples
+from medvlm.training.callbacks import AdapterRecordCallback, CheckpointEvalCallback
 from medvlm.training.lora import attach_lora, log_trainable
 from medvlm.training.trainer import MedVLMTrainer
-from medvlm.utils.io import atomic_write_json, atomic_write_text, hash_rows, write_manifest
+from medvlm.utils.io import atomic_write_text, hash_rows, write_manifest
 
 logger = logging.getLogger(__name__)
 
 
-def load_records(source: str, split: str, question_types, data_args: DataArguments,
-                 run_dir: Path) -> datasets.Dataset:
-    """Unified records for one split from 'phantom', a saved dataset folder, or a mix YAML."""
-    if source == "phantom":
-        cfg = PhantomConfig(n_patients=data_args.phantom_patients, seed=data_args.phantom_seed)
-        return load_phantom(cfg, kind="qa", split=split, qtypes=question_types or None)
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml"):
-        from medvlm.data_curation.mixing import build_mix
-
-        path = build_mix(path, run_dir / f"mix-{path.stem}")
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {source} does not exist; use 'phantom', a folder written by "
-                                "data_curation/build_mix.py or Dataset.save_to_disk, or a mix YAML")
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"dataset {source} has splits {list(ds)}, not {split!r}")
-        return ds[split]
-    if "split" in ds.column_names and split in set(ds["split"]):
-        return ds.filter(lambda s: s == split, input_columns="split")
-    return ds
+def load_records(source: str, split: str, question_types, data_args: DataArguments, run_dir: Path):
+    """Unified records of one split, as the config names the dataset (see :func:`load_split`)."""
+    return load_split(source, split, question_types=question_types, phantom_patients=data_args.phantom_patients,
+                      phantom_seed=data_args.phantom_seed, build_dir=run_dir)
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
@@ -108,8 +92,6 @@ def _setup_reporting(args: StageArguments) -> None:
 def metric_list(names: str, answer_type: str) -> list[str] | None:
     """Comma-separated metric names checked against the registry now, not at the first save
     (an unknown name raises with a did-you-mean); empty means all registered metrics."""
-    from medvlm.eval.metrics import UnknownMetricError, get_metric
-
     chosen = [n.strip() for n in (names or "").split(",") if n.strip()]
     for name in chosen:
         try:
@@ -137,6 +119,9 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         eval_records = eval_records.select(range(min(data_args.max_eval_samples, len(eval_records))))
 
     # Load model --------------------------------------------------------------------------------
+    if lora_args.init_adapter:  # a wrong adapter is refused before any weights load
+        check_adapter(lora_args.init_adapter, model_args.model_name_or_path,
+                      family_of(model_args.model_name_or_path), what="init_adapter")
     loaded = load_model_and_processor(model_args.model_name_or_path, dtype=model_args.dtype,
                                       quantization_bits=model_args.quantization_bits,
                                       attn_implementation=model_args.attn_implementation)
@@ -145,13 +130,14 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
                         quantized=model_args.quantization_bits is not None,
                         gradient_checkpointing=args.gradient_checkpointing)
     trainable = log_trainable(model, family)
-    train_examples = prepare_examples(train_records, processor)
-    eval_examples = prepare_examples(eval_records, processor)
+    train_examples = prepare_examples(train_records, processor, family)
+    eval_examples = prepare_examples(eval_records, processor, family)
 
     # Train -------------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(model_args, data_args, lora_args, args))
-    callbacks = list(callbacks or [])
+    merged = [lora_args.init_adapter] if lora_args.init_adapter and lora_args.adapter_mode == "merge" else []
+    callbacks = [AdapterRecordCallback(model_args.model_name_or_path, family.name, merged), *(callbacks or [])]
     if args.checkpoint_eval_samples:
         n = min(args.checkpoint_eval_samples, len(eval_records))
         sub = eval_records.select(range(n))
@@ -160,8 +146,6 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
                                                 closed_metrics=metric_list(args.checkpoint_closed_metrics, "closed"),
                                                 open_metrics=metric_list(args.checkpoint_open_metrics, "open")))
     if args.diagnostics_examples:
-        from medvlm.diagnostics.callback import DiagnosticsCallback
-
         probe = load_records(data_args.eval_dataset, args.diagnostics_split, data_args.eval_question_types,
                              data_args, out)
         callbacks.append(DiagnosticsCallback(family, processor, probe, max_examples=args.diagnostics_examples))
@@ -176,10 +160,8 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     # Save and evaluate (main process) -----------------------------------------------------------
     metrics: dict = {}
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path)
+        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
-        from medvlm.eval.run import evaluate_examples, write_metrics
-
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         metrics = evaluate_examples(unwrapped, processor, family, eval_records, eval_examples, out,
                                     max_new_tokens=data_args.max_new_tokens)
@@ -200,16 +182,16 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     return metrics
 
 
-def save_adapter(model, folder: Path, base_model: str) -> None:
-    """Adapter in safetensors, written to a temp folder and renamed into place."""
+def save_adapter(model, folder: Path, base_model: str, family: str, merged_into_base: list[str]) -> None:
+    """The final adapter in safetensors, relative to the original base: a stage that merged its
+    previous adapter into the base saves the concatenation of both (see
+    :func:`~medvlm.models.adapters.concat_adapters`), so plain PEFT on the base reproduces the run.
+    Written to a temp folder and renamed into place."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    from medvlm.models.registry import resolve_model_path
-
-    # the resolved folder too: "demo:paligemma" names whichever tiny base is cached now
-    atomic_write_json(tmp / "medvlm_adapter.json", {"model_name_or_path": base_model,
-                                                    "resolved_path": resolve_model_path(base_model)})
+    for earlier in merged_into_base:
+        concat_adapters(earlier, tmp, tmp)
+    write_record(tmp, base_model, family)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-

@@ -20,7 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from medvlm.data_curation.images import ImageError, safe_join
+from medvlm.data_curation.images import safe_join
+from medvlm.utils.images import ImageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,132 @@
+"""Base pre-training of a tiny family model on phantom data: the vision tower first, then everything.
+
+A recipe, not a family: it uses the training stack (the collator, the trainer) on the tiny model
+that :mod:`medvlm.models.tiny` builds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import datasets
+import numpy as np
+import torch
+from transformers import TrainingArguments
+
+from medvlm.data_curation.phantom import load_phantom
+from medvlm.models.families import get_family
+from medvlm.models.inputs import VLMCollator, prepare_examples
+from medvlm.training.trainer import MedVLMTrainer
+from medvlm.utils.images import read_mask
+
+if TYPE_CHECKING:
+    from medvlm.demo.base import TinyConfig
+
+
+#: Image-level labels of the vision-tower pre-training: (meta key, classes). "none" = no lesion.
+VISION_LABELS = (
+    ("modality", ("CT", "MRI", "X-ray")),
+    ("body_part", ("chest", "abdomen", "head")),
+    ("finding", ("none", "nodule", "mass", "cyst")),
+    ("side", ("", "left", "right")),
+    ("zone", ("", "upper", "lower", "frontal", "occipital")),
+)
+
+
+def _vision_targets(records) -> torch.Tensor:
+    rows = []
+    for meta in records["meta"]:
+        m = json.loads(meta)
+        zone = next((z for z in ("upper", "lower", "frontal", "occipital") if z in m.get("location", "")), "")
+        m["zone"] = zone
+        rows.append([classes.index(m.get(key, "") or classes[0]) for key, classes in VISION_LABELS])
+    return torch.tensor(rows)
+
+
+def _patch_coverage(records, grid: int, size: int) -> torch.Tensor:
+    """Share of each patch covered by the lesion mask: [n_images, grid*grid] (0 without a lesion)."""
+    out = torch.zeros(len(records), grid * grid)
+    cell = size // grid
+    for i, roi in enumerate(records["roi"]):
+        if roi:
+            mask = torch.from_numpy(read_mask(roi, size=(size, size)).astype(np.float32))
+            out[i] = mask.reshape(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
+    return out
+
+
+def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
+    """Supervised pre-training of the vision tower and projector on phantom labels.
+
+    Real VLMs start from a vision tower pre-trained on its own (SigLIP's image-text loss, CLIP's,
+    and detection data); a tiny tower trained from scratch only through captioning learns the global
+    look (modality, body part) long before small lesions. Two linear heads stand in for that
+    pre-training and are thrown away afterwards: image labels from the mean of the projected image
+    tokens, and, per token, whether the lesion covers that patch and (on lesion patches) the
+    lesion's side, zone and type, so a lesion token carries what it is and where it sits.
+    """
+    family = get_family(cfg.family)
+    records = load_phantom(cfg.phantom, kind="captions", split="train")
+    examples = prepare_examples(records, processor, family)
+    targets = _vision_targets(records)
+    grid = cfg.image_size // cfg.patch_size
+    coverage = _patch_coverage(records, grid, cfg.image_size)
+    sizes = [len(c) for _, c in VISION_LABELS]
+    head = torch.nn.Linear(cfg.text_hidden, sum(sizes))
+    token_sizes = [1] + sizes[2:]  # lesion here?, finding, side, zone
+    token_head = torch.nn.Linear(cfg.text_hidden, sum(token_sizes))
+    params = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
+    opt = torch.optim.AdamW(params + list(head.parameters()) + list(token_head.parameters()),
+                            lr=cfg.vision_pretrain_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ce = torch.nn.functional.cross_entropy
+    model.train()
+    losses = []
+    for _ in range(cfg.vision_pretrain_steps):
+        idx = torch.randint(len(examples), (cfg.pretrain_batch_size,), generator=gen)
+        pixels = processor.image_processor([examples.image(int(i)) for i in idx], return_tensors="pt",
+                                           **family.processor_kwargs(prepared=True))["pixel_values"]
+        feats = model.get_image_features(pixel_values=pixels).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B, T, D]
+        logits = head(feats.mean(dim=1)).split(sizes, dim=-1)
+        loss = sum(ce(lg, targets[idx, k]) for k, lg in enumerate(logits))
+        tok = token_head(feats).split(token_sizes, dim=-1)  # per token
+        cov = coverage[idx]
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(tok[0].squeeze(-1), (cov > 0.15).float())
+        on = cov > 0.15
+        if on.any():
+            for k, lg in enumerate(tok[1:]):
+                lesion_target = targets[idx, 2 + k].unsqueeze(1).expand_as(cov)
+                loss = loss + ce(lg[on], lesion_target[on])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"vision_loss_first": losses[0], "vision_loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "vision_steps": len(losses)}
+
+
+def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
+    """Full-parameter pre-training on the phantom train split: captions (which name modality, region,
+    finding, side and place) mixed with general short-answer VQA, as a real base's mixture has both."""
+    family = get_family(cfg.family)
+    generic = load_phantom(cfg.phantom, kind="generic", split="train")
+    # grounding questions (which half, which part, what it looks like) twice: they are the base's
+    # only short-answer practice at reading *where* and *what* from single image tokens
+    grounding = ("generic_half", "generic_part", "generic_look", "generic_half_yn", "generic_look_yn")
+    spatial = generic.filter(lambda m: json.loads(m)["qtype"] in grounding, input_columns="meta")
+    records = datasets.concatenate_datasets([load_phantom(cfg.phantom, kind="captions", split="train"),
+                                             generic, spatial])
+    examples = prepare_examples(records, processor, family)
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=cfg.pretrain_steps, per_device_train_batch_size=cfg.pretrain_batch_size,
+        learning_rate=cfg.pretrain_lr, warmup_steps=max(1, cfg.pretrain_steps // 20), lr_scheduler_type="cosine",
+        weight_decay=0.0, logging_steps=50, save_strategy="no", report_to=[], seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=None,
+    )
+    trainer = MedVLMTrainer(model=model, args=args, train_dataset=examples,
+                            data_collator=VLMCollator(family, processor))
+    result = trainer.train()
+    return {"loss": result.training_loss, "steps": result.global_step, **result.metrics}
