@@ -22,6 +22,7 @@ from medvlm.eval.robustness import robustness_scores
         ("yes", "yes"), ("Y", "yes"), ("TRUE", "yes"), ("Correct.", "yes"), ("present", "yes"),
         ("no", "no"), ("n", "no"), ("False!", "no"), ("absent", "no"), ("None", "no"), ("Not present", "no"),
         ("The left lung", "left lung"), ("  multiple   spaces ", "multiple spaces"),
+        ("A", "a"), ("(a)", "a"), ("A.", "a"), ("The", ""), ("a lesion", "lesion"),  # a lone letter is kept
     ],
 )
 def test_normalize_answer_maps_yes_no_synonyms_and_strips_articles(text, expected):
@@ -73,6 +74,10 @@ CHOICES = ["A: Liver", "B: Spleen", "C: Left kidney", "D: Right kidney"]
         ("Answer: B.", "B: Spleen", True),
         ("spleen", "B", True),  # exact option text
         ("the spleen", "B", True),
+        ("A", "Liver", True),  # a correct "A" (it normalised to "" as an article and scored wrong)
+        ("(A)", "A: Liver", True),
+        ("a", "A", True),
+        ("A.", "Liver", True),
         ("left kidny", "C", True),  # nearest option by string similarity
         ("right kidney", "C", False),
         ("", "B", False),
