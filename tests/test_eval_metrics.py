@@ -95,23 +95,28 @@ def test_nearest_choice_picks_most_similar_option():
 # --------------------------------------------------------------------------- published conventions
 
 
+CLOSED_NAMES = ("accuracy", "exact_match", "substring", "llava_med_yesno", "token_recall", "medvlm_token_recall")
+
+
 @pytest.mark.parametrize(
     "prediction, reference, expected",
     [
-        # (accuracy, exact_match, substring, token_recall)
-        ("Yes, there is a nodule", "yes", (1, 0, 1, 1)),
-        ("yes", "yes", (1, 1, 1, 1)),
-        ("lung", "left lung", (0, 0, 0, 1)),  # recall 1/2 >= 0.4
-        ("nodule", "no", (0, 0, 1, 0)),  # LLaVA-Med character substring: "no" inside "nodule"
-        ("the right upper lobe", "left upper lobe", (0, 0, 0, 1)),  # 2/3 tokens
-        ("heart", "left upper lobe", (0, 0, 0, 0)),
+        # (accuracy, exact_match [lmms-eval], substring [LLaVA-Med batch], llava_med_yesno [LLaVA-Med run_eval],
+        #  token_recall [MultiMedEval], medvlm_token_recall [medvlm's wider 0.4 rule])
+        ("Yes, there is a nodule", "yes", (1, 0, 1, 1, 1, 1)),
+        ("yes", "yes", (1, 1, 1, 1, 1, 1)),
+        ("correct", "yes", (1, 0, 0, 0, 0, 0)),  # only medvlm's accuracy maps synonyms
+        ("lung", "left lung", (0, 0, 0, 0, 0, 1)),  # recall 1/2: >= 0.4 (medvlm), < 0.75 (MultiMedEval)
+        ("nodule", "no", (0, 0, 1, 1, 0, 0)),  # LLaVA-Med character substring: "no" inside "nodule"
+        ("the right upper lobe", "left upper lobe", (0, 0, 0, 0, 0, 1)),  # 2/3 tokens
+        ("5.2", "2.5", (0, 0, 0, 0, 0, 1)),  # medvlm splits decimals into 5 and 2; the harnesses do not
+        ("heart", "left upper lobe", (0, 0, 0, 0, 0, 0)),
+        ("A", "A", (1, 1, 1, 0, 0, 1)),  # lettered choice; every table in test_harness_conventions.py has it
+        ("(A)", "A", (1, 0, 1, 0, 0, 1)),  # lmms-eval deletes bracketed text
     ],
 )
 def test_published_conventions_differ_on_crafted_examples(prediction, reference, expected):
-    got = tuple(
-        int(M.get_metric(n, "closed").fn(prediction, reference, {}))
-        for n in ("accuracy", "exact_match", "substring", "token_recall")
-    )
+    got = tuple(int(M.get_metric(n, "closed").fn(prediction, reference, {})) for n in CLOSED_NAMES)
     assert got == expected
 
 
