@@ -92,7 +92,8 @@ def test_host_and_key_come_from_config_or_environment(monkeypatch):
         with pytest.raises(LLMAuthError) as info:
             llm_for(stub).generate("x")  # OPENAI_API_KEY holds another key: refused, not resent
         assert stub.auth == [f"Bearer {SECRET}", "Bearer from-default-var"]
-    assert not info.value.retryable and "$OPENAI_API_KEY" in str(info.value) and "HTTP 401" in str(info.value)
+    assert not info.value.retryable and "refused the API key (HTTP 401" in str(info.value)
+    assert "set $OPENAI_API_KEY" in str(info.value)
     assert "from-default-var" not in str(info.value)
 
 

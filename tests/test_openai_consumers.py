@@ -138,7 +138,7 @@ def test_run_eval_stops_with_exit_2_when_the_openai_judge_cannot_run(run_eval, t
         assert run_eval.main(argv) == 2
         assert "model 'llama9' is not served" in capsys.readouterr().err
         assert run_eval.main(judge_argv(tmp_path / "b", stub.host)) == 2  # no key in OPENAI_API_KEY: refused
-        assert "refused the API key (HTTP 401" in capsys.readouterr().err
+        assert "refused the request (no key sent: $OPENAI_API_KEY is unset) (HTTP 401" in capsys.readouterr().err
         assert stub.n_requests == 0  # nothing was sent to judge
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(SystemExit) as exit_info:  # a named variable that is unset: a usage error

@@ -174,6 +174,7 @@ class OpenAICompatLLM(TextLLM):
         self.max_retries = int(max_retries)
         self.backoff = Backoff(base=float(backoff))
         self.sleep = sleep
+        self._sends_key = bool(key)  # whether a key is sent; the key itself is kept only in the client's headers
         self._format = 0  # index into FORMATS: the best form this server accepted so far
         self._format_lock = threading.Lock()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -317,7 +318,8 @@ class OpenAICompatLLM(TextLLM):
     def _status_error(self, resp: httpx.Response, path: str) -> LLMError:
         status, msg = resp.status_code, error_message(resp)
         if status in (401, 403):
-            return LLMAuthError(f"{self.host} refused the API key (HTTP {status}: {msg}); set ${self.api_key_env} "
+            sent = "the API key" if self._sends_key else f"the request (no key sent: ${self.api_key_env} is unset)"
+            return LLMAuthError(f"{self.host} refused {sent} (HTTP {status}: {msg}); set ${self.api_key_env} "
                                 "to a key the server accepts (or `api_key_env` / --judge-api-key-env to the "
                                 "variable holding it)")
         if status == 404:
