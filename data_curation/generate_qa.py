@@ -11,13 +11,19 @@ with a config such as::
     concurrency: 4
     llm: {backend: ollama, model: llama3.1:8b, timeout: 120}   # cache_dir: default <output_dir>/llm_cache
 
+or, for an OpenAI-compatible server (vLLM, SGLang, llama.cpp, LM Studio, TGI, ollama's /v1; the
+key from $OPENAI_API_KEY or the variable ``api_key_env`` names, never written anywhere)::
+
+    llm: {backend: openai, model: Qwen/Qwen2.5-7B-Instruct, host: http://127.0.0.1:8000/v1, concurrency: 8}
+
 Overrides such as ``llm.model=qwen2.5:7b limit=100`` change one key. Re-running resumes:
 finished items are skipped and cached LLM responses are reused. See
 ``medvlm.data_curation.qa_generation`` for the config keys and the output files.
 
 Exit status: 0 when every item finished (``manifest.json`` written), 3 when some items failed on
 backend errors (listed in ``incomplete.json``; run the same command again to retry them), 2 on a
-bad config or input, or when the server is down or lacks the model (finished items are kept).
+bad config or input, or when the server is down, lacks the model or refuses the API key (finished items
+are kept).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ reworded questions, ``predictions_paraphrase.jsonl``: predictions mode scores th
 ``robustness`` section: flip rate, per-variant accuracy), read from --paraphrase-predictions or, by
 default, from beside the --predictions file.
 
-With a judge on an Ollama server, the server is asked first whether it is up and has the model:
-if not, the run stops with exit status 2 and one line (``ollama serve`` / ``ollama pull``), in
-model mode before the model loads, in predictions mode after the scores are written (kept in
+With a judge on a server (``ollama``, or ``openai``: any OpenAI-compatible server such as vLLM,
+SGLang, llama.cpp, LM Studio, TGI; the key from $OPENAI_API_KEY or --judge-api-key-env), the
+server is asked first whether it is up and has the model: if not, the run stops with exit status 2
+and one line (start the server / ``ollama pull`` / a model name the server lists), in model mode
+before the model loads, in predictions mode after the scores are written (kept in
 ``metrics.json``). Items the server fails on (HTTP errors, malformed replies, timeouts) are
 counted invalid; a server that goes away midway also ends in exit status 2, with the items judged
 so far kept (and cached: run the same command again to judge the rest).
@@ -118,10 +120,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     """The LLM judge's options (both modes): off unless --judge-backend and --judge-model are given."""
     judge = parser.add_argument_group("LLM judge of open answers (both modes)")
-    judge.add_argument("--judge-backend", choices=["ollama", "transformers"], help="judge backend (off by default)")
+    judge.add_argument("--judge-backend", choices=["ollama", "openai", "transformers"],
+                       help="judge backend (off by default); openai: any OpenAI-compatible server")
     judge.add_argument("--judge-model", metavar="NAME",
-                       help="judge model: an Ollama name (llama3.1:8b), a local folder, or smollm2 (offline)")
-    judge.add_argument("--judge-host", metavar="URL", help="Ollama server (default $OLLAMA_HOST or localhost)")
+                       help="judge model: an Ollama name (llama3.1:8b), a name the OpenAI-compatible server "
+                            "lists at /v1/models, a local folder, or smollm2 (offline)")
+    judge.add_argument("--judge-host", metavar="URL",
+                       help="judge server: Ollama (default $OLLAMA_HOST or localhost:11434) or an OpenAI-compatible "
+                            "API base (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")
+    judge.add_argument("--judge-api-key-env", metavar="VAR",
+                       help="openai: environment variable holding the API key (default OPENAI_API_KEY; "
+                            "the key itself is never written anywhere)")
     judge.add_argument("--judge-cache", metavar="DIR", help="judge response cache (default OUTPUT/judge_cache)")
     judge.add_argument("--judge-concurrency", type=int, default=1, help="parallel judge requests (default 1)")
     judge.add_argument("--judge-timeout", type=float, metavar="S",
@@ -142,7 +151,7 @@ def model_config(args: argparse.Namespace):
         seed=args.sample_seed, robustness=args.robustness, judge_backend=args.judge_backend,
         judge_model=args.judge_model, judge_host=args.judge_host, judge_cache=args.judge_cache,
         judge_concurrency=args.judge_concurrency, judge_template=args.judge_template,
-        judge_timeout=args.judge_timeout,
+        judge_timeout=args.judge_timeout, judge_api_key_env=args.judge_api_key_env,
     )
 
 
@@ -167,8 +176,9 @@ def judge_lost_server(metrics: dict, output: str) -> int:
     lost = (judge.get("invalid_reasons") or {}).get("LLMConnectionError", 0)
     if not lost:
         return 0
+    start = "start it with `ollama serve`" if judge.get("backend") == "ollama" else "start it again"
     print(f"run_eval.py: error: the judge lost its server ({judge.get('host') or judge.get('backend')}) midway: "
-          f"{lost} of {judge.get('n')} items not judged; start it with `ollama serve` and run the same command "
+          f"{lost} of {judge.get('n')} items not judged; {start} and run the same command "
           f"again (finished judgements are cached; the scores are in {output}/metrics.json)", file=sys.stderr)
     return 2
 
@@ -252,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "(e.g. --judge-backend ollama --judge-model llama3.1:8b)")
             judge = judge_llm_config(args.judge_backend, args.judge_model, args.output, host=args.judge_host,
                                      cache=args.judge_cache, concurrency=args.judge_concurrency,
-                                     timeout=args.judge_timeout)
+                                     timeout=args.judge_timeout, api_key_env=args.judge_api_key_env)
         metrics = run_predictions_mode(args, kwargs, judge)
     except LLMError as e:  # raised only once the scores are on disk
         return judge_unavailable(e, f"the scores without the judge are in {args.output}/metrics.json")

@@ -133,17 +133,31 @@ def test_score_records_structure_is_json_serialisable_with_null_for_empty_groups
     out = score_records(records, bootstrap=50)
     assert out["open"]["n"] == 0 and out["open"]["rougeL"] is None and out["open"]["bleu_ci"] is None
     assert out["closed"]["accuracy"] == 1.0 and out["closed"]["accuracy_ci"] == [1.0, 1.0]
-    for key in ("exact_match", "substring", "token_recall"):
+    for key in ("exact_match", "substring", "llava_med_yesno", "token_recall", "medvlm_token_recall"):
         assert key in out["closed"] and f"{key}_ci" in out["closed"]
     assert "consistency" not in out and "robustness" not in out
     text = json.dumps(out, allow_nan=False)  # raises if a NaN slipped through
     assert json.loads(text)["slices"]["modality"]["CT"]["closed"]["n"] == 4
 
 
+def test_metrics_json_records_cut_predictions_and_rows_where_rouge_leaves_rouge_score():
+    records = [_rec(1, "lesion", "lesion " * 400, "open"), _rec(2, "β-blocker", "β-blocker", "open"),
+               _rec(3, "lung", "lung", "open"), _rec(4, "yes", "x" * MAX_PREDICTION_CHARS + " yes")]
+    out = score_records(records, bootstrap=0)
+    assert out["counts"]["n_truncated"] == 2 and out["counts"]["n_open_non_ascii"] == 1
+    assert out["config"]["max_prediction_chars"] == MAX_PREDICTION_CHARS
+    assert out["closed"]["substring"] == 0.0  # the "yes" after the cut is not seen
+    whole = score_records(records, bootstrap=0, max_prediction_chars=10 * MAX_PREDICTION_CHARS)
+    assert whole["counts"]["n_truncated"] == 0 and whole["closed"]["substring"] == 1.0
+    sources = out["config"]["metric_sources"]
+    assert "lmms-eval" in sources["closed"]["exact_match"] and "LLaVA-Med" in sources["open"]["llava_med_recall"]
+
+
 def test_score_records_open_metrics_report_mean_std_ci():
     records = [_rec(1, "left lung", "left lung", "open"), _rec(2, "right kidney", "the liver", "open")]
     out = score_records(records, bootstrap=100, seed=1)["open"]
-    for name in ("rouge1", "rouge2", "rougeL", "bleu", "sentence_bleu", "token_recall", "token_f1"):
+    for name in ("rouge1", "rouge2", "rougeL", "bleu", "sentence_bleu", "token_recall", "token_f1",
+                 "llava_med_recall", "multimedeval_recall"):
         assert {name, f"{name}_std", f"{name}_ci"} <= set(out)
         lo, hi = out[f"{name}_ci"]
         assert lo <= hi

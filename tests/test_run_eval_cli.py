@@ -66,9 +66,10 @@ def test_cli_llava_med_with_questions_and_suite(run_eval, tmp_path):
     run_eval.main(["--predictions", str(answers), "--questions", str(questions), "--suite", str(suite),
                    "--output", str(out), "--bootstrap", "10", "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["config"]["metrics"]["closed"] == ["substring", "accuracy"]
-    # the suite picks token recall/F1; ROUGE and BLEU are always in metrics.json
-    assert metrics["config"]["metrics"]["open"] == ["token_recall", "token_f1", "rouge1", "rouge2", "rougeL", "bleu"]
+    assert metrics["config"]["metrics"]["closed"] == ["substring", "llava_med_yesno", "accuracy"]
+    # the suite picks LLaVA-Med's recall and ours; ROUGE and BLEU are always in metrics.json
+    assert metrics["config"]["metrics"]["open"] == ["llava_med_recall", "token_recall", "token_f1",
+                                                    "rouge1", "rouge2", "rougeL", "bleu"]
     assert metrics["closed"]["substring"] == 1.0 and metrics["config"]["bootstrap"] == 10
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["inputs"]) == {"predictions", "questions", "suite"}

@@ -73,9 +73,12 @@ class ModelEvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     robustness: bool = field(default=False, metadata={"help": "evaluate paraphrase groups"})
     paraphrases: int = field(default=3, metadata={"help": "reworded variants per question"})
-    judge_backend: str | None = field(default=None, metadata={"help": "ollama | transformers (off when empty)"})
+    judge_backend: str | None = field(default=None, metadata={"help": "ollama | openai | transformers (off when empty)"})
     judge_model: str | None = field(default=None, metadata={"help": "judge model name or path"})
-    judge_host: str | None = field(default=None, metadata={"help": "Ollama server (default $OLLAMA_HOST)"})
+    judge_host: str | None = field(default=None, metadata={
+        "help": "judge server: Ollama (default $OLLAMA_HOST) or an OpenAI-compatible API base (default $OPENAI_BASE_URL)"})
+    judge_api_key_env: str | None = field(default=None, metadata={
+        "help": "openai judge: variable holding the API key (default OPENAI_API_KEY)"})
     judge_cache: str | None = field(default=None, metadata={"help": "response cache (default output/judge_cache)"})
     judge_concurrency: int = field(default=1, metadata={"help": "parallel judge requests"})
     judge_timeout: float | None = field(default=None, metadata={"help": "seconds per judge request (120)"})
@@ -97,7 +100,7 @@ class ModelEvalConfig:
 
         return judge_llm_config(self.judge_backend, self.judge_model, self.output, host=self.judge_host,
                                 cache=self.judge_cache, concurrency=self.judge_concurrency,
-                                timeout=self.judge_timeout)
+                                timeout=self.judge_timeout, api_key_env=self.judge_api_key_env)
 
 
 # Inputs ----------------------------------------------------------------------------------------

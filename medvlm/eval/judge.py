@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "eval" / "judge_templates"
 VERDICTS = ("yes", "no")
 TEMPLATE_FIELDS = {"question", "reference", "prediction", "caption"}
+SERVER_BACKENDS = ("ollama", "openai")  # backends asked before judging whether they are up
 
 JUDGE_SCHEMA: dict = {
     "type": "object",
@@ -171,17 +173,23 @@ def judge_records(
 
 def judge_llm_config(
     backend: str, model: str, output: str | Path, *, host: str | None = None, cache: str | None = None,
-    concurrency: int = 1, timeout: float | None = None,
+    concurrency: int = 1, timeout: float | None = None, api_key_env: str | None = None,
 ) -> dict[str, Any]:
     """The validated ``make_llm`` config of a judge (nothing contacted); the cache defaults to
     ``output/judge_cache``, ``timeout`` (seconds per server request) to the backend's.
-    Raises ``ValueError`` naming a bad backend or an empty model."""
+    ``api_key_env`` (backend openai) names the variable holding the key; it must be set.
+    Raises ``ValueError`` naming a bad backend, an empty model or an unset key variable."""
     from medvlm.llm import LLMConfig
 
     cfg: dict[str, Any] = {"backend": backend, "model": model, "concurrency": concurrency,
                            "cache_dir": cache or str(Path(output) / "judge_cache")}
     if host:
         cfg["host"] = host
+    if api_key_env:
+        if not os.environ.get(api_key_env):
+            raise ValueError(f"--judge-api-key-env names {api_key_env}, but ${api_key_env} is not set; export it "
+                             "or drop the flag (then $OPENAI_API_KEY is used when set)")
+        cfg["api_key_env"] = api_key_env
     if timeout is not None:
         if timeout <= 0:
             raise ValueError(f"the judge timeout must be > 0 seconds, got {timeout}")
@@ -192,13 +200,14 @@ def judge_llm_config(
 
 def check_judge_server(llm_config: Mapping[str, Any]) -> None:
     """Before judging: ask a server backend whether it is up and holds the judge model (Ollama's
-    ``GET /api/tags``, the check ``generate_qa`` uses). Raises :class:`~medvlm.llm.LLMConnectionError`
-    (server down: start it with ``ollama serve``) or :class:`~medvlm.llm.LLMModelNotFoundError` (run
-    ``ollama pull``); a slow or failing answer is only logged, its items are retried and counted
-    invalid as usual. Local backends have nothing to check."""
+    ``GET /api/tags``, an OpenAI-compatible server's ``GET /v1/models``). Raises
+    :class:`~medvlm.llm.LLMConnectionError` (server down: start it), :class:`~medvlm.llm.LLMModelNotFoundError`
+    (``ollama pull``, or a name the server lists) or :class:`~medvlm.llm.LLMAuthError` (key refused);
+    a slow or failing answer is only logged, its items are retried and counted invalid as usual.
+    Local backends have nothing to check."""
     from medvlm.llm import LLMError, make_llm
 
-    if llm_config.get("backend") != "ollama":
+    if llm_config.get("backend") not in SERVER_BACKENDS:
         return
     llm = make_llm({k: v for k, v in llm_config.items() if k != "cache_dir"})
     try:

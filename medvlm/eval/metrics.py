@@ -2,7 +2,8 @@
 
 A metric is a per-item function ``(prediction, reference, record) -> value`` registered for one
 answer type (``"closed"`` or ``"open"``) with :func:`register_metric`, which records whether higher
-is better and how items aggregate:
+is better, how items aggregate, and the harness whose rule it follows (``source``, written to
+``metrics.json``):
 
 * ``aggregation="mean"``: the item values are averaged (mean, standard deviation, bootstrap CI);
 * ``aggregation="corpus"``: the item values are *sufficient statistics* (a vector per item) that
@@ -10,24 +11,31 @@ is better and how items aggregate:
   bootstrap resamples items and recomputes the corpus score; a corpus score has no per-item
   spread, so its ``_std`` is the bootstrap standard error (the std of the resampled scores).
 
-Closed questions (one point each, 0 or 1), all computed from the same predictions:
+Closed questions (one point each, 0 or 1), all computed from the same predictions. A metric named
+after a harness gives each item exactly the harness's score (rules and sources in
+:mod:`medvlm.eval.conventions`); medvlm's own rules are ``accuracy`` and ``medvlm_token_recall``:
 
-* ``accuracy``: ours. Multiple choice (``choices`` present) compares the chosen option (a letter,
+* ``accuracy``: medvlm's. Multiple choice (``choices`` present) compares the chosen option (a letter,
   see :func:`~medvlm.eval.normalize.parse_choice_letter`, else the nearest option text, see
   :func:`nearest_choice`); a yes/no reference compares ``yes_no`` readings;
-  otherwise normalised exact match.
-* ``exact_match``: lmms-eval style, ``normalize_answer(pred) == normalize_answer(ref)``.
-* ``substring``: LLaVA-Med style (Li et al. 2023), the normalised reference is a *character*
-  substring of the normalised prediction. Kept as published, with its known weakness
-  ("no" is inside "nodule").
-* ``token_recall``: MultiMedEval style (Royer et al. 2024), the share of reference tokens present in
-  the prediction, counted correct when >= :data:`TOKEN_RECALL_THRESHOLD`.
+  otherwise normalised exact match (synonyms, articles dropped, Unicode folded).
+* ``exact_match``: lmms-eval's SLAKE task (its normal forms are equal).
+* ``substring``: LLaVA-Med v1.0.0 ``run_eval_batch.py`` (the normalised reference is a character
+  substring of the normalised answer: "no" is inside "nodule"); the rule of the paper's tables.
+* ``llava_med_yesno``: LLaVA-Med v1.0.0 ``run_eval.py`` (as ``substring``, but only an answer holding
+  "yes" or "no" can score).
+* ``token_recall``: MultiMedEval (yes/no references: >= 0.4 of {yes} or {no, not} in the answer;
+  any other reference: its open recall >= 0.75).
+* ``medvlm_token_recall``: medvlm's wider rule, share of reference words in the answer
+  >= :data:`TOKEN_RECALL_THRESHOLD` for every closed answer (multiple choice: as ``accuracy``).
 
 Open questions: ``rouge1``/``rouge2``/``rougeL`` F-measure (``rouge-score``, Porter stemming, with
-its tokenizer widened to every script: see :func:`rouge_tokens`),
-``bleu`` (``sacrebleu`` corpus BLEU, 0-100; ``zh`` tokens for a Chinese reference, see
-:func:`bleu_stats`), ``sentence_bleu`` (mean of ``sacrebleu`` sentence BLEU, 0-100), ``token_recall`` (share of reference tokens in the prediction) and ``token_f1``
-(SQuAD-style bag-of-tokens F1). ``rouge-score`` and ``sacrebleu`` are imported on first use.
+its tokenizer widened to every script: see :func:`rouge_tokens`), ``bleu`` (``sacrebleu`` corpus
+BLEU, 0-100; ``zh`` tokens for a Chinese reference, see :func:`bleu_stats`), ``sentence_bleu``
+(mean of ``sacrebleu`` sentence BLEU, 0-100), ``token_recall`` (medvlm's: share of distinct
+reference tokens in the prediction), ``token_f1`` (SQuAD-style bag-of-tokens F1), and the
+harnesses' recalls ``llava_med_recall`` (the paper's open columns) and ``multimedeval_recall``.
+``rouge-score`` and ``sacrebleu`` are imported on first use.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlm.eval import conventions as conv
 from medvlm.eval.normalize import (
     HAN,
     normalize_answer,
@@ -73,6 +82,7 @@ class Metric:
     higher_is_better: bool = True
     aggregation: str = "mean"
     corpus_fn: Callable[[np.ndarray], float] | None = None
+    source: str = ""
 
 
 _REGISTRY: dict[str, dict[str, Metric]] = {t: {} for t in ANSWER_TYPES}
@@ -85,8 +95,10 @@ def register_metric(
     higher_is_better: bool = True,
     aggregation: str = "mean",
     corpus_fn: Callable[[np.ndarray], float] | None = None,
+    source: str = "",
 ) -> Callable:
-    """Decorator registering an item-level metric function under ``name`` for ``answer_type``."""
+    """Decorator registering an item-level metric function under ``name`` for ``answer_type``;
+    ``source`` names the rule it follows (a harness's repository, commit and function, or medvlm)."""
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     if aggregation not in ("mean", "corpus"):
@@ -95,7 +107,7 @@ def register_metric(
         raise ValueError(f"metric {name!r}: aggregation='corpus' needs a corpus_fn")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY[answer_type][name] = Metric(name, answer_type, fn, higher_is_better, aggregation, corpus_fn)
+        _REGISTRY[answer_type][name] = Metric(name, answer_type, fn, higher_is_better, aggregation, corpus_fn, source)
         return fn
 
     return wrap
@@ -270,21 +282,36 @@ def is_correct(prediction: str, reference: str, record: Mapping[str, Any]) -> bo
     return canonical_answer(prediction, reference, record) == canonical_reference(reference, record)
 
 
-@register_metric("accuracy", answer_type="closed")
+MEDVLM = "medvlm (medvlm/eval/metrics.py)"
+LMMS_EVAL_SLAKE = ("lmms-eval SLAKE task: EvolvingLMMs-Lab/lmms-eval@75571cfe0fa3, lmms_eval/tasks/slake/utils.py "
+                   "normalize_answer, slake_process_results")
+LLAVA_MED = "LLaVA-Med v1.0.0: microsoft/LLaVA-Med@b9a98a736d2e, llava/eval/"
+ROUGE_SCORE = "rouge-score F-measure, Porter stemming; tokens widened to non-ASCII letters (medvlm)"
+SACREBLEU = "sacrebleu, 13a tokens (zh for a reference holding Han characters)"
+MULTIMEDEVAL = ("MultiMedEval: corentin-ryr/MultiMedEval@d9ac283f5ad9, multimedeval/task_families.py VQA.evaluate, "
+                "utils.py clean_str")
+
+
+@register_metric("accuracy", answer_type="closed", source=MEDVLM)
 def accuracy(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return float(is_correct(prediction, reference, record))
 
 
-@register_metric("exact_match", answer_type="closed")
+@register_metric("exact_match", answer_type="closed", source=LMMS_EVAL_SLAKE)
 def exact_match(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
-    norm = normalize_answer(prediction)
-    return float(bool(norm) and norm == normalize_answer(reference))
+    return conv.lmms_eval_slake_match(prediction, reference)
 
 
-@register_metric("substring", answer_type="closed")
+@register_metric("substring", answer_type="closed",
+                 source=LLAVA_MED + "run_eval_batch.py evaluate, eval_metrics/glossary.py normalize_word")
 def substring(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
-    ref = normalize_answer(reference)
-    return float(bool(ref) and ref in normalize_answer(prediction))
+    return conv.llava_med_substring(prediction, reference)
+
+
+@register_metric("llava_med_yesno", answer_type="closed",
+                 source=LLAVA_MED + "run_eval.py evaluate, eval_metrics/glossary.py normalize_word")
+def llava_med_yesno(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
+    return conv.llava_med_yesno(prediction, reference)
 
 
 def token_recall_value(prediction: str, reference: str, per_character: bool = True) -> float:
@@ -296,9 +323,18 @@ def token_recall_value(prediction: str, reference: str, per_character: bool = Tr
     return len(ref & set(tokens(prediction, per_character))) / len(ref)
 
 
-@register_metric("token_recall", answer_type="closed")
+@register_metric("token_recall", answer_type="closed", source=MULTIMEDEVAL)
+def token_recall_closed(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
+    return conv.multimedeval_closed(prediction, reference)
+
+
+@register_metric("medvlm_token_recall", answer_type="closed", source=MEDVLM)
 def token_recall_hit(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
-    # whole words: one shared character must not make a wrong Chinese answer count as correct
+    """medvlm's wider rule: share of reference words >= 0.4, for every closed answer. Whole words:
+    one shared character must not make a wrong Chinese answer correct. With ``choices`` the answer is
+    an option, scored as ``accuracy`` (a letter shares no word with the option's text)."""
+    if record.get("choices"):
+        return float(is_correct(prediction, reference, record))
     return float(token_recall_value(prediction, reference, per_character=False) >= TOKEN_RECALL_THRESHOLD)
 
 
@@ -323,6 +359,12 @@ def rouge_tokens(text: str, stemmer=None) -> list[str]:
     return [stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
+def outside_rouge_score(text: str) -> bool:
+    """True when ``text`` holds letters, digits or marks beyond ASCII: rouge-score's own tokenizer drops
+    them (β, é, 肺) where :func:`rouge_tokens` keeps them, so ROUGE differs from the package's there."""
+    return any(ord(ch) > 127 and unicodedata.category(ch)[0] in "LNM" for ch in text)
+
+
 @lru_cache(maxsize=1)
 def _rouge_scorer():
     from nltk.stem import porter  # the stemmer rouge-score's default tokenizer uses
@@ -344,17 +386,17 @@ def rouge_f(prediction: str, reference: str) -> tuple[float, float, float]:
     return s["rouge1"].fmeasure, s["rouge2"].fmeasure, s["rougeL"].fmeasure
 
 
-@register_metric("rouge1", answer_type="open")
+@register_metric("rouge1", answer_type="open", source=ROUGE_SCORE)
 def rouge1(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return rouge_f(prediction, reference)[0]
 
 
-@register_metric("rouge2", answer_type="open")
+@register_metric("rouge2", answer_type="open", source=ROUGE_SCORE)
 def rouge2(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return rouge_f(prediction, reference)[1]
 
 
-@register_metric("rougeL", answer_type="open")
+@register_metric("rougeL", answer_type="open", source=ROUGE_SCORE)
 def rougeL(prediction: str, reference: str, record: Mapping[str, Any]) -> float:  # noqa: N802
     return rouge_f(prediction, reference)[2]
 
@@ -389,22 +431,23 @@ def corpus_bleu_from_stats(stats: np.ndarray) -> float:
                                    smooth_method="exp").score)
 
 
-@register_metric("bleu", answer_type="open", aggregation="corpus", corpus_fn=corpus_bleu_from_stats)
+@register_metric("bleu", answer_type="open", aggregation="corpus", corpus_fn=corpus_bleu_from_stats,
+                 source=SACREBLEU)
 def bleu(prediction: str, reference: str, record: Mapping[str, Any]) -> tuple[float, ...]:
     return bleu_stats(prediction, reference)[1]
 
 
-@register_metric("sentence_bleu", answer_type="open")
+@register_metric("sentence_bleu", answer_type="open", source=SACREBLEU)
 def sentence_bleu(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return bleu_stats(prediction, reference)[0]
 
 
-@register_metric("token_recall", answer_type="open")
+@register_metric("token_recall", answer_type="open", source=MEDVLM)
 def token_recall(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return token_recall_value(prediction, reference)
 
 
-@register_metric("token_f1", answer_type="open")
+@register_metric("token_f1", answer_type="open", source=MEDVLM)
 def token_f1(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     """SQuAD v1.1 F1 over bags of normalised tokens (1.0 when both are empty)."""
     pred, ref = tokens(prediction), tokens(reference)
@@ -415,3 +458,14 @@ def token_f1(prediction: str, reference: str, record: Mapping[str, Any]) -> floa
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+@register_metric("llava_med_recall", answer_type="open",
+                 source=LLAVA_MED + "run_eval_batch.py evaluate, eval_metrics/evaluate_metrics.py calculate_f1score")
+def llava_med_recall(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
+    return conv.llava_med_recall(prediction, reference)
+
+
+@register_metric("multimedeval_recall", answer_type="open", source=MULTIMEDEVAL)
+def multimedeval_recall(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
+    return conv.multimedeval_recall(prediction, reference)

@@ -8,7 +8,9 @@ here changes every score; the rules are listed so a reader can reproduce them by
 1. Unicode NFKC (full-width letters and ligatures become their plain forms), then ``casefold``;
 2. every punctuation or symbol character (Unicode categories ``P*`` and ``S*``) becomes a space,
    so "left-lung" and "left lung" agree and non-ASCII text never raises;
-3. the English articles ``a``, ``an``, ``the`` are dropped as whole words;
+3. the English articles ``a``, ``an``, ``the`` are dropped as whole words, except that an answer
+   that is nothing but a choice letter ("A", "(a)", "A.") keeps it: "a" is then option A, not an
+   article (dropping it made every correct "A" to a lettered question empty, hence wrong);
 4. runs of whitespace collapse to one space; leading/trailing space is stripped.
 
 ``normalize_answer`` additionally maps a *whole* answer that is a yes/no synonym to ``"yes"`` or
@@ -56,10 +58,12 @@ def normalize_text(text: object) -> str:
     """
     if text is None:
         return ""
-    s = unicodedata.normalize("NFKC", str(text)).casefold()
-    s = "".join(" " if _is_punct_or_symbol(ch) else ch for ch in s)
-    words = [w for w in _WS.split(s) if w and w not in ARTICLES]
-    return " ".join(words)
+    folded = unicodedata.normalize("NFKC", str(text))
+    s = "".join(" " if _is_punct_or_symbol(ch) else ch for ch in folded.casefold())
+    words = [w for w in _WS.split(s) if w]
+    if words == ["a"] and _LETTER_ALONE.match(folded):
+        return "a"  # a lone choice letter A, not an article
+    return " ".join(w for w in words if w not in ARTICLES)
 
 
 # Han ideographs and kana: scripts written without spaces, so one character is one token (the

@@ -4,7 +4,7 @@
 this module imports no torch and loads ``rouge-score``/``sacrebleu`` only when open questions
 are scored). Its result::
 
-    {"counts":  {"n_records", "n_scored", "n_skipped", "n_empty", "n_truncated", ...},
+    {"counts":  {"n_records", "n_scored", "n_skipped", "n_empty", "n_truncated", "n_open_non_ascii", ...},
      "closed":  {"n", "n_empty", "accuracy", "accuracy_std", "accuracy_ci", "exact_match", ...},
      "open":    {"n", "n_empty", "rouge1", ..., "bleu", "sentence_bleu", "token_recall", "token_f1"},
      "consistency": {...}   # only when some record has "samples"
@@ -12,7 +12,7 @@ are scored). Its result::
      "latency":     {...}   # only when some record has "latency_s"
      "slices":  {"modality": {"CT": {"n", "closed": {...}, "open": {...}}}, ...},
      "skipped": [{"id", "reason"}, ...],
-     "config":  {"bootstrap", "seed", ...}}
+     "config":  {"bootstrap", "seed", ..., "metric_sources": {"closed": {name: rule followed}, ...}}}
 
 Every metric has ``<name>``, ``<name>_std`` and ``<name>_ci`` (percentile bootstrap). An empty
 group has ``n: 0`` and ``null`` scores, never 0.0. The result is JSON-serialisable (NaN -> null).
@@ -29,7 +29,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medvlm.eval.consistency import DEFAULT_K, DEFAULT_THRESHOLD, consistency_scores
-from medvlm.eval.metrics import ANSWER_TYPES, TOKEN_RECALL_THRESHOLD, get_metric, list_metrics, summarize
+from medvlm.eval.metrics import (
+    ANSWER_TYPES,
+    TOKEN_RECALL_THRESHOLD,
+    get_metric,
+    list_metrics,
+    outside_rouge_score,
+    summarize,
+)
 from medvlm.eval.predictions import MAX_PREDICTION_CHARS, load_predictions, prepare_records
 from medvlm.eval.robustness import latency_summary, robustness_scores
 from medvlm.utils.io import to_jsonable
@@ -166,7 +173,10 @@ def score_records(
         "n_scored": len(clean),
         "n_skipped": len(skipped) + len(skipped_now),
         "n_skipped_consistency_only": len(cons_skipped),
-        **counts,
+        **counts,  # n_truncated: predictions cut to max_prediction_chars before every metric
+        # open items whose ROUGE differs from rouge-score's own tokens (non-ASCII letters kept)
+        "n_open_non_ascii": sum(outside_rouge_score(r["prediction"]) or outside_rouge_score(r["answer"])
+                                for r in by_type["open"][0]),
     }
     result["config"] = {
         "bootstrap": bootstrap,
@@ -178,6 +188,8 @@ def score_records(
         "consistency_threshold": consistency_threshold,
         "max_prediction_chars": max_prediction_chars,
         "token_recall_threshold": TOKEN_RECALL_THRESHOLD,
+        # the rule each metric follows: a harness's repository, commit and function, or medvlm's own
+        "metric_sources": {t: {n: get_metric(n, t).source for n in names[t]} for t in ANSWER_TYPES},
     }
     return to_jsonable(result)
 
@@ -222,7 +234,8 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     c = metrics.get("counts", {})
     lines.append(f"scored {c.get('n_scored', 0)} of {c.get('n_records', 0)} records; "
                  f"{c.get('n_skipped', 0)} skipped, {c.get('n_empty', 0)} empty predictions, "
-                 f"{c.get('n_truncated', 0)} truncated")
+                 f"{c.get('n_truncated', 0)} truncated to "
+                 f"{metrics.get('config', {}).get('max_prediction_chars', MAX_PREDICTION_CHARS)} characters")
     return "\n".join(lines)
 
 

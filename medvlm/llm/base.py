@@ -17,9 +17,18 @@ logger = logging.getLogger(__name__)
 
 
 class LLMError(RuntimeError):
-    """A backend failed to produce a response. ``retryable`` says whether trying again may help."""
+    """A backend failed to produce a response.
+
+    ``retryable`` says whether the *run* may go on: False means nothing will work until the user
+    acts (server down, model missing, key refused), so callers stop. ``resend`` says whether
+    sending *this request* again may help: False when the backend already retried it itself
+    (with backoff) or when the server refused the request as such (HTTP 4xx), so
+    :func:`~medvlm.llm.jsonout.generate_json` counts the item failed instead of multiplying the
+    backend's retries by its own.
+    """
 
     retryable = True
+    resend = True
 
 
 class LLMConnectionError(LLMError):
@@ -42,6 +51,12 @@ class LLMServerError(LLMError):
 
 class LLMModelNotFoundError(LLMError):
     """The model is not available on the backend; the message says how to get it."""
+
+    retryable = False
+
+
+class LLMAuthError(LLMError):
+    """The server refused the API key (HTTP 401/403): retrying will not help."""
 
     retryable = False
 

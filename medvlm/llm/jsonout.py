@@ -20,6 +20,11 @@ from medvlm.llm.base import LLMError, TextLLM, retry_options
 
 logger = logging.getLogger(__name__)
 
+# Appended to the prompt when the backend cannot constrain decoding to the schema itself.
+JSON_INSTRUCTION = (
+    "\n\nReply with JSON only (no prose, no code fence) that matches this JSON schema:\n{schema}"
+)
+
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
@@ -93,9 +98,10 @@ def generate_json(
     """Ask ``llm`` for JSON matching ``schema``; retry up to ``retries`` times on a bad answer.
 
     ``check`` may raise :class:`InvalidJSONAnswer` for rules a schema cannot say. Retryable
-    backend errors (timeout, HTTP 500, garbage body) are retried too; a non-retryable one
-    (server down, model missing) stops at once and is returned in ``fatal``. Never raises
-    :class:`LLMError`.
+    backend errors (timeout, HTTP 500, garbage body) are retried too, unless the backend says
+    resending will not help (``err.resend`` False: it already retried with backoff, or the server
+    refused the request): that attempt ends the item. A non-retryable error (server down, model
+    missing) stops at once and is returned in ``fatal``. Never raises :class:`LLMError`.
     """
     result = JSONResult()
     for attempt in range(retries + 1):
@@ -106,6 +112,8 @@ def generate_json(
             result.errors.append(f"{type(err).__name__}: {err}")
             if not err.retryable:
                 result.fatal = err
+                return result
+            if not err.resend:
                 return result
             continue
         result.raw = text

