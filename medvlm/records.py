@@ -107,3 +107,17 @@ def to_dataset(records: list[dict[str, Any]]) -> datasets.Dataset:
         validate_record(rec)
     cols = {c: [r[c] for r in records] for c in COLUMNS}
     return datasets.Dataset.from_dict(cols, features=FEATURES)
+
+
+def parse_meta(meta: Any) -> dict[str, Any]:
+    """A record's ``meta`` as a dict: the JSON string loaded (or a mapping copied); ``{}`` when it is
+    empty, not valid JSON or not a JSON object. The one reader of ``meta`` for every room."""
+    if isinstance(meta, dict):
+        return dict(meta)
+    if not meta:
+        return {}
+    try:
+        value = json.loads(meta) if isinstance(meta, str | bytes) else dict(meta)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -10,8 +10,8 @@ import sacrebleu
 
 from medvlm.eval import metrics as M
 from medvlm.eval.consistency import consistency_scores, question_consistency
-from medvlm.eval.normalize import normalize_answer, normalize_text, parse_choice_letter, yes_no
 from medvlm.eval.robustness import robustness_scores
+from medvlm.utils.text import normalize_answer, normalize_text, parse_choice_letter, yes_no
 
 # --------------------------------------------------------------------------- normalisation
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import datasets
 
+from medvlm.records import parse_meta
 from medvlm.utils.io import atomic_write_text
 
 CATEGORIES = ("condition", "modality", "body_part")
@@ -32,12 +32,7 @@ _BATCH = 10_000
 
 def conditions_of(meta: str) -> list[str]:
     """Condition names of one record's meta JSON (distinct, lower-case, in the order found)."""
-    try:
-        obj = json.loads(meta or "{}")
-    except json.JSONDecodeError:
-        return []
-    if not isinstance(obj, dict):
-        return []
+    obj = parse_meta(meta)
     found: list[str] = []
     for key in CONDITION_KEYS:
         value = obj.get(key)

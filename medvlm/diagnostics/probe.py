@@ -28,7 +28,6 @@ Everything undefined is NaN (or None) with a reason; nothing is dropped silently
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -63,6 +62,7 @@ from medvlm.diagnostics.probe_summary import (
 from medvlm.diagnostics.saliency import attention_rollout, last_quarter, raw_attention, rollout
 from medvlm.diagnostics.sanity import randomization_test
 from medvlm.models.base import ModelFamily
+from medvlm.records import parse_meta
 from medvlm.utils.images import read_mask
 from medvlm.utils.io import atomic_write_json
 
@@ -80,10 +80,7 @@ SANITY_TOWER = "both"
 LESION_QTYPES = ("location", "finding", "presence", "side", "finding_yn", "side_yn")
 # -- the probe set -------------------------------------------------------------------------------
 def _meta(rec: dict) -> dict:
-    try:
-        return json.loads(rec.get("meta") or "{}")
-    except (TypeError, json.JSONDecodeError):
-        return {}
+    return parse_meta(rec.get("meta"))
 
 
 def select_probe_records(records: Any, max_examples: int = 8) -> tuple[list[dict], list[dict]]:

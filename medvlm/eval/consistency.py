@@ -5,7 +5,7 @@ The rule (defaults ``k=5`` runs, ``threshold=3``):
 1. Each question carries exactly ``k`` sampled answers (``record["samples"]``, one per run).
 2. Each answer is put in its canonical normalised form
    (:func:`medvlm.eval.metrics.canonical_answer`: the chosen option for multiple choice, yes/no for
-   a yes/no reference, otherwise :func:`~medvlm.eval.normalize.normalize_answer`).
+   a yes/no reference, otherwise :func:`~medvlm.utils.text.normalize_answer`).
 3. The *mode* is the most frequent canonical answer; a tie goes to the answer that appeared first
    in run order (with k=5 and threshold=3 a tie can only occur when the question is already
    inconsistent, so the tie rule never changes a score there).

@@ -15,7 +15,6 @@ kept only when the item has a caption.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from medvlm.llm import TextLLM, generate_json
 from medvlm.llm.jsonout import InvalidJSONAnswer, parse_and_validate
 from medvlm.llm.prompts import check_template, load_template, render
+from medvlm.records import parse_meta
 from medvlm.utils.io import hash_rows
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,7 @@ def _caption(item: Mapping[str, Any]) -> str:
     caption = _field(item, "caption", "fig_caption")
     if caption or not item.get("meta"):
         return caption
-    try:
-        meta = json.loads(item["meta"]) if isinstance(item["meta"], str) else dict(item["meta"])
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return ""
-    return str(meta.get("caption") or "").strip() if isinstance(meta, dict) else ""
+    return str(parse_meta(item["meta"]).get("caption") or "").strip()
 
 
 def judge_prompt(item: Mapping[str, Any], template: tuple[str, str]) -> str:

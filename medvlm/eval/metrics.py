@@ -16,7 +16,7 @@ after a harness gives each item exactly the harness's score (rules and sources i
 :mod:`medvlm.eval.conventions`); medvlm's own rules are ``accuracy`` and ``medvlm_token_recall``:
 
 * ``accuracy``: medvlm's. Multiple choice (``choices`` present) compares the chosen option (a letter,
-  see :func:`~medvlm.eval.normalize.parse_choice_letter`, else the nearest option text, see
+  see :func:`~medvlm.utils.text.parse_choice_letter`, else the nearest option text, see
   :func:`nearest_choice`); a yes/no reference compares ``yes_no`` readings;
   otherwise normalised exact match (synonyms, articles dropped, Unicode folded).
 * ``exact_match``: lmms-eval's SLAKE task (its normal forms are equal).
@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 
 from medvlm.eval import conventions as conv
-from medvlm.eval.normalize import (
+from medvlm.records import ANSWER_TYPES
+from medvlm.utils.text import (
     HAN,
     normalize_answer,
     parse_choice_letter,
@@ -61,7 +62,6 @@ from medvlm.eval.normalize import (
     yes_no,
 )
 
-ANSWER_TYPES = ("closed", "open")
 TOKEN_RECALL_THRESHOLD = 0.4
 
 
@@ -316,7 +316,7 @@ def llava_med_yesno(prediction: str, reference: str, record: Mapping[str, Any]) 
 
 def token_recall_value(prediction: str, reference: str, per_character: bool = True) -> float:
     """Share of distinct reference tokens that appear in the prediction (0 for an empty reference);
-    ``per_character``: see :func:`~medvlm.eval.normalize.tokens`."""
+    ``per_character``: see :func:`~medvlm.utils.text.tokens`."""
     ref = set(tokens(reference, per_character))
     if not ref:
         return 0.0

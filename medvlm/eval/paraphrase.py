@@ -22,10 +22,11 @@ with its reason, never dropped silently.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from medvlm.records import parse_meta
 
 BASE_VARIANT = "base"
 
@@ -90,12 +91,7 @@ _COMPILED = {k: re.compile(pat, re.IGNORECASE) for k, (pat, _) in PARAPHRASES.it
 
 
 def _meta(record: Mapping[str, Any]) -> dict[str, Any]:
-    meta = record.get("meta") or "{}"
-    try:
-        meta = json.loads(meta) if isinstance(meta, str) else dict(meta)
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    return parse_meta(record.get("meta"))
 
 
 def _qtype(record: Mapping[str, Any]) -> str | None:

@@ -41,12 +41,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medvlm.eval.normalize import normalize_answer
+from medvlm.records import ANSWER_TYPES
 from medvlm.utils.io import read_jsonl as io_read_jsonl
+from medvlm.utils.text import normalize_answer
 
 #: Predictions longer than this (characters) are truncated before scoring; see module docstring.
 MAX_PREDICTION_CHARS = 2000
-ANSWER_TYPES = ("closed", "open")
+
 
 
 class PredictionsError(ValueError):

@@ -7,7 +7,6 @@ Used by the stage recipes (final test-split evaluation), the per-checkpoint call
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from medvlm.eval.generate import generate_answers
 from medvlm.eval.scoring import score_records
 from medvlm.models.base import ModelFamily
 from medvlm.models.inputs import PreparedExamples
+from medvlm.records import parse_meta
 from medvlm.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def prediction_rows(records, answers: list[str]) -> list[dict]:
     fields, ``qtype`` from meta, and ``group``/``variant`` when the dataset groups paraphrases."""
     rows = []
     for rec, pred in zip(records, answers):
-        meta = json.loads(rec.get("meta") or "{}")
+        meta = parse_meta(rec.get("meta"))
         row = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "prediction": pred,
                "choices": list(rec.get("choices") or [])}
         row.update({k: rec.get(k, "") for k in SLICE_FIELDS})

@@ -20,8 +20,8 @@ from medvlm.data_curation.filters.base import (
     _batches,
     _hash64,
 )
-from medvlm.eval.normalize import UNSPACED_SCRIPT, normalize_text
 from medvlm.utils.images import read_image
+from medvlm.utils.text import UNSPACED_SCRIPT, normalize_text
 
 
 @dataclass

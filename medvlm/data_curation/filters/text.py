@@ -18,7 +18,7 @@ from medvlm.data_curation.filters.base import (
     _batches,
     _meta_strings,
 )
-from medvlm.eval.normalize import normalize_answer, normalize_text, tokens, yes_no
+from medvlm.utils.text import normalize_answer, normalize_text, tokens, yes_no
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Answer normalisation: one place that decides when two answers are "the same".
 
-Every metric in :mod:`medvlm.eval` compares answers through these functions, so a change
-here changes every score; the rules are listed so a reader can reproduce them by hand.
+Every metric in :mod:`medvlm.eval` and the text filters of curation compare answers through these
+functions, so a change here changes every score; the rules are listed so a reader can reproduce
+them by hand.
 
 ``normalize_text`` (SQuAD-style, Rajpurkar et al. 2016, extended to Unicode):
 
