@@ -40,8 +40,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.capture import capture, prepare_example
-from medvlm.diagnostics.logprob import logprob_increase
-from medvlm.diagnostics.occlusion import occlusion
+from medvlm.diagnostics.methods.logprob import logprob_increase
+from medvlm.diagnostics.methods.occlusion import occlusion
 from medvlm.models.base import TinySizes
 from medvlm.models.registry import get_family
 from medvlm.models.tiny import build_tiny, build_tokenizer

@@ -135,9 +135,9 @@ def test_sdpa_model_gives_a_clear_error(tiny, fam):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_every_attention_method_refuses_sdpa_with_the_fix_and_hidden_state_methods_still_run(tiny, fam):
-    from medvlm.diagnostics.gradcam import gradcam
-    from medvlm.diagnostics.logit_lens import logit_lens
-    from medvlm.diagnostics.logprob import logprob_increase
+    from medvlm.diagnostics.methods.gradcam import gradcam
+    from medvlm.diagnostics.methods.logit_lens import logit_lens
+    from medvlm.diagnostics.methods.logprob import logprob_increase
     from medvlm.diagnostics.saliency import attention_rollout, raw_attention
 
     model, processor, family, ex = example(tiny, fam)

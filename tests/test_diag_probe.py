@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from medvlm.diagnostics.capture import prepare_example
+from medvlm.diagnostics.methods import method_names
 from medvlm.diagnostics.probe import (
-    METHODS,
     probe_example,
     run_probe,
     select_probe_records,
@@ -41,8 +41,8 @@ def test_probe_writes_json_with_every_methods_roi_numbers(loaded, phantom_record
     lm = loaded[fam]
     result = run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, max_examples=4)
     on_disk = json.loads((tmp_path / "diagnostics.json").read_text())
-    assert on_disk["n_examples"] == 4 == len(on_disk["examples"]) and on_disk["methods"] == list(METHODS)
-    for name in METHODS:
+    assert on_disk["n_examples"] == 4 == len(on_disk["examples"]) and on_disk["methods"] == method_names()
+    for name in method_names():
         summary = on_disk["summary"][name]
         for key in ("roi_mass_mean", "roi_chance_mean", "roi_ratio_mean", "pointing_game_rate", "focus_mean"):
             assert key in summary
@@ -77,7 +77,7 @@ def test_attention_map_from_the_shared_pass_equals_raw_attention(loaded, phantom
 
     lm = loaded["llava"]
     rec = select_probe_records(phantom_records, 1)[0][0]
-    _, maps, ex, hidden = probe_example(lm.model, lm.processor, lm.family, rec, METHODS, Counter())
+    _, maps, ex, hidden = probe_example(lm.model, lm.processor, lm.family, rec, method_names(), Counter())
     np.testing.assert_allclose(maps["attention"], raw_attention(lm.model, lm.family, ex, fusion="mean"), rtol=1e-5)
     assert len(hidden["layers"]) == len(lm.family.decoder_layers(lm.model)) + 1
     assert hidden["image_mask"].sum() == 16
@@ -153,7 +153,7 @@ def test_time_budget_stops_the_probe_and_lists_what_was_skipped(loaded, phantom_
 
 def test_bad_probe_input_is_refused_with_the_fix(loaded, phantom_records, tmp_path):
     lm = loaded["paligemma"]
-    with pytest.raises(ValueError, match="unknown probe methods"):
+    with pytest.raises(ValueError, match="unknown diagnostics method"):
         run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, methods=("occlusion_v2",))
     healthy = [dict(r) for r in phantom_records if not r["roi"]]
     with pytest.raises(ValueError, match="no record has a lesion mask"):

@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, eager_tiny
 from medvlm.data_curation.phantom import PhantomConfig, load_phantom
 from medvlm.diagnostics.attention_quality import score_map
 from medvlm.diagnostics.capture import prepare_example
-from medvlm.diagnostics.sanity import default_methods, randomization_test, randomize_top_layers
+from medvlm.diagnostics.sanity import randomization_test, randomize_top_layers, sanity_methods
 from medvlm.utils.images import read_mask
 
 CORPUS = ["where is the abnormality? the lesion is in the left lung, near the liver and the kidney."] * 4
@@ -76,18 +76,18 @@ def test_randomisation_flags_maps_that_ignore_the_model(setup, fam):
     def broken(m, f, e):
         raise ValueError("cannot compute")
 
-    methods = {**default_methods(), "image_only": lambda m, f, e: image_only,
+    methods = {**sanity_methods(), "image_only": lambda m, f, e: image_only,
                "constant": lambda m, f, e: np.ones((8, 8)), "broken": broken}
     report = randomization_test(model, family, ex, methods, top_k=1, tower="language", seed=0)
     assert report.scores["image_only"]["spearman"] == pytest.approx(1.0)
     assert report.scores["image_only"]["flagged"] is True
     assert "image_only" in report.untrustworthy
     # the last layer's attention is rebuilt from new weights: its map must move
-    assert report.scores["attention_mean"]["flagged"] is False
-    assert report.scores["attention_mean"]["spearman"] < 0.8
+    assert report.scores["attention"]["flagged"] is False
+    assert report.scores["attention"]["spearman"] < 0.8
     assert report.scores["constant"]["flagged"] is None and "constant" in report.scores["constant"]["reason"]
     assert report.scores["broken"]["flagged"] is None and "cannot compute" in report.scores["broken"]["reason"]
-    for name in default_methods():
+    for name in sanity_methods():
         s = report.scores[name]
         assert -1.0 <= s["spearman"] <= 1.0 and -1.0 <= s["pearson"] <= 1.0, name
         assert report.original[name].shape == report.randomized[name].shape == (8, 8)
@@ -115,10 +115,10 @@ def test_roi_scores_on_a_phantom_lesion(setup, lesion_record):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_every_method_scores_on_the_phantom(setup, lesion_record, fam):
     model, family, ex = setup[fam]
-    maps = {name: fn(model, family, ex) for name, fn in default_methods().items()}
+    maps = {name: fn(model, family, ex) for name, fn in sanity_methods().items()}
     mask = read_mask(lesion_record["roi"])
     scores = {name: score_map(grid, mask) for name, grid in maps.items()}
-    assert set(scores) == set(default_methods())
+    assert set(scores) == set(sanity_methods())
     for name, s in scores.items():
         if s.get("nan_reasons"):
             assert np.isnan(s["roi_mass"]), name

@@ -13,7 +13,6 @@ from scripts import load_script
 
 from medvlm.diagnostics.explorer import (
     BASE,
-    METHODS,
     ExplorerError,
     analyze,
     draw_overlay,
@@ -25,6 +24,7 @@ from medvlm.diagnostics.explorer import (
     read_image,
 )
 from medvlm.diagnostics.explorer_samples import samples
+from medvlm.diagnostics.methods import method_names
 from medvlm.utils.images import read_mask
 
 
@@ -80,7 +80,7 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
     case = next(s for s in sample_set if s.mask)
     a = analyze(em, em.variants[0], read_image(case.image), case.question, mask=read_mask(case.mask))
     assert a.errors == {}
-    assert list(a.maps) == list(METHODS)
+    assert list(a.maps) == method_names()
     for name, grid in a.maps.items():
         assert grid.shape == a.grid == (4, 4), name
         assert np.isfinite(grid).all(), name
@@ -138,7 +138,7 @@ def test_export_writes_overlays_lens_pages_and_numbers(explorer, sample_set, tmp
     a = analyze(em, em.variants[1], read_image(sample_set[1].image), "Where is it? <script>alert(1)</script>")
     files = export([a], tmp_path)
     names = {f.name for f in files}
-    assert {f"B__stage2_{m}.png" for m in METHODS} <= names
+    assert {f"B__stage2_{m}.png" for m in method_names()} <= names
     assert "numbers.json" in names and "B__stage2_logit_lens.html" in names
     numbers = json.loads((tmp_path / "numbers.json").read_text())["analyses"][0]
     assert numbers["answer"] == a.answer and numbers["variant"] == "B: stage2"
@@ -204,5 +204,5 @@ def test_a_bfloat16_checkpoint_is_explained_by_every_method(explorer, sample_set
                              dtype="bfloat16")
     case = next(s for s in sample_set if s.mask)
     a = analyze(em, em.variants[1], read_image(case.image), case.question, mask=read_mask(case.mask))
-    assert a.errors == {} and list(a.maps) == list(METHODS)
+    assert a.errors == {} and list(a.maps) == method_names()
     assert all(m.dtype == np.float64 and np.isfinite(m).all() for m in a.maps.values())

@@ -12,7 +12,13 @@ import torch
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
-from medvlm.diagnostics.logit_lens import LogitLens, layer_table, lens_html, logit_lens, write_lens_html
+from medvlm.diagnostics.methods.logit_lens import (
+    LogitLens,
+    layer_table,
+    lens_html,
+    logit_lens,
+    write_lens_html,
+)
 
 
 @pytest.fixture(scope="session")

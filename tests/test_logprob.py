@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import capture, prepare_example
-from medvlm.diagnostics.logprob import head_contributions, logprob_increase
+from medvlm.diagnostics.methods.logprob import head_contributions, logprob_increase
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
-from medvlm.diagnostics.occlusion import occlusion
+from medvlm.diagnostics.methods.occlusion import occlusion
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

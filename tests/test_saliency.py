@@ -9,7 +9,7 @@ from PIL import Image
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import capture, prepare_example
-from medvlm.diagnostics.gradcam import gradcam
+from medvlm.diagnostics.methods.gradcam import gradcam
 from medvlm.diagnostics.overlay import overlay, save_overlay
 from medvlm.diagnostics.saliency import (
     attention_map,

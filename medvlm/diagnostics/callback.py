@@ -6,13 +6,16 @@ trained at each save and writes ``checkpoint-N/diagnostics/diagnostics.json`` (+
 Budget. The callback measures the training wall time between saves (its own probe time excluded)
 and its own probe time. At a save the budget is ``budget_fraction x training time so far - probe
 time so far`` (so an unused budget carries over and an overrun is paid back at the next save).
-The cost of a probe is estimated from the previous probes' measured per-example timings; when
-the estimate exceeds the budget the probe shrinks in this order: fewer examples (down to
-``min_examples``), fewer randomisation-test examples (down to 1), drop the costliest methods
-(occlusion, gradcam, logprob, logit_lens), no randomisation test, a single example; if even that does not
-fit, the probe is skipped. Whatever is left out is listed under ``"budget"`` in the JSON, never
-silently. Before any measurement (the first save) the probe runs in full and stops early inside
-:func:`run_probe` once its measured time would overrun the budget.
+The cost of a probe is estimated per example and method: from the previous probes' measured
+timings, and before any probe has run (the first save) from the shapes: one timed forward pass of
+the first probe example gives seconds per floating-point operation, and each registered method
+declares its operations on an example of that shape (:meth:`~medvlm.diagnostics.methods.Method.cost`:
+occlusion's forwards, Grad-CAM's backward, the unembeddings of the log-probability increase and
+the logit lens). When the estimate exceeds the budget the probe shrinks in this order: fewer
+examples (down to ``min_examples``), fewer randomisation-test examples (down to 1), drop the
+costliest methods first, no randomisation test, a single example; if even that does not fit, the
+probe is skipped. Whatever is left out is listed under ``"budget"`` in the JSON, never silently,
+and :func:`run_probe` still stops early once its measured time would overrun the budget.
 """
 
 from __future__ import annotations
@@ -26,14 +29,13 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from medvlm.diagnostics.probe import METHODS, run_probe, select_probe_records
+from medvlm.diagnostics.capture import prepare_example
+from medvlm.diagnostics.methods import Shape, registered
+from medvlm.diagnostics.probe import run_probe, select_probe_records
 from medvlm.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-#: Methods dropped first when the budget is tight (costliest first); attention and rollout come
-#: from the one capture pass every example needs and are never dropped.
-DROP_ORDER = ("occlusion", "gradcam", "logprob", "logit_lens")
 #: Sanity cost per example / probe cost per example before it is measured: the randomisation test
 #: recomputes every map on the model and on its randomised copy (2x), plus the copy.
 DEFAULT_SANITY_RATIO = 2.5
@@ -59,7 +61,7 @@ def plan_probe(budget_s: float, cost: dict[str, float] | None, max_examples: int
     if not cost:
         return {"run": True, "n_examples": n, "methods": ms, "sanity_examples": s, "estimate_s": float("nan"),
                 "skipped": [], "note": "no cost estimate yet: full probe, stopped early inside if it overruns"}
-    droppable = [m for m in DROP_ORDER if m in ms]
+    droppable = sorted((m for m in ms if cost.get(m, 0.0) > 0), key=lambda m: -cost[m])  # costliest first
     run = True
     while estimate_seconds(cost, n, ms, s) > budget_s:
         if n > min_examples:
@@ -99,15 +101,41 @@ def costs_from_timings(timings: dict[str, float], previous: dict[str, float] | N
     n = int(timings.get("n_examples") or 0)
     if n == 0:
         return cost
-    for key in ("capture", *DROP_ORDER):
+    names = [m.name for m in registered()]
+    for key in ("capture", *names):
         if key in timings:
             cost[key] = timings[key] / n
     if "geometry" in timings:
         cost["geometry"] = timings["geometry"]
     n_sanity = int(timings.get("n_sanity") or 0)
-    per_example = timings.get("capture", 0.0) / n + sum(timings.get(m, 0.0) / n for m in DROP_ORDER)
+    per_example = timings.get("capture", 0.0) / n + sum(timings.get(m, 0.0) / n for m in names)
     if n_sanity and per_example > 0:
         cost["sanity_ratio"] = timings.get("sanity", 0.0) / n_sanity / per_example
+    return cost
+
+
+def costs_from_shapes(model, processor, family, record: dict, methods: Sequence[str], geometry_examples: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Per-example seconds of the capture and of each method, estimated before any probe ran: one
+    timed forward pass of ``record`` calibrates seconds per operation, and each method's declared
+    operations on that shape (:meth:`~medvlm.diagnostics.methods.Method.cost`) scale it."""
+    import torch
+
+    ex = prepare_example(model, processor, family, record["image"], record["question"])
+    shape = Shape.of(model, family, ex)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            t = clock()
+            model(**ex.inputs, use_cache=False)
+            forward = max(clock() - t, 1e-6)
+    finally:
+        model.train(was_training)
+    per_flop = forward / shape.forward_flops(logits_at=shape.seq_len)
+    cost = {"capture": forward, "geometry": geometry_examples * forward, "sanity_ratio": DEFAULT_SANITY_RATIO,
+            "forward_s": forward}
+    cost.update({m.name: m.cost(shape) * per_flop for m in registered(methods)})
     return cost
 
 
@@ -154,13 +182,11 @@ class DiagnosticsCallback(TrainerCallback):
     """
 
     def __init__(self, family, processor, records, *, max_examples: int = 8, budget_fraction: float = 0.1,
-                 methods: Sequence[str] = METHODS, sanity_examples: int = 2, min_examples: int = 2,
-                 geometry: bool = True, clock: Callable[[], float] = time.monotonic):
+                 methods: Sequence[str] | None = None, sanity_examples: int = 2, min_examples: int = 2,
+                 geometry: bool = True, geometry_examples: int = 24, clock: Callable[[], float] = time.monotonic):
         if not 0 < budget_fraction <= 1:
             raise ValueError(f"budget_fraction={budget_fraction}; expected a share of training time in (0, 1]")
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown diagnostics methods {unknown}; expected a subset of {METHODS}")
+        methods = [m.name for m in registered(methods)]  # an unknown name: did-you-mean
         chosen, skipped = select_probe_records(records, max_examples)
         if not chosen:
             raise ValueError(f"none of the {len(records)} diagnostics records has a lesion mask ('roi'); pass "
@@ -170,7 +196,8 @@ class DiagnosticsCallback(TrainerCallback):
         self.family, self.processor, self.records = family, processor, records
         self.max_examples, self.budget_fraction = max_examples, budget_fraction
         self.methods, self.sanity_examples, self.min_examples = list(methods), sanity_examples, min_examples
-        self.geometry, self.clock = geometry, clock
+        self.geometry, self.geometry_examples, self.clock = geometry, geometry_examples, clock
+        self.first = chosen[0]
         self.cost: dict[str, float] = {}
         self.train_seconds = 0.0
         self.probe_seconds = 0.0
@@ -186,6 +213,11 @@ class DiagnosticsCallback(TrainerCallback):
         interval = start - self._mark if self._mark is not None else 0.0
         self.train_seconds += interval
         budget = self.budget_fraction * self.train_seconds - self.probe_seconds
+        missing = [m for m in self.methods if m not in self.cost]
+        if missing or "capture" not in self.cost:  # first save: estimate from the shapes
+            shapes = costs_from_shapes(model, self.processor, self.family, self.first, self.methods,
+                                       self.geometry_examples if self.geometry else 0, clock=self.clock)
+            self.cost = {**shapes, **self.cost}
         plan = plan_probe(budget, self.cost, self.max_examples, self.methods, self.sanity_examples,
                           self.min_examples)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "diagnostics"
@@ -197,7 +229,8 @@ class DiagnosticsCallback(TrainerCallback):
             result = run_probe(model, self.processor, self.family, self.records, folder,
                                methods=plan["methods"], max_examples=plan["n_examples"],
                                sanity_examples=plan["sanity_examples"], geometry=self.geometry,
-                               time_budget=max(budget, 0.0), clock=self.clock, extra=info)
+                               geometry_examples=self.geometry_examples, time_budget=max(budget, 0.0),
+                               clock=self.clock, extra=info)
             self.cost = costs_from_timings(result["timings"], self.cost)
             log_to_wandb(result, folder, state.global_step)
             logger.info("checkpoint %d diagnostics: %s", state.global_step,

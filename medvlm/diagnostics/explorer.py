@@ -1,20 +1,12 @@
 """The explorer's engine: one question about one image, answered and explained, without a UI.
 
-:func:`analyze` generates the answer (greedy), then teacher-forces it and runs every saliency
-method of :mod:`medvlm.diagnostics` on it:
-
-- ``attention``: response tokens → image patches, from one capture pass that keeps the attention
-  rows of every layer and head at the response positions only, so the layer / head / fusion
-  controls and a click on a token or a patch re-read that cache instead of running the model;
-- ``rollout`` (Abnar & Zuidema 2020) from a head-mean capture pass over all positions;
-- ``gradcam`` on the vision tower for the answer tokens;
-- ``logprob``: log-probability increase per image position and the top-10 heads
-  (Yu & Ananiadou 2024), from one pass;
-- ``logit_lens``: p(first answer token) per patch, maxed over layers, and the top-5 tokens per
-  patch and layer for the interactive page;
-- ``occlusion`` (Zeiler & Fergus 2014): the drop in log p(answer) when each image cell is hidden,
-  the faithful reference the other maps can be compared with (at most 64 batched forwards; on
-  grids wider than 8, blocks of cells are hidden together).
+:func:`analyze` generates the answer (greedy), then teacher-forces it and runs the registered
+saliency methods (:mod:`medvlm.diagnostics.methods`) on it, within a time budget when given (the
+methods that would overrun are listed as skipped and computed on demand by :func:`compute_method`).
+Besides the maps it keeps one capture of every layer's and head's attention rows at the response
+positions, so the layer / head / fusion controls and a click on a token or a patch re-read that
+cache instead of running the model; the logit-lens page's top-5 tokens per patch and layer; and
+the top-10 heads of the log-probability increase (Yu & Ananiadou 2024).
 
 One :class:`ExplorerModel` holds the base model and up to two LoRA adapters (PEFT named adapters
 on one base, switched per request), so stage 1 and stage 2 can be compared on the same input.
@@ -43,12 +35,9 @@ from medvlm.diagnostics.capture import (
     capture,
     prepare_example,
 )
-from medvlm.diagnostics.gradcam import gradcam
-from medvlm.diagnostics.logit_lens import LogitLens, lens_from_cache, lens_html
-from medvlm.diagnostics.logprob import logprob_increase
-from medvlm.diagnostics.occlusion import occlusion
+from medvlm.diagnostics.methods import Context, Shape, get_method, method_names, registered
+from medvlm.diagnostics.methods.logit_lens import LogitLens, lens_html
 from medvlm.diagnostics.overlay import enlarge, overlay, save_overlay
-from medvlm.diagnostics.probe import METHODS
 from medvlm.diagnostics.saliency import FUSIONS, attention_map, image_to_response, last_quarter, rollout
 from medvlm.eval.generate import generate_answers
 from medvlm.models.adapters import (
@@ -219,6 +208,8 @@ class Analysis:
     attn: Cache | None = None  # attention rows of every layer and head at ``positions``
     mean_attn: Cache | None = None  # head-mean rows of every layer at every position (rollout)
     mask: np.ndarray | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # methods left for on demand, with why
+    example: Example | None = None
 
     def attention(self, token: int | None = None, layer: int | None = None, head: int | None = None,
                   fusion: str = "mean") -> np.ndarray:
@@ -259,11 +250,14 @@ class Analysis:
                 "seconds": self.timings}
 
 
-def _token_table(model, processor, ex: Example, logits: torch.Tensor, k: int = 5) -> list[Token]:
+def _token_table(processor, ex: Example, logits: torch.Tensor, k: int = 5) -> list[Token]:
+    """One row per explained position: the answer token there (or, without an answer, the model's
+    prediction at the last position), its probability and the top-``k`` alternatives."""
     tok = processor.tokenizer
     probs = torch.softmax(logits[0, ex.target_positions].float(), -1)
+    ids = ex.target_ids or [int(row.argmax()) for row in probs]
     out = []
-    for row, tid in zip(probs, ex.target_ids, strict=True):
+    for row, tid in zip(probs, ids, strict=True):
         top = row.topk(k)
         out.append(Token(tok.decode([tid]), int(tid), float(row[tid]),
                          [(tok.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)]))
@@ -276,10 +270,14 @@ def _generate(model, processor, family, image: Image.Image, question: str, max_n
 
 
 def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, question: str, *,
-            mask: np.ndarray | None = None, max_new_tokens: int = 16,
-            progress: Callable[[float, str], None] | None = None) -> Analysis:
-    """Answer ``question`` about ``image`` with ``variant`` and run every saliency method on it.
+            mask: np.ndarray | None = None, max_new_tokens: int = 16, methods: Sequence[str] | None = None,
+            budget_s: float | None = None, progress: Callable[[float, str], None] | None = None) -> Analysis:
+    """Answer ``question`` about ``image`` with ``variant`` and run the saliency methods on it.
 
+    ``methods``: registered method names (default all). ``budget_s``: seconds the methods may take
+    after the shared pass; a method whose estimated cost (its declared operations on this
+    example's shape, timed against the shared pass) would overrun what is left is skipped and
+    listed in ``skipped`` with the reason, to be computed on demand with :func:`compute_method`.
     ``mask`` (bool HxW, any size), when known, adds ROI mass and the pointing game to each
     method's scores. ``progress(fraction, text)`` is called between steps. A method that fails is
     reported in ``errors`` and the others still run.
@@ -290,7 +288,9 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
     step = progress or (lambda f, t: None)
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     pil = read_any_image(image)
+    chosen = registered(methods)
     with em.use(variant) as model:
         family, processor = em.family, em.processor
         t0 = time.perf_counter()
@@ -304,61 +304,69 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
                 ex = prepare_example(model, processor, family, pil, question)
             else:
                 raise ExplorerError(str(err)) from err
-        step(0.25, "attention, rollout and logit lens")
+        step(0.15, "the shared pass: attention and residual stream")
         t = time.perf_counter()
-        maps: dict[str, np.ndarray] = {}
         attn_cache = None
-        try:  # every layer's and head's attention rows at the answer positions only
-            out, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
+        try:  # every layer's and head's attention rows at the answer positions (the page's controls)
+            _, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
         except AttentionNotEagerError as err:  # no eager attention: the other methods still run
-            errors["attention"] = errors["rollout"] = str(err)
-        eager = attn_cache is not None
-        # head-mean attention at every position (rollout) and the residual stream (logit lens)
-        full, mean_cache = capture(model, family, ex.inputs, attention=False, attention_mean=eager,
-                                   hidden_states=True)
-        out = out if eager else full
-        tokens = _token_table(model, processor, ex, out.logits) if ex.target_ids else []
-        pred = ex.target_ids[0] if ex.target_ids else int(out.logits[0, ex.target_positions[0]].argmax())
-        if eager:
-            maps["attention"] = attention_map(attn_cache, ex.target_positions, layers=last_quarter(em.n_layers))
-            maps["rollout"] = rollout(mean_cache, ex.target_positions)
-        lens = None
-        try:
-            lens, maps["logit_lens"] = lens_from_cache(model, family, mean_cache, processor.tokenizer,
-                                                        target_id=pred)
-        except (RuntimeError, ValueError, KeyError) as err:
-            errors["logit_lens"] = str(err)
-        timings["attention + logit lens"] = time.perf_counter() - t
-        step(0.45, "Grad-CAM")
-        t = time.perf_counter()
-        try:
-            maps["gradcam"] = gradcam(model, family, ex)
-        except (RuntimeError, ValueError, KeyError) as err:
-            errors["gradcam"] = str(err)
-        timings["gradcam"] = time.perf_counter() - t
-        step(0.65, "log-probability increase")
-        t = time.perf_counter()
-        heads: list[dict[str, Any]] = []
-        try:
-            lpi = logprob_increase(model, family, ex, processor.tokenizer)
-            maps["logprob"] = lpi.position_map("sum")
-            heads = [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)]
-        except (RuntimeError, ValueError, KeyError) as err:
-            errors["logprob"] = str(err)
-        timings["logprob"] = time.perf_counter() - t
-        t = time.perf_counter()
-        step(0.8, "occlusion")
-        try:
-            maps["occlusion"] = occlusion(model, family, ex)
-        except (RuntimeError, ValueError, KeyError) as err:
-            errors["occlusion"] = str(err)
-        timings["occlusion"] = time.perf_counter() - t
-    grid = (attn_cache or mean_cache).grid
-    scores = {name: score_map(grid_map, mask) for name, grid_map in maps.items()}
+            errors.update({m.name: str(err) for m in chosen if m.eager})
+            chosen = [m for m in chosen if not m.eager]
+        kinds = {k for m in chosen for k in m.shared} | {"hidden_states"}
+        ctx = Context(model, processor, family, ex, kinds=kinds)
+        tokens = _token_table(processor, ex, ctx.output.logits)
+        timings["shared pass"] = shared = time.perf_counter() - t
+        shape = Shape.of(model, family, ex)
+        per_flop = shared / shape.forward_flops(logits_at=shape.seq_len)
+        results, spent = {}, 0.0
+        for k, method in enumerate(chosen):
+            estimate = method.cost(shape) * per_flop
+            if budget_s is not None and spent + estimate > budget_s:
+                skipped[method.name] = (f"estimated {estimate:.1f}s, {max(budget_s - spent, 0):.1f}s of the "
+                                        f"{budget_s:.0f}s budget left: compute it on demand")
+                continue
+            step(0.25 + 0.7 * k / max(len(chosen), 1), method.title)
+            t = time.perf_counter()
+            try:
+                results[method.name] = method.run(ctx)
+            except (RuntimeError, ValueError, KeyError) as err:
+                errors[method.name] = str(err)
+            timings[method.name] = time.perf_counter() - t
+            spent += timings[method.name]
+        mean_cache = ctx.cache if "attention_mean" in kinds else None
+    maps = {name: r.map for name, r in results.items()}
+    grid = ex.span.grid
     timings["total"] = time.perf_counter() - t0
-    return Analysis(variant, question, answer, tokens, ex.image, grid, em.n_layers, em.n_heads,
-                    {m: maps[m] for m in METHODS if m in maps}, scores, heads, lens, timings, errors,
-                    list(ex.target_positions), attn_cache, mean_cache, mask)
+    return Analysis(variant, question, answer, tokens, ex.image, grid, em.n_layers, em.n_heads, maps,
+                    {name: score_map(grid_map, mask) for name, grid_map in maps.items()},
+                    results["logprob"].row["top_heads"] if "logprob" in results else [],
+                    results["logit_lens"].data if "logit_lens" in results else None, timings, errors,
+                    list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex)
+
+
+def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis:
+    """Compute one method of ``analysis`` that was skipped (or not asked for), on demand."""
+    if analysis.example is None:
+        raise ExplorerError("this analysis kept no example to compute more maps on")
+    method = get_method(name)
+    with em.use(analysis.variant) as model:
+        ctx = Context(model, em.processor, em.family, analysis.example, kinds=method.shared)
+        t = time.perf_counter()
+        try:
+            result = method.run(ctx)
+        except (RuntimeError, ValueError, KeyError) as err:
+            analysis.errors[name] = str(err)
+            return analysis
+        analysis.timings[name] = time.perf_counter() - t
+    analysis.maps[name] = result.map
+    analysis.maps = {m: analysis.maps[m] for m in method_names() if m in analysis.maps}
+    analysis.scores[name] = score_map(result.map, analysis.mask)
+    analysis.skipped.pop(name, None)
+    if name == "logprob":
+        analysis.top_heads = result.row["top_heads"]
+    if name == "logit_lens":
+        analysis.lens = result.data
+    return analysis
 
 
 # -- pictures and files ---------------------------------------------------------------------------
@@ -376,7 +384,7 @@ def draw_overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5,
 
 
 def overlays(analysis: Analysis, alpha: float = 0.5) -> dict[str, Image.Image]:
-    """One overlay per method that produced a map, in :data:`METHODS` order."""
+    """One overlay per method that produced a map, in the registry's order."""
     return {name: draw_overlay(analysis.image, grid_map, alpha, analysis.mask)
             for name, grid_map in analysis.maps.items()}
 

@@ -3,17 +3,11 @@
 The probe set is chosen deterministically from the records (see :func:`select_probe_records`), so
 every checkpoint of a run is probed on the same questions and the numbers are comparable over
 training. For each probe example, at the model's *predicted first answer token* (the last prompt
-position; no answer is teacher-forced):
-
-- one capture pass (head-mean attention of every layer at every position, the residual stream of
-  every layer) gives the ``attention`` map (head-mean attention of the last quarter of the decoder,
-  exactly :func:`~medvlm.diagnostics.saliency.raw_attention` with ``fusion="mean"``), the
-  ``rollout`` map, the ``logit_lens`` map and best layers, the answer entropy, and the hidden
-  states for the geometry;
-- ``gradcam`` and ``logprob`` (log-probability increase, top heads) need gradients / value vectors
-  and run their own pass; ``occlusion`` (the faithful reference: the drop in p(predicted token)
-  when each image cell is hidden) runs one batched pass per 16 cells (blocks of cells on grids
-  wider than 8, so at most 64 forwards).
+position; no answer is teacher-forced), one shared capture pass keeps the residual stream of every
+layer (the geometry's input) and whatever the chosen methods read from it (head-mean attention for
+``attention`` and ``rollout``, the residual stream for ``logit_lens``); then every registered
+method (:mod:`medvlm.diagnostics.methods`) gives its map, the methods with passes of their own
+(``gradcam``, ``logprob``, ``occlusion``, the faithful reference) after the shared pass is freed.
 
 Each map is scored against the lesion mask with :func:`~medvlm.diagnostics.attention_quality.map_summary`
 (ROI mass, chance, ratio, pointing game, focus, gini). Geometry pools the hidden states of all
@@ -39,17 +33,8 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.attention_quality import score_map
-from medvlm.diagnostics.capture import (
-    AttentionNotEagerError,
-    Cache,
-    Example,
-    capture,
-    prepare_example,
-)
-from medvlm.diagnostics.gradcam import gradcam
-from medvlm.diagnostics.logit_lens import layer_table, lens_from_cache
-from medvlm.diagnostics.logprob import logprob_increase
-from medvlm.diagnostics.occlusion import occlusion
+from medvlm.diagnostics.capture import AttentionNotEagerError, Cache, Example, capture, prepare_example
+from medvlm.diagnostics.methods import Context, registered
 from medvlm.diagnostics.overlay import enlarge, save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
@@ -59,8 +44,7 @@ from medvlm.diagnostics.probe_summary import (
     top_heads,
     trust_verdict,
 )
-from medvlm.diagnostics.saliency import attention_rollout, last_quarter, raw_attention, rollout
-from medvlm.diagnostics.sanity import randomization_test
+from medvlm.diagnostics.sanity import randomization_test, sanity_methods
 from medvlm.models.base import ModelFamily
 from medvlm.records import parse_meta
 from medvlm.utils.images import read_mask
@@ -68,7 +52,6 @@ from medvlm.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion")
 #: The randomisation test re-initialises the top layer of both towers: a VLM computes its image
 #: evidence in the vision tower (the demo's tower is pre-trained on per-patch lesion labels), so a
 #: test that leaves the whole tower intact would flag an output-faithful map such as occlusion,
@@ -115,36 +98,6 @@ def select_probe_records(records: Any, max_examples: int = 8) -> tuple[list[dict
     return chosen, skipped
 
 
-# -- maps ----------------------------------------------------------------------------------------
-def _attention_from_cache(cache: Cache, position: int) -> np.ndarray:
-    """Head-mean attention of ``position`` to the image, averaged over the last quarter of the
-    decoder: equal to ``attention_map(..., fusion="mean")`` (the mean over heads commutes), but read
-    from the head-mean rows of the shared capture pass."""
-    span, q = cache.image_span, cache.query_index(position)
-    rows = [cache["attn_mean", layer][0][q, span.start:span.end] for layer in last_quarter(cache.n_layers)]
-    return torch.stack(rows).float().mean(0).reshape(span.grid).double().cpu().numpy()
-
-
-def logit_lens_map(model, family: ModelFamily, example: Example) -> np.ndarray:
-    """p(predicted token) per patch, maxed over layers, from a hidden-states-only pass."""
-    out, cache = capture(model, family, example.inputs, attention=False, hidden_states=True)
-    pred = int(out.logits[0, example.target_positions[0]].argmax())
-    return lens_from_cache(model, family, cache, target_id=pred)[1]
-
-
-def sanity_methods(methods: Sequence[str]) -> dict[str, Callable]:
-    """``name -> fn(model, family, example) -> map`` for the randomisation test."""
-    table = {
-        "attention": lambda m, f, e: raw_attention(m, f, e, fusion="mean"),
-        "rollout": attention_rollout,
-        "gradcam": gradcam,
-        "logprob": lambda m, f, e: logprob_increase(m, f, e).position_map("sum"),
-        "logit_lens": logit_lens_map,
-        "occlusion": occlusion,
-    }
-    return {name: table[name] for name in methods}
-
-
 # -- hidden states for the geometry ---------------------------------------------------------------
 def _EMBED_AND_RESID(name: str) -> bool:  # noqa: N802 - a names_filter constant
     """Keep every layer's output and only layer 0's input (the embeddings)."""
@@ -189,11 +142,15 @@ def _first_answer_token(model, processor, family, rec: dict) -> int | None:
     return ex.target_ids[0]
 
 
-def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Sequence[str],
+def probe_example(model, processor, family: ModelFamily, rec: dict, names: Sequence[str],
                   timings: Counter, clock: Callable[[], float] = time.monotonic
                   ) -> tuple[dict, dict[str, np.ndarray], Example, dict | None]:
     """Maps and scores of one record: ``(row, maps, example, hidden)``; ``hidden`` holds the
-    per-layer hidden states [S, D] and the image-token mask for the geometry (None on failure)."""
+    per-layer hidden states [S, D] and the image-token mask for the geometry (None on failure).
+
+    One shared capture pass (the hidden states for the geometry, and what the chosen methods read
+    from it: head-mean attention, the residual stream), then each registered method in turn; a
+    method that fails is recorded in ``errors`` and the others still run."""
     meta = _meta(rec)
     row: dict[str, Any] = {"id": rec.get("id"), "question": rec.get("question"), "answer": rec.get("answer"),
                            "qtype": meta.get("qtype"), "modality": rec.get("modality"),
@@ -202,59 +159,47 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, methods: Seq
     t = clock()
     ex = prepare_example(model, processor, family, rec["image"], rec["question"])
     mask = read_mask(rec["roi"])
-    q = ex.target_positions[0]
+    chosen = registered(names)
     try:
         family.check_eager(model)
         eager = True
     except AttentionNotEagerError as err:
         eager = False
-        row["errors"].update({m: str(err) for m in ("attention", "rollout") if m in methods})
-    out, cache = capture(model, family, ex.inputs, attention=False, attention_mean=eager, hidden_states=True,
-                         resid_pre=True, names_filter=_EMBED_AND_RESID)
-    logits = out.logits[0, q].float()
+        row["errors"].update({m.name: str(err) for m in chosen if m.eager})
+        chosen = [m for m in chosen if not m.eager]
+    kinds = {"hidden_states", "resid_pre"} | {k for m in chosen for k in m.shared}
+    ctx = Context(model, processor, family, ex, kinds=kinds if eager else kinds - {"attention_mean"},
+                  names_filter=_EMBED_AND_RESID)
+    q = ex.target_positions[0]
+    logits = ctx.output.logits[0, q].float()
     logp = torch.log_softmax(logits, -1)
-    pred = int(logits.argmax())
+    pred = ctx.target_id
     first = _first_answer_token(model, processor, family, rec)
     row.update(predicted_token_id=pred, predicted_token=processor.tokenizer.decode([pred]),
                answer_entropy=float(-(logp.exp() * logp).sum()),
                first_token_correct=None if first is None else bool(pred == first))
-    maps: dict[str, np.ndarray] = {}
-    if eager and "attention" in methods:
-        maps["attention"] = _attention_from_cache(cache, q)
-    if eager and "rollout" in methods:
-        maps["rollout"] = rollout(cache, [q])
     timings["capture"] += clock() - t
-    t = clock()
-    if "logit_lens" in methods:
-        lens, maps["logit_lens"] = lens_from_cache(model, family, cache, processor.tokenizer, target_id=pred)
-        best = Counter(int(b) for b in lens.best_layer)
-        row["logit_lens"] = {"best_layer_counts": {str(k): v for k, v in sorted(best.items())},
-                             "mean_best_layer": float(np.mean(lens.best_layer)),
-                             "layer_table": layer_table(lens, n=3)}
-    hidden = _hidden_from_cache(cache)
-    del cache
-    timings["logit_lens" if "logit_lens" in methods else "capture"] += clock() - t
-    for name in ("gradcam", "logprob", "occlusion"):
-        if name not in methods:
-            continue
+    maps: dict[str, np.ndarray] = {}
+    hidden = None
+    for method in sorted(chosen, key=lambda m: (not m.shared, m.order)):  # shared-pass readers first
+        if hidden is None and not method.shared:
+            hidden = _hidden_from_cache(ctx.cache)
+            ctx.release()  # the methods left run passes of their own
         t = clock()
         try:
-            if name == "gradcam":
-                maps[name] = gradcam(model, family, ex)
-            elif name == "occlusion":
-                maps[name] = occlusion(model, family, ex)
-            else:
-                lpi = logprob_increase(model, family, ex, processor.tokenizer)
-                maps[name] = lpi.position_map("sum")
-                row["top_heads"] = [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)]
-                row["head_scores"] = lpi.head_scores.tolist()
+            result = method.run(ctx)
+            maps[method.name] = result.map
+            row.update(result.row)
         except (ValueError, RuntimeError, KeyError) as err:
-            logger.warning("probe %s: method %s failed: %s", rec.get("id"), name, err)
-            row["errors"][name] = str(err)
-        timings[name] += clock() - t
+            logger.warning("probe %s: method %s failed: %s", rec.get("id"), method.name, err)
+            row["errors"][method.name] = str(err)
+        timings[method.name] += clock() - t
+    if hidden is None:
+        hidden = _hidden_from_cache(ctx.cache)
+        ctx.release()
     for name, grid in maps.items():
         row["methods"][name] = score_map(grid, mask)
-    for name in methods:
+    for name in names:
         if name not in row["methods"]:
             row["methods"][name] = {"roi_mass": float("nan"), "roi_mass_ratio": float("nan"), "pointing_game": None,
                                     "nan_reasons": {"all": row["errors"].get(name, "method not run")}}
@@ -284,7 +229,7 @@ def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
 
 # -- the probe -----------------------------------------------------------------------------------
 def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str | Path, *,
-              methods: Sequence[str] = METHODS, geometry: bool = True, max_examples: int = 8,
+              methods: Sequence[str] | None = None, geometry: bool = True, max_examples: int = 8,
               sanity_examples: int = 2, overlay_examples: int = 2, time_budget: float | None = None,
               clock: Callable[[], float] = time.monotonic, geometry_examples: int = 24, geometry_tokens: int = 256,
               seed: int = 0,
@@ -301,10 +246,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     """
     from tqdm.auto import tqdm
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown probe methods {unknown}; expected a subset of {METHODS}")
-    methods = [m for m in METHODS if m in methods]
+    names = [m.name for m in registered(methods)]  # registered order; an unknown name: did-you-mean
     out_dir = Path(out_dir)
     start = clock()
     chosen, skipped = select_probe_records(records, max_examples)
@@ -320,7 +262,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                         for r in chosen[i:]]
             break
         try:
-            row, maps, ex, hid = probe_example(model, processor, family, rec, methods, timings, clock)
+            row, maps, ex, hid = probe_example(model, processor, family, rec, names, timings, clock)
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
             logger.warning("probe: record %s skipped: %s", rec.get("id"), err)
             skipped.append({"id": rec.get("id"), "reason": str(err)})
@@ -339,13 +281,14 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
             tested.append((row["id"], ex))
         rows.append(row)
         hidden.append(hid)
-    result: dict[str, Any] = {"status": "ok", "methods": methods, "trust_rule": TRUST_RULE, "examples": rows,
+    result: dict[str, Any] = {"status": "ok", "methods": names,
+                              "method_titles": {m.name: m.title for m in registered(names)}, "trust_rule": TRUST_RULE, "examples": rows,
                               "n_examples": len(rows), "skipped": skipped,
                               "settings": {"max_examples": max_examples, "sanity_examples": sanity_examples,
                                            "geometry": geometry, "geometry_extra_examples": geometry_examples,
                                            "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed}}
-    result["summary"] = summarize_methods(rows, methods)
+    result["summary"] = summarize_methods(rows, names)
     result["top_heads"] = top_heads(rows)
     lens_counts: Counter = Counter()
     for r in rows:
@@ -386,11 +329,11 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                                  f"{elapsed:.3g}s spent"})
             continue
         t = clock()
-        rep = randomization_test(model, family, ex, sanity_methods(methods), top_k=1, tower=SANITY_TOWER, seed=seed)
+        rep = randomization_test(model, family, ex, sanity_methods(names), top_k=1, tower=SANITY_TOWER, seed=seed)
         sanity_rows.append({"id": rid, "tower": rep.tower, "top_k": rep.top_k, "threshold": rep.threshold,
                             "scores": rep.scores})
         timings["sanity"] += clock() - t
-    result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, methods)}
+    result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, list(sanity_methods(names)))}
     result["trust"] = trust_verdict(result["summary"], result["sanity"]["summary"] if sanity_rows else None)
     result["timings"] = {**{k: float(v) for k, v in timings.items()}, "total": float(clock() - start),
                          "n_examples": len(rows), "n_sanity": len(sanity_rows)}

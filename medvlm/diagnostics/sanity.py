@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from medvlm.diagnostics.capture import Example
-from medvlm.diagnostics.gradcam import gradcam
-from medvlm.diagnostics.logprob import logprob_increase
-from medvlm.diagnostics.saliency import attention_rollout, raw_attention
+from medvlm.diagnostics.methods import registered
 from medvlm.models.base import ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -38,15 +36,10 @@ MapFn = Callable[[torch.nn.Module, ModelFamily, Example], np.ndarray]
 TOWERS = ("language", "vision", "both")
 
 
-def default_methods() -> dict[str, MapFn]:
-    """The saliency methods of this package as ``name -> fn(model, family, example) -> map``."""
-    return {
-        "attention_mean": lambda m, f, e: raw_attention(m, f, e, fusion="mean"),
-        "attention_entropy": lambda m, f, e: raw_attention(m, f, e, fusion="entropy"),
-        "rollout": attention_rollout,
-        "gradcam": gradcam,
-        "logprob": lambda m, f, e: logprob_increase(m, f, e).position_map("sum"),
-    }
+def sanity_methods(names: Sequence[str] | None = None) -> dict[str, MapFn]:
+    """``name -> fn(model, family, example) -> map`` of the registered methods the randomisation test
+    applies to (``names``: only those), each running a capture of its own."""
+    return {m.name: m.map for m in registered(names) if m.sanity}
 
 
 def randomize_top_layers(model: torch.nn.Module, family: ModelFamily, top_k: int = 1, tower: str = "language",
@@ -110,7 +103,7 @@ def randomization_test(model: torch.nn.Module, family: ModelFamily, example: Exa
     A method that raises (ValueError / RuntimeError / KeyError) is recorded with the error as its
     reason, not dropped.
     """
-    methods = methods or default_methods()
+    methods = methods or sanity_methods()
     randomized = randomize_top_layers(model, family, top_k, tower, seed)
     scores: dict[str, dict[str, Any]] = {}
     maps_a: dict[str, np.ndarray] = {}

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Cache, Example, capture
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 
 
@@ -179,3 +180,21 @@ def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cach
     w_o = torch.stack([effective_weight(family.attention_module(blocks[layer]).o_proj) for layer in layers])  # [L, D, H*d]
     w_o = w_o.unflatten(2, (n_heads, head_dim))[:, :, cache.heads]  # [L, D, H, d]
     return torch.einsum("lhp,lphd,lDhd->lhpD", a, v, w_o)
+
+
+@register
+class LogProb(Method):
+    name = "logprob"
+    title = "Log-probability increase"
+    order = 40
+    eager = True
+
+    def cost(self, shape: Shape) -> float:
+        candidates = shape.n_layers * (1 + shape.n_heads * shape.image_tokens)
+        return shape.forward_flops() + shape.unembed_flops(candidates)
+
+    def run(self, ctx: Context) -> MethodResult:
+        lpi = logprob_increase(ctx.model, ctx.family, ctx.example, ctx.tokenizer)
+        row = {"top_heads": [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)],
+               "head_scores": lpi.head_scores.tolist()}
+        return MethodResult(lpi.position_map("sum"), row, lpi)

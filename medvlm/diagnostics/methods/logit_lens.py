@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from medvlm.diagnostics.capture import Cache, Example, capture
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
 
@@ -178,3 +179,24 @@ def write_lens_html(path: str | os.PathLike, lens: LogitLens, image: np.ndarray,
                     title: str = "Logit lens") -> Path:
     """Write :func:`lens_html` atomically to ``path``."""
     return atomic_write_text(path, lens_html(lens, image, question, title))
+
+
+@register
+class LogitLensMethod(Method):
+    """p(explained token) per image patch, maxed over layers, from the shared pass's residual stream;
+    the per-layer top tokens go to the explorer's page and the best-layer counts to the JSON."""
+
+    name = "logit_lens"
+    title = "Logit lens"
+    order = 50
+    shared = frozenset({"hidden_states"})
+
+    def cost(self, shape: Shape) -> float:
+        return shape.unembed_flops(shape.n_layers * shape.image_tokens)
+
+    def run(self, ctx: Context) -> MethodResult:
+        lens, grid = lens_from_cache(ctx.model, ctx.family, ctx.cache, ctx.tokenizer, target_id=ctx.target_id)
+        best = Counter(int(b) for b in lens.best_layer)
+        row = {"logit_lens": {"best_layer_counts": {str(k): v for k, v in sorted(best.items())},
+                              "mean_best_layer": float(np.mean(lens.best_layer)), "layer_table": layer_table(lens, n=3)}}
+        return MethodResult(grid, row, lens)

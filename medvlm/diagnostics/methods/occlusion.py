@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Example, check_length
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 
 
@@ -80,3 +81,18 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     finally:
         model.train(was_training)
     return drops
+
+
+@register
+class Occlusion(Method):
+    name = "occlusion"
+    title = "Occlusion"
+    order = 60
+
+    def cost(self, shape: Shape, max_side: int = 8) -> float:
+        block = max(1, -(-max(shape.grid) // max_side))
+        n_blocks = -(-shape.grid[0] // block) * -(-shape.grid[1] // block)
+        return (n_blocks + 1) * shape.forward_flops()
+
+    def run(self, ctx: Context) -> MethodResult:
+        return MethodResult(occlusion(ctx.model, ctx.family, ctx.example))

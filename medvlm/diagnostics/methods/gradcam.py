@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Example, _first, check_length
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 
 
@@ -70,3 +71,16 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
         model.train(was_training)
     cam = family.gradcam_map(acts[-1].detach(), grads, span, example.inputs)
     return cam.double().cpu().numpy()
+
+
+@register
+class GradCAM(Method):
+    name = "gradcam"
+    title = "Grad-CAM"
+    order = 30
+
+    def cost(self, shape: Shape) -> float:
+        return 3.0 * shape.forward_flops(logits_at=shape.seq_len)  # forward and backward, every logit
+
+    def run(self, ctx: Context) -> MethodResult:
+        return MethodResult(gradcam(ctx.model, ctx.family, ctx.example))

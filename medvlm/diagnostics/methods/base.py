@@ -1,0 +1,187 @@
+"""What a saliency method is, and the registry the probe, budget, report, sanity check and explorer read.
+
+A method is one file in :mod:`medvlm.diagnostics.methods` holding a :class:`Method` subclass
+decorated with :func:`register`. It declares:
+
+- ``name`` (the key in every JSON and table), ``title`` (what pages show) and ``order`` (where);
+- ``shared``: the capture kinds it reads from the one shared pass (``"attention_mean"``,
+  ``"hidden_states"``); a method with its own forward pass declares none;
+- ``eager``: whether it needs attention weights (eager attention);
+- ``sanity``: whether the parameter-randomisation test applies to it;
+- :meth:`Method.cost`: its floating-point operations on an example of a given :class:`Shape`,
+  beyond the shared pass, so a budget can be planned before anything runs;
+- :meth:`Method.run`: the map (rows × cols of the image-token grid, possibly signed), numbers for
+  the JSON outputs and, optionally, objects the explorer draws (:class:`MethodResult`).
+
+The probe, the per-checkpoint budget, the report, the randomisation test and the explorer loop
+over :func:`registered`; none of them names a method.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvlm.diagnostics.capture import Cache, Example, capture
+from medvlm.models.base import ModelFamily, text_config
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a method's cost grows with: one example's sequence and the model's sizes."""
+
+    seq_len: int
+    image_tokens: int
+    grid: tuple[int, int]
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    vocab: int
+    vision_tokens: int = 0
+    vision_layers: int = 0
+    d_vision: int = 0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, family: ModelFamily, example: Example) -> Shape:
+        tc = text_config(model)
+        vc = getattr(model.config, "vision_config", None)
+        span = example.span or family.image_spans(model, example.inputs)[0]
+        d_vision = int(getattr(vc, "hidden_size", 0) or 0)
+        px = example.inputs.get("pixel_values")
+        patch = int(getattr(vc, "patch_size", 0) or 0)
+        vision_tokens = int(px.shape[-2] * px.shape[-1] // patch**2) if px is not None and px.ndim == 4 and patch \
+            else int(px.shape[0]) if px is not None else 0
+        return cls(seq_len=int(example.inputs["input_ids"].shape[-1]), image_tokens=span.end - span.start,
+                   grid=span.grid, n_layers=len(family.decoder_layers(model)), n_heads=family.head_layout(model)[0],
+                   d_model=int(tc.hidden_size), d_mlp=int(getattr(tc, "intermediate_size", 4 * tc.hidden_size)),
+                   vocab=int(tc.vocab_size), vision_tokens=vision_tokens,
+                   vision_layers=len(family.vision_layers(model)), d_vision=d_vision)
+
+    def forward_flops(self, positions: int | None = None, logits_at: int = 1) -> float:
+        """Multiply-adds ×2 of one forward pass over ``positions`` tokens (default the sequence) with
+        logits at ``logits_at`` positions: decoder matmuls, attention scores, the unembedding, and
+        the vision tower."""
+        s = self.seq_len if positions is None else positions
+        d, f = self.d_model, self.d_mlp
+        decoder = self.n_layers * (2 * s * (4 * d * d + 3 * d * f) + 4 * s * s * d)
+        vision = self.vision_layers * (2 * self.vision_tokens * 12 * self.d_vision ** 2
+                                       + 4 * self.vision_tokens ** 2 * self.d_vision)
+        return float(decoder + vision + 2 * logits_at * self.vocab * d)
+
+    def unembed_flops(self, vectors: int) -> float:
+        """Final norm and unembedding of ``vectors`` residual vectors."""
+        return float(2 * vectors * self.vocab * self.d_model)
+
+
+@dataclass
+class MethodResult:
+    """One method's output on one example."""
+
+    map: np.ndarray                              # (rows, cols) of the image-token grid, possibly signed
+    row: dict[str, Any] = field(default_factory=dict)  # JSON-ready numbers (diagnostics.json, numbers.json)
+    data: Any = None                             # objects for the explorer (LogitLens, LogProbIncrease)
+
+
+class Context:
+    """One example being explained: the model and the one shared capture pass, computed on first use
+    with every kind the chosen methods (and the caller: ``extra_kinds``) asked for."""
+
+    def __init__(self, model: torch.nn.Module, processor, family: ModelFamily, example: Example, *,
+                 kinds: Iterable[str] = (), names_filter=None):
+        self.model, self.processor, self.family, self.example = model, processor, family, example
+        self.kinds = set(kinds)
+        self.names_filter = names_filter
+        self._pass: tuple[Any, Cache] | None = None
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", None)
+
+    def _run(self) -> tuple[Any, Cache]:
+        if self._pass is None:
+            self._pass = capture(self.model, self.family, self.example.inputs, attention=False,
+                                 attention_mean="attention_mean" in self.kinds,
+                                 hidden_states="hidden_states" in self.kinds,
+                                 resid_pre="resid_pre" in self.kinds, names_filter=self.names_filter)
+        return self._pass
+
+    @property
+    def cache(self) -> Cache:
+        return self._run()[1]
+
+    @property
+    def output(self):
+        return self._run()[0]
+
+    @property
+    def positions(self) -> list[int]:
+        return self.example.target_positions
+
+    @property
+    def target_id(self) -> int:
+        """The token explained: the first answer token when the example holds an answer, else the
+        model's prediction at the first target position (from the shared pass)."""
+        if self.example.target_ids:
+            return self.example.target_ids[0]
+        return int(self.output.logits[0, self.positions[0]].argmax())
+
+    def release(self) -> None:
+        """Drop the shared pass (its tensors) once every method has read it."""
+        self._pass = None
+
+
+class Method:
+    """A saliency method (see the module docstring)."""
+
+    name: str = ""
+    title: str = ""
+    order: int = 100
+    shared: frozenset[str] = frozenset()
+    eager: bool = False
+    sanity: bool = True
+
+    def cost(self, shape: Shape) -> float:
+        """Floating-point operations beyond the shared pass on an example of ``shape``."""
+        return 0.0
+
+    def run(self, ctx: Context) -> MethodResult:
+        raise NotImplementedError
+
+    def map(self, model: torch.nn.Module, family: ModelFamily, example: Example, processor=None) -> np.ndarray:
+        """The map alone, with a capture of its own (the randomisation test runs it on a copy)."""
+        return self.run(Context(model, processor, family, example, kinds=self.shared)).map
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add one instance of ``cls`` to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.__name__}: name {cls.name!r} is empty or registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registered(names: Iterable[str] | None = None) -> list[Method]:
+    """Registered methods in display order (``names``: only those, each checked)."""
+    chosen = list(_REGISTRY.values()) if names is None else [get_method(n) for n in names]
+    return sorted(chosen, key=lambda m: (m.order, m.name))
+
+
+def method_names() -> list[str]:
+    return [m.name for m in registered()]
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown diagnostics method {name!r}.{hint} Available: {', '.join(method_names())}")
+    return _REGISTRY[name]

@@ -1,0 +1,22 @@
+"""Attention rollout (Abnar & Zuidema 2020) from the shared capture's head-mean attention of every
+layer (:func:`medvlm.diagnostics.saliency.rollout`)."""
+
+from __future__ import annotations
+
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.diagnostics.saliency import rollout
+
+
+@register
+class Rollout(Method):
+    name = "rollout"
+    title = "Attention rollout"
+    order = 20
+    shared = frozenset({"attention_mean"})
+    eager = True
+
+    def cost(self, shape: Shape) -> float:
+        return float(2 * shape.n_layers * shape.seq_len**3)  # the product of per-layer S x S matrices
+
+    def run(self, ctx: Context) -> MethodResult:
+        return MethodResult(rollout(ctx.cache, ctx.positions))
