@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medvlm.eval.compare import CompareError, write_comparison
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folders or checkpoint-N folders holding metrics.json")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="labels for the inputs, in order (default: folder names)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for comparison.md/.html/.json and plots")
+    parser.add_argument("--print", action="store_true", help="also print comparison.md (the tables)")
     return parser
 
 
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
+    if args.print:
+        print(Path(args.output, "comparison.md").read_text(encoding="utf-8").split("## Plots")[0].rstrip() + "\n")
     print(f"compared {len(result['rows'])} runs/checkpoints; wrote {args.output}/comparison.md, comparison.html "
           f"and {', '.join(result['plots'])}")
     return 0

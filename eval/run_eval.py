@@ -136,7 +136,7 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--judge-timeout", type=float, metavar="S",
                        help="seconds per judge server request before the item is retried, then invalid (default 120)")
     judge.add_argument("--judge-template", default="correctness", metavar="NAME|FILE",
-                       help="template in eval/judge_templates/ or a file path (default correctness)")
+                       help="template in medvlm/templates/judge/ or a file path (default correctness)")
 
 
 def model_config(args: argparse.Namespace):

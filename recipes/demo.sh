@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole flow on the embedded default, on a CPU, offline (`make demo`):
 #   phantom data → tiny base model (pre-trained on phantom captions, cached) → stage 1 (basic
-#   curriculum) → stage 2 (mix annealing toward clean QA) → test-split evaluation → summary →
+#   curriculum) → stage 2 (mix annealing toward clean QA) → test-split evaluation → comparison (stage 1 vs 2, per checkpoint) →
 #   diagnostics report and model card of stage 2 (diagnostics run at every checkpoint save; written
 #   offline into $OUT/stage2/report and $OUT/stage2/adapter/README.md, never pushed).
 # FAMILY=paligemma bash recipes/demo.sh runs the PaliGemma family instead.
@@ -14,6 +14,6 @@ start=$(date +%s)
 python recipes/stage1.py "recipes/configs/demo_${FAMILY}_stage1.yaml" --output_dir "$OUT/stage1"
 python recipes/stage2.py "recipes/configs/demo_${FAMILY}_stage2.yaml" --output_dir "$OUT/stage2" \
     --init_adapter "$OUT/stage1/adapter"
-python -m medvlm.training.summary "$OUT/stage1" "$OUT/stage2" --output "$OUT/summary.md"
+python eval/compare.py "$OUT/stage1" "$OUT/stage2" --output "$OUT/compare" --print
 python diagnostics/run_diagnostics.py "$OUT/stage2" --probe-final --max-examples 24
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $OUT"

@@ -15,11 +15,10 @@ from medvlm.diagnostics import model_card as mc
 from medvlm.diagnostics.report import (
     indicators,
     load_run,
-    render_html,
-    render_markdown,
     report_blocks,
     write_report,
 )
+from medvlm.utils.render import render_html, render_markdown
 
 EVIL = "Where is the <script>alert(1)</script> abnormality?"
 
@@ -83,8 +82,8 @@ def test_report_markdown_and_html_with_escaped_text(probed_stage, tmp_path):
         assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
         assert "Which saliency methods can be trusted" in text and "Where the model is likely to fail" in text
     assert "the lesion's area share" in md and "&#x27;" not in md  # Markdown escapes markup, not quotes
-    assert "<script" not in page and "src='data:image/png;base64," in page and "http" not in page
-    png = page.split("src='data:image/png;base64,")[1].split("'")[0]
+    assert "<script" not in page and 'src="data:image/png;base64,' in page and "http" not in page
+    png = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(png).startswith(b"\x89PNG")
     # across checkpoints: accuracy and ROI mass per method for each checkpoint
     row2 = next(line for line in md.splitlines() if line.startswith("| checkpoint-2 |"))

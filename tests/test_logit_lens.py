@@ -76,11 +76,11 @@ def small_lens(tokens: list[str]) -> LogitLens:
 def test_html_escapes_the_question_and_the_tokens(tmp_path):
     evil = ["</script><img src=x onerror=alert(1)>", "a&b", "<i>", '"q"', "ok"]
     page = lens_html(small_lens(evil), np.zeros((16, 16, 3), np.uint8), "is it <script>alert('x')</script>?")
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # jinja2's autoescape
     assert len(re.findall(r"<script", page)) == 2 and len(re.findall(r"</script>", page)) == 2  # only ours
     assert "<img" not in page
     assert "<i>" not in page
-    data = re.search(r"<script type='application/json' id='lens-data'>(.*?)</script>", page, re.S).group(1)
+    data = re.search(r'<script type="application/json" id="lens-data">(.*?)</script>', page, re.S).group(1)
     cell = json.loads(data)["cells"][0]
     assert cell["top"][0][0] == evil[0] and cell["layer"] == 0  # the text survives as data
     assert "http" not in page  # self-contained: no network resource
@@ -93,7 +93,7 @@ def test_html_page_of_a_real_lens(setup, fam):
     model, family, tok, ex = setup[fam]
     lens = logit_lens(model, family, ex, tok)
     page = lens_html(lens, ex.image, ex.question)
-    data = re.search(r"id='lens-data'>(.*?)</script>", page, re.S).group(1)
+    data = re.search(r'id="lens-data">(.*?)</script>', page, re.S).group(1)
     cells = json.loads(data)["cells"]
     assert len(cells) == 64 and all(len(c["top"]) == 5 for c in cells)
     assert [c["layer"] for c in cells] == lens.best_layer.tolist()

@@ -67,7 +67,7 @@ def test_two_runs_same_named_mix_folders_stay_two_columns(two_runs, tmp_path, mo
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert ("Rows per mix: demo-a/stage2/mix-phantom_stage2 20, demo-b/stage2/mix-phantom_stage2 30"
             in md)
-    assert f"- demo-b/stage2/mix-phantom_stage2: `{two_runs[1]}`" in md
+    assert f"| demo-b/stage2/mix-phantom_stage2 | {two_runs[1]} |" in md
     assert mixes_in_csv(tmp_path / "cmp" / "comparison.csv") == ["demo-a/stage2/mix-phantom_stage2",
                                                                   "demo-b/stage2/mix-phantom_stage2"]
     header = next(line for line in md.splitlines() if line.startswith("| value |"))

@@ -39,7 +39,7 @@ def test_report_files_hold_counts_and_shares(tmp_path):
     row = next(r for r in rows if r["category"] == "modality" and r["value"] == "MRI" and r["mix"] == "candidate|B")
     assert row["count"] == "0"
     md = paths["md"].read_text()
-    assert "| value | candidate A | candidate\\|B |" in md  # a pipe in a name cannot break the table
+    assert "| value | candidate A | candidate&#124;B |" in md  # a pipe in a name cannot break the table
     assert "| nodule | 3 (75.0%) | 0 (0.0%) |" in md and "| cyst | 0 (0.0%) | 2 (100.0%) |" in md
     with Image.open(paths["png"]) as im:
         assert im.size[0] > 500 and im.size[1] > 500

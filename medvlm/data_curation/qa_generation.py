@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from medvlm.llm import TextLLM, generate_json, make_llm
 from medvlm.llm.cache import JsonlAppender, read_journal
 from medvlm.llm.jsonout import InvalidJSONAnswer
-from medvlm.llm.prompts import check_template, load_template, render
+from medvlm.llm.prompts import PROMPTS_DIR, check_template, load_template, render
 from medvlm.records import RecordError, make_record, validate_record
 from medvlm.utils.io import (
     atomic_write_json,
@@ -49,7 +49,7 @@ from medvlm.utils.io import (
 logger = logging.getLogger(__name__)
 
 KINDS = ("image", "literature")
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data_curation" / "prompts"
+DEFAULT_PROMPTS_DIR = PROMPTS_DIR
 # meta keys read for context, in order of preference (loaders keep the source's own names)
 CONCEPT_KEYS = ("concepts", "concept_names", "cui_names", "cuis", "cui", "keywords")
 # (ROCOv2 loader: cuis, concepts; MedPix loader: title ... disease_discussion)

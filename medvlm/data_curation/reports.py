@@ -23,6 +23,7 @@ import datasets
 
 from medvlm.records import parse_meta
 from medvlm.utils.io import atomic_write_text
+from medvlm.utils.render import render_markdown
 
 CATEGORIES = ("condition", "modality", "body_part")
 CONDITION_KEYS = ("finding", "findings", "diagnosis")
@@ -85,29 +86,21 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _md_cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _markdown(rows: list[dict], mixes: dict[str, datasets.Dataset], title: str,
               folders: dict[str, str] | None = None) -> str:
     names = list(mixes)
-    lines = [f"# {_md_cell(title)}", "", "Rows per mix: " + ", ".join(f"{_md_cell(n)} {len(mixes[n])}" for n in names),
-             ""]
+    blocks: list[tuple] = [("h1", title), ("p", "Rows per mix: " + ", ".join(f"{n} {len(mixes[n])}" for n in names))]
     if folders:
-        lines += ["Mix folders:", ""] + [f"- {_md_cell(n)}: `{_md_cell(folders[n])}`" for n in names] + [""]
-    lines += ["Counts are rows (questions); the share of each mix's rows is in brackets.", ""]
+        blocks.append(("table", ["mix", "folder"], [[n, folders[n]] for n in names]))
+    blocks.append(("p", "Counts are rows (questions); the share of each mix's rows is in brackets."))
     for cat in CATEGORIES:
-        lines += [f"## {cat.replace('_', ' ')}", "", "| value | " + " | ".join(map(_md_cell, names)) + " |",
-                  "|---|" + "---:|" * len(names)]
         cells: dict[str, dict[str, str]] = {}
         for r in rows:
             if r["category"] == cat:
                 cells.setdefault(r["value"], {})[r["mix"]] = f"{r['count']} ({100 * r['share']:.1f}%)"
-        lines += ["| " + _md_cell(v) + " | " + " | ".join(c.get(n, "0") for n in names) + " |"
-                  for v, c in cells.items()]
-        lines.append("")
-    return "\n".join(lines)
+        blocks += [("h2", cat.replace("_", " ")),
+                   ("table", ["value", *names], [[v, *(c.get(n, "0") for n in names)] for v, c in cells.items()])]
+    return render_markdown(blocks)
 
 
 def _plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:

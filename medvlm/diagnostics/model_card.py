@@ -24,19 +24,15 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from medvlm.data_curation.spec import load_split
+from medvlm.eval.metrics import shown_metrics
 from medvlm.models.adapters import AdapterError, adapter_record, load_with_adapter
 from medvlm.models.families import FAMILIES
+from medvlm.records import ANSWER_TYPES
 from medvlm.utils.hub import HUB_ID
 
 logger = logging.getLogger(__name__)
 
 #: (metrics section, key, metric type, display name) reported in model-index
-CARD_METRICS = (
-    ("closed", "accuracy", "accuracy", "Closed-question accuracy"),
-    ("open", "rougeL", "rouge", "Open-question ROUGE-L"),
-    ("open", "bleu", "bleu", "Open-question BLEU"),
-    ("open", "token_f1", "f1", "Open-question token F1"),
-)
 
 
 class PushNotPossible(ValueError):
@@ -114,12 +110,14 @@ def compute_final_diagnostics(stage_dir: str | Path, *, max_examples: int = 8,
 
 # -- the card ------------------------------------------------------------------------------------
 def eval_results(metrics: dict, dataset_name: str, dataset_type: str, split: str | None) -> list[EvalResult]:
-    """One ``EvalResult`` per finite metric of :data:`CARD_METRICS` (+ the blank-image control)."""
+    """One ``EvalResult`` per finite metric shown on the card (the metric registry's ``"card"``
+    metrics, + the blank-image control)."""
     out = []
     sections = [(metrics, "")] + ([(metrics["blank_image"], " (blank images, control)")]
                                   if isinstance(metrics.get("blank_image"), dict) else [])
     for source, suffix in sections:
-        for section, key, mtype, name in CARD_METRICS:
+        for metric in (m for t in ANSWER_TYPES for m in shown_metrics(t, "card")):
+            section, key, mtype, name = metric.answer_type, metric.name, metric.card_type, metric.title
             value = (source.get(section) or {}).get(key)
             if isinstance(value, (int, float)) and np.isfinite(value):
                 out.append(EvalResult(task_type="visual-question-answering", task_name="Visual question answering",

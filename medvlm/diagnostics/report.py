@@ -16,8 +16,6 @@ question holding ``<script>`` shows as text.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
@@ -28,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from medvlm.diagnostics.probe_summary import TRUST_RULE
+from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
+from medvlm.utils.render import render_html, render_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def latest_metrics(stage: dict) -> dict | None:
 # -- numbers -------------------------------------------------------------------------------------
 def _rouge(metrics: dict | None) -> float:
     """Open-question ROUGE-L, NaN when no open question was scored (not a misleading 0)."""
-    return _get(metrics, "open", "rougeL") if _get(metrics, "open", "n") > 0 else float("nan")
+    return _get(metrics, "open", headline("open")) if _get(metrics, "open", "n") > 0 else float("nan")
 
 
 def _above(diag: dict, method: str) -> str:
@@ -152,7 +152,7 @@ def indicators(stage: dict) -> list[dict]:
 
     metrics, point = latest_metrics(stage), latest_diagnostics(stage)
     diag = point["diagnostics"] if point else {}
-    overall_acc = _get(metrics, "closed", "accuracy")
+    overall_acc = _get(metrics, "closed", headline("closed"))
     trusted = [m for m, t in (diag.get("trust") or {}).items() if t.get("trusted")]
     methods = trusted or list(diag.get("methods") or [])
     examples = diag.get("examples") or []
@@ -165,7 +165,7 @@ def indicators(stage: dict) -> list[dict]:
     for field in GROUP_FIELDS:
         names = set((metrics or {}).get("slices", {}).get(field, {})) | {e.get(field) for e in examples}
         for name in sorted(n for n in names if n):
-            acc = _get(metrics, "slices", field, name, "closed", "accuracy")
+            acc = _get(metrics, "slices", field, name, "closed", headline("closed"))
             n_eval = _get(metrics, "slices", field, name, "closed", "n")
             ex = [e for e in examples if e.get(field) == name]
             ratios = [e["methods"][m]["roi_mass_ratio"] for e in ex for m in methods if m in e.get("methods", {})]
@@ -213,7 +213,7 @@ def figures(stage: dict) -> dict[str, bytes]:
     steps = [p["step"] for p in pts]
     if any(p["metrics"] for p in pts):
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot(steps, [_get(p["metrics"], "closed", "accuracy") for p in pts], "o-", label="closed accuracy")
+        ax.plot(steps, [_get(p["metrics"], "closed", headline("closed")) for p in pts], "o-", label="closed accuracy")
         ax.plot(steps, [_rouge(p["metrics"]) for p in pts], "s--", label="open ROUGE-L")
         ax.set(xlabel="step", ylim=(0, 1), title=f"{stage['name']}: accuracy over training")
         ax.legend()
@@ -253,7 +253,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
     for p in pts:
         d = p["diagnostics"] or {}
         geo = d.get("geometry") or {}
-        rows.append([p["name"], p["step"], fmt(_get(p["metrics"], "closed", "accuracy")),
+        rows.append([p["name"], p["step"], fmt(_get(p["metrics"], "closed", headline("closed"))),
                      fmt(_rouge(p["metrics"])),
                      *[f"{fmt(_get(d, 'summary', m, 'roi_mass_mean'))} (x{fmt(_get(d, 'summary', m, 'roi_ratio_mean'), 2)})"
                        for m in methods],
@@ -324,71 +324,6 @@ def report_blocks(run: dict) -> list[tuple]:
     for stage in run["stages"]:
         blocks += _stage_blocks(stage)
     return blocks
-
-
-# -- rendering -----------------------------------------------------------------------------------
-def _md_text(x: Any) -> str:
-    """Text for Markdown: ``<``, ``>`` and ``&`` escaped, so no HTML gets through; quotes kept as
-    they are (Markdown needs no escaping there, and a model card read as plain text stays legible)."""
-    return html.escape(str(x), quote=False)
-
-
-def _md_cell(x: Any) -> str:
-    return _md_text(x).replace("|", "&#124;").replace("\n", " ")
-
-
-def render_markdown(blocks: list[tuple], figure_dir: Path | None = None, figure_prefix: str = "figures",
-                    heading_offset: int = 0) -> str:
-    """Markdown; figures are written to ``figure_dir`` and linked, or left out when it is None."""
-    lines: list[str] = []
-    n_fig = 0
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            lines += ["#" * (int(kind[1]) + heading_offset) + " " + _md_text(block[1]), ""]
-        elif kind == "p":
-            lines += [_md_text(block[1]), ""]
-        elif kind == "table":
-            head, rows = block[1], block[2]
-            lines += ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows] + [""]
-        elif kind == "figures" and figure_dir is not None:
-            for name, png in block[1].items():
-                n_fig += 1
-                fname = f"{n_fig:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-                figure_dir.mkdir(parents=True, exist_ok=True)
-                (figure_dir / fname).write_bytes(png)
-                lines += [f"![{_md_text(name)}]({figure_prefix}/{fname})", ""]
-    return "\n".join(lines)
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "font-size:13px}th{background:#f3f3f3}figure{display:inline-block;margin:4px;text-align:center}"
-        "img{border:1px solid #ddd;max-width:480px}img.overlay{width:192px;image-rendering:pixelated}"
-        "figcaption{font-size:12px;color:#555}")
-
-
-def render_html(blocks: list[tuple], title: str = "Diagnostic report") -> str:
-    """One self-contained page (inline CSS, figures as base64 PNG); every text escaped."""
-    esc = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-             f"<style>{_CSS}</style></head><body>"]
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            parts.append(f"<{kind}>{esc(block[1])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{esc(block[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{esc(str(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in block[2])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif kind == "figures":
-            parts += [f"<figure><img class='{'overlay' if name.startswith('overlay') else 'plot'}' "
-                      f"alt='{esc(name, quote=True)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
-                      f"<figcaption>{esc(name)}</figcaption></figure>" for name, png in block[1].items()]
-    return "".join(parts) + "</body></html>"
 
 
 def write_report(run: dict, output: str | Path) -> dict[str, Any]:

@@ -8,14 +8,13 @@ single ``checkpoint-N`` folders. :func:`write_comparison` writes into ``output``
     accuracy_rouge.png         closed accuracy (95% CI bars) and ROUGE-L against the training step
     slices_qtype.png, slices_modality.png   closed accuracy per slice value
 
-Every name and value in the HTML is ``html.escape``'d; the plots are embedded as data URIs, so
-the page is one file that opens anywhere. The same numbers reach W&B through the callback.
+The columns are the metric registry's table metrics (:func:`~medvlm.eval.metrics.shown_metrics`).
+Every name and value in the HTML is escaped; the plots are embedded as data URIs, so the page is
+one file that opens anywhere. The same numbers reach W&B through the callback.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import re
@@ -24,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlm.eval.metrics import get_metric, headline, shown_metrics
 from medvlm.utils.io import atomic_write_json, atomic_write_text
+from medvlm.utils.render import render_html, render_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -123,42 +124,40 @@ def collect_entries(paths: Sequence[str | Path], names: Sequence[str] | None = N
 
 # Table -----------------------------------------------------------------------------------------
 
-COLUMNS = ("label", "step", "loss", "closed_n", "accuracy", "accuracy_ci", "open_n", "rougeL", "token_f1",
-           "consistent_accuracy", "flip_rate")
+def columns() -> list[str]:
+    """The table's columns: the metric registry's table metrics of each answer type (with the
+    closed headline's 95% interval and its blank-image control), consistency and flip rate."""
+    closed, open_ = (shown_metrics(t, "table") for t in ("closed", "open"))
+    head = headline("closed")
+    return ["label", "step", "loss", "closed_n", *(m.name for m in closed), f"{head}_ci", f"blank_{head}",
+            "open_n", *(m.name for m in open_), "consistent_accuracy", "flip_rate"]
 
 
 def entry_row(e: Entry) -> dict[str, Any]:
-    """The headline numbers of one entry (``None`` where the metric was not computed)."""
-    return {
-        "label": e.label, "run": e.run, "step": e.step, "loss": e.loss,
-        "closed_n": e.number("closed", "n"), "accuracy": e.number("closed", "accuracy"),
-        "accuracy_ci": e.number("closed", "accuracy_ci"),
-        "open_n": e.number("open", "n"), "rougeL": e.number("open", "rougeL"),
-        "token_f1": e.number("open", "token_f1"),
-        "consistent_accuracy": e.number("consistency", "consistent_accuracy"),
-        "flip_rate": e.number("robustness", "flip_rate"),
-        "slices": {f: {v: (d.get("closed") or {}).get("accuracy")
-                       for v, d in (e.metrics.get("slices") or {}).get(f, {}).items()} for f in SLICE_FIELDS},
-        "open_slices": {f: {v: (d.get("open") or {}).get("rougeL")
-                            for v, d in (e.metrics.get("slices") or {}).get(f, {}).items()} for f in SLICE_FIELDS},
-    }
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    """The table numbers of one entry (``None`` where the metric was not computed)."""
+    head, open_head = headline("closed"), headline("open")
+    row: dict[str, Any] = {"label": e.label, "run": e.run, "step": e.step, "loss": e.loss,
+                           "closed_n": e.number("closed", "n"), "open_n": e.number("open", "n"),
+                           f"{head}_ci": e.number("closed", f"{head}_ci"),
+                           f"blank_{head}": ((e.metrics.get("blank_image") or {}).get("closed") or {}).get(head),
+                           "consistent_accuracy": e.number("consistency", "consistent_accuracy"),
+                           "flip_rate": e.number("robustness", "flip_rate")}
+    for t in ("closed", "open"):
+        row.update({m.name: e.number(t, m.name) for m in shown_metrics(t, "table")})
+    slices = e.metrics.get("slices") or {}
+    row["slices"] = {f: {v: (d.get("closed") or {}).get(head) for v, d in slices.get(f, {}).items()}
+                     for f in SLICE_FIELDS}
+    row["open_slices"] = {f: {v: (d.get("open") or {}).get(open_head) for v, d in slices.get(f, {}).items()}
+                          for f in SLICE_FIELDS}
+    return row
 
 
 def slice_tables(rows: Sequence[dict]) -> list[tuple[str, str, str, list[str]]]:
-    """``(row key, title, field, values)`` of each slice table worth showing: closed accuracy, then open
-    ROUGE-L, per slicing field, keeping only values that have a score in some row."""
+    """``(row key, title, field, values)`` of each slice table worth showing: the closed headline, then
+    the open one, per slicing field, keeping only values that have a score in some row."""
     out = []
-    for key, title in (("slices", "Closed accuracy"), ("open_slices", "Open ROUGE-L")):
+    for key, t in (("slices", "closed"), ("open_slices", "open")):
+        title = get_metric(headline(t), t).title
         for f in SLICE_FIELDS:
             values = sorted({v for r in rows for v, x in r[key][f].items() if x is not None})
             if values:
@@ -166,48 +165,27 @@ def slice_tables(rows: Sequence[dict]) -> list[tuple[str, str, str, list[str]]]:
     return out
 
 
-def to_markdown(rows: Sequence[dict], skipped: Sequence[dict], plots: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")  # no raw HTML in cells
-
-    lines = ["# Comparison", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+def comparison_blocks(rows: Sequence[dict], skipped: Sequence[dict]) -> list[tuple]:
+    """The comparison as render blocks (:mod:`medvlm.utils.render`): the main table, the slice
+    tables, what was skipped."""
+    cols = columns()
+    blocks: list[tuple] = [("h1", "Comparison"), ("table", cols, [[r[c] for c in cols] for r in rows])]
     for key, title, f, values in slice_tables(rows):
-        lines += ["", f"## {title} by {f}", "", "| label | " + " | ".join(cell(v) for v in values) + " |",
-                  "|" + "---|" * (len(values) + 1)]
-        lines += ["| " + cell(r["label"]) + " | " + " | ".join(cell(r[key][f].get(v)) for v in values) + " |"
-                  for r in rows]
+        blocks += [("h2", f"{title} by {f}"),
+                   ("table", ["label", *values], [[r["label"], *(r[key][f].get(v) for v in values)] for r in rows])]
     if skipped:
-        lines += ["", "## Skipped", ""] + [f"- {cell(s['path'])}: {cell(s['reason'])}" for s in skipped]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+        blocks += [("h2", "Skipped"), ("table", ["path", "reason"], [[s["path"], s["reason"]] for s in skipped])]
+    return blocks
+
+
+def to_markdown(rows: Sequence[dict], skipped: Sequence[dict], plots: Sequence[str]) -> str:
+    text = render_markdown(comparison_blocks(rows, skipped))
+    return text + "\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots)
 
 
 def to_html(rows: Sequence[dict], skipped: Sequence[dict], plots: dict[str, bytes]) -> str:
-    """One self-contained page: every text ``html.escape``'d, plots as base64 data URIs."""
-    esc = html.escape
-
-    def table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
-        head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
-        trs = "".join("<tr>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in r) + "</tr>" for r in body)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
-
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison</title><style>"
-             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-             "img{max-width:100%}</style></head><body><h1>Comparison</h1>",
-             table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])]
-    for key, title, f, values in slice_tables(rows):
-        parts.append(f"<h2>{esc(title)} by {esc(f)}</h2>")
-        parts.append(table(["label", *values], [[r["label"], *(r[key][f].get(v) for v in values)] for r in rows]))
-    if skipped:
-        parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{esc(s['path'])}: {esc(s['reason'])}</li>"
-                                                      for s in skipped) + "</ul>")
-    for name, data in plots.items():
-        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name, quote=True)}' src='{uri}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """One self-contained page: every text escaped, plots as data URIs."""
+    return render_html([*comparison_blocks(rows, skipped), ("figures", dict(plots))], "Comparison")
 
 
 # Plots -----------------------------------------------------------------------------------------
@@ -236,6 +214,8 @@ def plot_curves(rows: Sequence[dict]) -> bytes:
     def nan(v: Any) -> float:
         return float("nan") if v is None else v
 
+    head, open_head = headline("closed"), headline("open")
+    ci = f"{head}_ci"
     fig, (ax_acc, ax_rouge) = plt.subplots(1, 2, figsize=(12, 4))
     for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
         color = f"C{i % 10}"
@@ -246,20 +226,20 @@ def plot_curves(rows: Sequence[dict]) -> bytes:
             if not sel:
                 continue
             x = [x for x, _ in sel]
-            acc = [nan(r["accuracy"]) for _, r in sel]
-            err = [[a - r["accuracy_ci"][0] if r["accuracy_ci"] and r["accuracy"] is not None else 0
+            acc = [nan(r[head]) for _, r in sel]
+            err = [[a - r[ci][0] if r[ci] and r[head] is not None else 0
                     for a, (_, r) in zip(acc, sel)],
-                   [r["accuracy_ci"][1] - a if r["accuracy_ci"] and r["accuracy"] is not None else 0
+                   [r[ci][1] - a if r[ci] and r[head] is not None else 0
                     for a, (_, r) in zip(acc, sel)]]
             n = sorted({r["closed_n"] for _, r in sel if r["closed_n"] is not None})
             label = f"{run} {'final' if final else 'checkpoints'} (n={'/'.join(map(str, n)) or '?'})"
             ms = 12 if final else 6
             ax_acc.errorbar(x, acc, yerr=err, marker=marker, markersize=ms, linestyle=style, capsize=3, color=color,
                             label=label)
-            ax_rouge.plot(x, [nan(r["rougeL"]) for _, r in sel], marker=marker, markersize=ms, linestyle=style,
+            ax_rouge.plot(x, [nan(r[open_head]) for _, r in sel], marker=marker, markersize=ms, linestyle=style,
                           color=color, label=label)
-    ax_acc.set(title="Closed accuracy (95% CI)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
-    ax_rouge.set(title="Open ROUGE-L", xlabel="step", ylabel="ROUGE-L F", ylim=(0, 1.02))
+    ax_acc.set(title=f"{get_metric(head, 'closed').title} (95% CI)", xlabel="step", ylabel=head, ylim=(0, 1.02))
+    ax_rouge.set(title=get_metric(open_head, "open").title, xlabel="step", ylabel=open_head, ylim=(0, 1.02))
     ax_rouge.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _figure_bytes(fig)
 

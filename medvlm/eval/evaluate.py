@@ -82,7 +82,7 @@ class ModelEvalConfig:
     judge_cache: str | None = field(default=None, metadata={"help": "response cache (default output/judge_cache)"})
     judge_concurrency: int = field(default=1, metadata={"help": "parallel judge requests"})
     judge_timeout: float | None = field(default=None, metadata={"help": "seconds per judge request (120)"})
-    judge_template: str = field(default="correctness", metadata={"help": "eval/judge_templates/<name>.txt"})
+    judge_template: str = field(default="correctness", metadata={"help": "medvlm/templates/judge/<name>.txt or a file path"})
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:

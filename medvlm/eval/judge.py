@@ -8,7 +8,7 @@ item *invalid*: counted in ``n_invalid`` and listed by id, never scored as a num
 judgements are kept by the LLM's disk cache (use a :class:`~medvlm.llm.CachedLLM`), so a re-run
 only asks for what is missing.
 
-Templates live in ``eval/judge_templates/`` (``correctness.txt``) with placeholders
+Templates ship in ``medvlm/templates/judge/`` (``correctness.txt``) with placeholders
 ``{question}``, ``{reference}``, ``{prediction}`` and an optional ``{?caption}...{/caption}`` block
 kept only when the item has a caption.
 """
@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from medvlm.llm import TextLLM, generate_json
 from medvlm.llm.jsonout import InvalidJSONAnswer, parse_and_validate
-from medvlm.llm.prompts import check_template, load_template, render
+from medvlm.llm.prompts import JUDGE_DIR, check_template, load_template, render
 from medvlm.records import parse_meta
 from medvlm.utils.io import hash_rows
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "eval" / "judge_templates"
+TEMPLATES_DIR = JUDGE_DIR
 VERDICTS = ("yes", "no")
 TEMPLATE_FIELDS = {"question", "reference", "prediction", "caption"}
 SERVER_BACKENDS = ("ollama", "openai")  # backends asked before judging whether they are up

@@ -83,7 +83,14 @@ class Metric:
     aggregation: str = "mean"
     corpus_fn: Callable[[np.ndarray], float] | None = None
     source: str = ""
+    title: str = ""                       # what tables, the report and the model card call it
+    shown: frozenset[str] = frozenset()   # where it is shown beyond metrics.json: "table", "card"
+    card_type: str | None = None          # the Hugging Face model-index metric type ("accuracy", "rouge")
 
+
+#: Where a metric can be shown: the comparison and summary tables and the report ("table"), the
+#: model card's model-index ("card"). Every configured metric is a W&B scalar at each checkpoint.
+SHOWN = ("table", "card")
 
 _REGISTRY: dict[str, dict[str, Metric]] = {t: {} for t in ANSWER_TYPES}
 
@@ -96,9 +103,15 @@ def register_metric(
     aggregation: str = "mean",
     corpus_fn: Callable[[np.ndarray], float] | None = None,
     source: str = "",
+    title: str = "",
+    shown: tuple[str, ...] = (),
+    card_type: str | None = None,
 ) -> Callable:
     """Decorator registering an item-level metric function under ``name`` for ``answer_type``;
-    ``source`` names the rule it follows (a harness's repository, commit and function, or medvlm)."""
+    ``source`` names the rule it follows (a harness's repository, commit and function, or medvlm);
+    ``title``, ``shown`` (a subset of :data:`SHOWN`) and ``card_type`` say how it is shown."""
+    if set(shown) - set(SHOWN) or ("card" in shown and not card_type):
+        raise ValueError(f"metric {name!r}: shown={shown!r} must be a subset of {SHOWN}; 'card' needs a card_type")
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     if aggregation not in ("mean", "corpus"):
@@ -107,10 +120,23 @@ def register_metric(
         raise ValueError(f"metric {name!r}: aggregation='corpus' needs a corpus_fn")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY[answer_type][name] = Metric(name, answer_type, fn, higher_is_better, aggregation, corpus_fn, source)
+        _REGISTRY[answer_type][name] = Metric(name, answer_type, fn, higher_is_better, aggregation, corpus_fn, source,
+                                              title or name, frozenset(shown), card_type)
         return fn
 
     return wrap
+
+
+def shown_metrics(answer_type: str, where: str) -> list[Metric]:
+    """The metrics of ``answer_type`` shown in ``where`` (one of :data:`SHOWN`), in registration order."""
+    if where not in SHOWN:
+        raise ValueError(f"where={where!r}; expected one of {SHOWN}")
+    return [m for m in _REGISTRY[answer_type].values() if where in m.shown]
+
+
+def headline(answer_type: str) -> str:
+    """The name of the first table metric of ``answer_type`` (closed: accuracy, open: ROUGE-L)."""
+    return shown_metrics(answer_type, "table")[0].name
 
 
 def list_metrics(answer_type: str) -> list[str]:
@@ -292,7 +318,8 @@ MULTIMEDEVAL = ("MultiMedEval: corentin-ryr/MultiMedEval@d9ac283f5ad9, multimede
                 "utils.py clean_str")
 
 
-@register_metric("accuracy", answer_type="closed", source=MEDVLM)
+@register_metric("accuracy", answer_type="closed", source=MEDVLM, title="Closed-question accuracy",
+                 shown=("table", "card"), card_type="accuracy")
 def accuracy(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return float(is_correct(prediction, reference, record))
 
@@ -396,7 +423,8 @@ def rouge2(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     return rouge_f(prediction, reference)[1]
 
 
-@register_metric("rougeL", answer_type="open", source=ROUGE_SCORE)
+@register_metric("rougeL", answer_type="open", source=ROUGE_SCORE, title="Open-question ROUGE-L",
+                 shown=("table", "card"), card_type="rouge")
 def rougeL(prediction: str, reference: str, record: Mapping[str, Any]) -> float:  # noqa: N802
     return rouge_f(prediction, reference)[2]
 
@@ -432,7 +460,7 @@ def corpus_bleu_from_stats(stats: np.ndarray) -> float:
 
 
 @register_metric("bleu", answer_type="open", aggregation="corpus", corpus_fn=corpus_bleu_from_stats,
-                 source=SACREBLEU)
+                 source=SACREBLEU, title="Open-question BLEU", shown=("card",), card_type="bleu")
 def bleu(prediction: str, reference: str, record: Mapping[str, Any]) -> tuple[float, ...]:
     return bleu_stats(prediction, reference)[1]
 
@@ -447,7 +475,8 @@ def token_recall(prediction: str, reference: str, record: Mapping[str, Any]) -> 
     return token_recall_value(prediction, reference)
 
 
-@register_metric("token_f1", answer_type="open", source=MEDVLM)
+@register_metric("token_f1", answer_type="open", source=MEDVLM, title="Open-question token F1",
+                 shown=("table", "card"), card_type="f1")
 def token_f1(prediction: str, reference: str, record: Mapping[str, Any]) -> float:
     """SQuAD v1.1 F1 over bags of normalised tokens (1.0 when both are empty)."""
     pred, ref = tokens(prediction), tokens(reference)

@@ -13,6 +13,12 @@ import os
 import re
 from pathlib import Path
 
+#: The templates that ship inside the package (so a wheel install has them): ``prompts/`` for QA
+#: generation and the blind check, ``judge/`` for the LLM judge. Pass your own file by path.
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+PROMPTS_DIR = TEMPLATES / "prompts"
+JUDGE_DIR = TEMPLATES / "judge"
+
 _BLOCK = re.compile(r"\{\?(\w+)\}(.*?)\{/\1\}", re.DOTALL)
 _FIELD = re.compile(r"\{(\w+)\}")
 _BLOCK_NAMES = re.compile(r"\{\?(\w+)\}")
@@ -25,7 +31,7 @@ class TemplateError(ValueError):
 def load_template(name_or_path: str | os.PathLike, folder: str | os.PathLike | None = None) -> tuple[str, str]:
     """Return ``(name, text)`` for a template given as a path or as a bare name inside ``folder``.
 
-    A bare name may omit ``.txt``: ``load_template("correctness", "eval/judge_templates")``.
+    A bare name may omit ``.txt``: ``load_template("correctness", JUDGE_DIR)``.
     """
     path = Path(name_or_path)
     candidates = [path]

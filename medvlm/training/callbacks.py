@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from medvlm.eval.generate import generate_answers
-from medvlm.eval.metrics import is_correct
+from medvlm.eval.metrics import headline, is_correct
 from medvlm.eval.run import prediction_rows, write_metrics
 from medvlm.eval.scoring import score_records
 from medvlm.models.adapters import write_record
@@ -37,7 +37,7 @@ def checkpoint_scalars(metrics: Mapping[str, Any], prefix: str = "ckpt") -> dict
         for value, entry in table.items():
             for t in ("closed", "open"):
                 for name, score in (entry.get(t) or {}).items():
-                    if name in ("accuracy", "rougeL") and score is not None:
+                    if name == headline(t) and score is not None:
                         out[f"{prefix}/{field}/{value}/{t}_{name}"] = float(score)
     return out
 

@@ -7,16 +7,17 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
 from tqdm.auto import tqdm
 
+from medvlm.llm.prompts import PROMPTS_DIR
+
 #: Fields copied from a rejected row into its rejects line (beside ``id``, ``step``, ``reason``).
 KEY_FIELDS = ("source", "split", "group_id", "image", "question", "answer", "answer_type")
 #: Default blind-check prompt, shipped with the repository.
-BLIND_TEMPLATE = Path(__file__).resolve().parents[3] / "data_curation" / "prompts" / "blind_check.txt"
+BLIND_TEMPLATE = PROMPTS_DIR / "blind_check.txt"
 
 
 class FilterConfigError(ValueError):

@@ -10,10 +10,6 @@ its best layer and top-5 tokens.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -22,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
+from medvlm.utils.render import render_page
 
 
 @dataclass
@@ -123,56 +119,16 @@ def layer_table(lens: LogitLens, n: int = 5) -> list[dict]:
 
 
 # -- the interactive page ------------------------------------------------------------------------
-_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-.wrap{display:flex;gap:2em;align-items:flex-start}
-.img{position:relative;flex:none;width:384px;height:384px;background-size:100% 100%;image-rendering:pixelated}
-.grid{position:absolute;inset:0;display:grid}
-.cell{border:1px solid rgba(255,255,255,.15);box-sizing:border-box}
-.cell:hover{outline:2px solid #fff}
-#panel{min-width:260px;font-family:monospace;white-space:pre}
-table{border-collapse:collapse;margin-top:1.5em}td,th{border:1px solid #ccc;padding:2px 6px;font-family:monospace}"""
-
-_JS = """const d=JSON.parse(document.getElementById('lens-data').textContent);
-const g=document.getElementById('grid');g.style.gridTemplateColumns='repeat('+d.cols+',1fr)';
-const panel=document.getElementById('panel');
-d.cells.forEach((c,i)=>{const e=document.createElement('div');e.className='cell';
-e.style.background='rgba(255,60,0,'+(0.6*c.p/d.pmax).toFixed(3)+')';
-e.addEventListener('mouseenter',()=>{let t='patch '+Math.floor(i/d.cols)+','+(i%d.cols)+
-'\\nbest layer '+c.layer+'\\n';c.top.forEach(x=>{t+=JSON.stringify(x[0])+'  '+x[1].toFixed(3)+'\\n'});
-panel.textContent=t;});g.appendChild(e);});"""
-
-
-def _png_data_uri(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _json_for_script(obj) -> str:
-    """JSON safe inside <script>: '<', '>' and '&' become \\u escapes, so no tag can close it."""
-    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
 def lens_html(lens: LogitLens, image: np.ndarray, question: str = "", title: str = "Logit lens") -> str:
-    """A self-contained page: image with a hoverable patch grid, and the per-layer token table."""
+    """A self-contained page (``medvlm/templates/html/logit_lens.html.j2``): the image with a
+    hoverable patch grid, and the per-layer token table; all text escaped."""
     best = lens.best_layer_index
     cells = [{"layer": int(lens.layers[b]), "p": float(lens.top_probs[b, i, 0]),
               "top": [[lens.top_tokens[b][i][j], float(lens.top_probs[b, i, j])]
                       for j in range(min(5, lens.top_probs.shape[2]))]} for i, b in enumerate(best)]
     data = {"cols": lens.grid[1], "cells": cells, "pmax": max(float(lens.best_prob.max()), 1e-12)}
-    table = "".join(
-        f"<tr><td>{layer['layer']}</td><td>"
-        + ", ".join(f"{html.escape(repr(t['token']))} ({t['share']:.0%}, p={t['mean_prob']:.2f})"
-                    for t in layer["tokens"]) + "</td></tr>" for layer in layer_table(lens))
-    esc = html.escape
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>"
-            f"<p><b>Question:</b> {esc(question)}</p><div class='wrap'>"
-            f"<div class='img' style=\"background-image:url('{_png_data_uri(image)}')\">"
-            "<div class='grid' id='grid'></div></div><div id='panel'>hover a patch</div></div>"
-            "<table><tr><th>layer</th><th>top-1 tokens at image positions (share of patches, mean p)</th></tr>"
-            f"{table}</table><script type='application/json' id='lens-data'>{_json_for_script(data)}</script>"
-            f"<script>{_JS}</script></body></html>")
+    return render_page("logit_lens.html.j2", title=title, question=question, image=image, data=data,
+                       layers=layer_table(lens))
 
 
 def write_lens_html(path: str | os.PathLike, lens: LogitLens, image: np.ndarray, question: str = "",
