@@ -165,3 +165,15 @@ def test_per_template_error_names_the_template():
         fit_by_template(X, D, L, templates, n_bootstrap=0, **FAST)
     with pytest.raises(ValueError, match="templates has 3 labels but L has 30"):
         fit_by_template(X, D, L, ["closed"] * 3, n_bootstrap=0, **FAST)
+
+
+def test_points_without_a_floor_say_that_E_is_not_identified():
+    """A pure power law (E = 0): the fit converges with E at its limit and says so."""
+    X, D = grid_points()
+    L = draw(np.array([np.log(8.0), 0.3, 0.4, -np.inf]), D, X, seed=5)
+    fit = fit_scaling_law(X, D, L, n_bootstrap=0, **FAST)
+    assert fit.converged and fit.params["E"] < 1e-6 * L.min()
+    assert "no floor" in fit.message and "E is not identified" in fit.message
+    # the power law itself is found: a log-linear LAD fit on a balanced grid, SE = σ·√(π/2)/‖log X − mean‖
+    se_alpha = SIGMA * np.sqrt(np.pi / 2) / np.linalg.norm(np.log(X) - np.log(X).mean())
+    assert fit.params["alpha"] == pytest.approx(0.3, abs=4 * se_alpha)

@@ -22,11 +22,15 @@ epoch-research/analyzing-chinchilla, commit 9225883, ``data_analysis.ipynb``):
 BLAS runs on one thread during a fit: L-BFGS-B's vectors have four entries, and a threaded
 OpenBLAS made each optimiser step 15 times slower on a busy 2-core machine.
 
-Two choices of ours, for conditioning and not for the model: log X and log D_f are centred
-before the fit (the intercept is moved back afterwards, so A is for X and D_f in their own
-units), and the grid of starting intercepts and floors is placed relative to the losses (A's
-term starts at 0.3, 1 or 3 times the median loss at the median point; E at 5%–90% of the
-smallest loss), since fine-tuning losses are far from the 2–3 nats Hoffmann's grid was made for.
+Choices of ours. log X and log D_f are centred before the fit (the intercept is moved back
+afterwards, so A is for X and D_f in their own units): better conditioning, the same model. The
+grid of starting intercepts and floors is placed relative to the losses (A's term starts at 0.3,
+1 or 3 times the median loss at the median point; E at 5%–90% of the smallest loss), since
+fine-tuning losses are far from the 2–3 nats Hoffmann's grid was made for. The search is boxed,
+where Hoffmann's was not: α and β in [0, 10] (the law's premise is a loss that does not rise with
+size or data), E above 1e-12 times the smallest loss. Unboxed, points the law does not describe
+sent L-BFGS creeping along a flat valley for thousands of steps to β = 34; boxed, such a fit stops
+on the bound, and one that ends on the upper exponent bound is reported as not converged.
 
 A fit that does not converge returns ``converged=False``, a message, and no parameters: never
 parameters from an optimiser that stopped early. Bad input (too few points, all points at one
@@ -41,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import Bounds, minimize
 from scipy.special import huber
 from threadpoolctl import threadpool_limits
 
@@ -51,6 +55,9 @@ HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, approach 3
 EXPONENT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # starts for α and β (Hoffmann: 0 to 2 by 0.5)
 INTERCEPT_GRID = (0.3, 1.0, 3.0)  # A's term at the median point, as multiples of the median loss
 FLOOR_GRID = (0.05, 0.3, 0.6, 0.9)  # E as a share of the smallest loss
+FLOOR_LIMIT = 1e-6  # E below this share of the smallest loss: the fit found no floor (E → 0)
+FLOOR_BOUND = 1e-12  # E is searched above this share of the smallest loss
+EXPONENT_BOUNDS = (0.0, 10.0)  # α and β: the loss does not rise with size or data; 10 is past any published one
 LBFGS_OPTIONS = {"maxiter": 5000, "maxfun": 20000, "ftol": 1e-15, "gtol": 1e-10}
 
 
@@ -161,7 +168,19 @@ def _starts(Z: np.ndarray, y: np.ndarray, exponent_grid, intercept_grid, floor_g
 
 
 def _minimise(theta0: np.ndarray, Z, y, delta: float, options: dict):
-    return minimize(_objective, theta0, args=(Z, y, delta), jac=True, method="L-BFGS-B", options=options)
+    """L-BFGS-B from ``theta0`` (moved inside the box) on the summed Huber objective."""
+    k = Z.shape[1]
+    lo = np.array([-np.inf, *[EXPONENT_BOUNDS[0]] * k, y.min() + np.log(FLOOR_BOUND)])
+    hi = np.array([np.inf, *[EXPONENT_BOUNDS[1]] * k, np.inf])
+    return minimize(_objective, np.clip(theta0, lo, hi), args=(Z, y, delta), jac=True, method="L-BFGS-B",
+                    options=options, bounds=Bounds(lo, hi))
+
+
+def _usable(res) -> bool:
+    """Converged, finite, and not stopped on the upper exponent bound (the points are not
+    described by the law there: the box, not the data, set the value)."""
+    return bool(res.success and np.all(np.isfinite(res.x))
+                and np.all(res.x[1:-1] < 0.99 * EXPONENT_BOUNDS[1]))
 
 
 def _to_params(theta: np.ndarray, centre: np.ndarray, names: Sequence[str]) -> dict[str, float]:
@@ -199,8 +218,9 @@ def _best_start(problem: _Problem, starts: list[np.ndarray], delta: float, optio
     best, failures = None, {}
     for theta0 in starts:
         res = _minimise(theta0, problem.Z, problem.y, delta, options)
-        if not (res.success and np.all(np.isfinite(res.x))):
-            failures[str(res.message)] = failures.get(str(res.message), 0) + 1
+        if not _usable(res):
+            why = str(res.message) if not res.success else f"an exponent reached its bound {EXPONENT_BOUNDS[1]:g}"
+            failures[why] = failures.get(why, 0) + 1
             continue
         if best is None or res.fun < best.fun:
             best = res
@@ -229,7 +249,7 @@ def _bootstrap(problem: _Problem, theta: np.ndarray, n: int, level: float, seed:
         if any(np.unique(sub.Z[:, j]).size < 2 for j in range(k)):
             continue
         res = _minimise(theta, sub.Z, sub.y, delta, options)
-        if res.success and np.all(np.isfinite(res.x)):
+        if _usable(res):
             draws.append(_to_params(res.x, problem.centre, problem.names))
     info = {"n": n, "converged": len(draws), "level": level}
     if n == 0 or len(draws) < max(n / 2, 2):
@@ -268,13 +288,23 @@ def _fit(X, D, L, *, n_bootstrap: int, level: float, seed: int, delta: float, gr
     start_info = {"tried": len(starts), "converged": n_ok}
     if best is None:
         reasons = "; ".join(f"{c}x {m}" for m, c in failures.items())
-        message = (f"no start of {len(starts)} converged (L-BFGS-B: {reasons}); raise max_iter "
-                   f"(now {max_iter}) or widen the grid")
+        message = (f"no start of {len(starts)} converged (L-BFGS-B: {reasons}); if the optimiser stopped, "
+                   f"raise max_iter (now {max_iter}) or widen the grid; if an exponent reached its bound, "
+                   "the law does not describe these points")
         logger.warning("scaling fit (%s, %d points): %s", form, L.size, message)
         return ScalingFit(form, False, message, L.size, starts=start_info)
     params = _to_params(best.x, problem.centre, problem.names)
     intervals, boot = _bootstrap(problem, best.x, n_bootstrap, level, seed, delta, options)
     message = f"best of {n_ok} converged starts (of {len(starts)})"
+    if params["E"] < FLOOR_LIMIT * L.min():
+        message += (f"; E went to its limit 0 ({params['E']:.3g}): these points show no floor, the law is a "
+                    "pure power law here and E is not identified")
+    for name in problem.names:
+        if params[name] <= EXPONENT_BOUNDS[0] + 1e-9:
+            message += f"; {name} = 0 (its lower bound): no effect of {'D' if name == 'beta' else 'X'} in these points"
+    if L.size == len(best.x):
+        message += (f"; {L.size} points for {L.size} parameters: the law passes through them, so its error on "
+                    "the points is 0 by construction and tells nothing")
     if n_bootstrap and intervals is None:
         message += f"; no intervals: only {boot['converged']} of {n_bootstrap} bootstrap refits usable"
     return ScalingFit(form, True, message, L.size, params=params, intervals=intervals,
@@ -372,7 +402,7 @@ def _panel(ax, fit: ScalingFit, along_values, L, other, hi: float, colours, alon
         inside = grid <= along_values.max()
         ax.plot(grid[inside], curve[inside], color=colour, lw=1.2)
         ax.plot(grid[~inside], curve[~inside], color=colour, lw=1.2, ls="--")
-    if fit.converged:
+    if fit.converged and fit.params["E"] > 0.1 * L.min():  # a floor far below the points would squash them
         ax.axhline(fit.params["E"], color="grey", lw=0.8, ls=":", label="E (floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
