@@ -177,3 +177,15 @@ def test_points_without_a_floor_say_that_E_is_not_identified():
     # the power law itself is found: a log-linear LAD fit on a balanced grid, SE = σ·√(π/2)/‖log X − mean‖
     se_alpha = SIGMA * np.sqrt(np.pi / 2) / np.linalg.norm(np.log(X) - np.log(X).mean())
     assert fit.params["alpha"] == pytest.approx(0.3, abs=4 * se_alpha)
+
+
+def test_as_many_points_as_parameters_fits_but_gives_no_intervals():
+    """3 points, 3 parameters: the law passes through them; a resample holds at most 3 distinct
+    points and mostly fewer, so the bootstrap cannot say anything and no interval is given."""
+    theta = np.array([np.log(30.0), 0.5, np.log(0.2)])
+    D = np.array([500.0, 2000, 8000])
+    fit = fit_data_law(D, np.exp(log_law(theta, D)), n_bootstrap=50, **FAST)
+    assert fit.converged and fit.error["max_abs_rel"] < 1e-6
+    np.testing.assert_allclose(estimate(fit), theta, atol=1e-4)
+    assert fit.intervals is None and "3 points for 3 parameters" in fit.message
+    assert "no intervals: only" in fit.message and fit.bootstrap["converged"] < 25

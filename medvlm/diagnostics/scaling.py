@@ -239,15 +239,16 @@ def _bootstrap(problem: _Problem, theta: np.ndarray, n: int, level: float, seed:
                options: dict) -> tuple[dict[str, tuple[float, float]] | None, dict]:
     """Percentile intervals from ``n`` resamples of the points, each refitted from ``theta``. A
     resample whose refit does not converge, or that cannot identify an exponent (one distinct size
-    left), is counted and left out; with fewer than half of them usable there are no intervals."""
+    left, or fewer distinct points than parameters), is counted and left out; with fewer than half
+    of them usable there are no intervals."""
     rng = np.random.default_rng(seed)
     n_points, k = problem.y.size, problem.Z.shape[1]
     draws = []
     for _ in range(n):
         idx = rng.integers(0, n_points, n_points)
         sub = problem.subset(idx)
-        if any(np.unique(sub.Z[:, j]).size < 2 for j in range(k)):
-            continue
+        if any(np.unique(sub.Z[:, j]).size < 2 for j in range(k)) or np.unique(idx).size < k + 2:
+            continue  # an exponent or the whole law under-determined: fewer distinct points than parameters
         res = _minimise(theta, sub.Z, sub.y, delta, options)
         if _usable(res):
             draws.append(_to_params(res.x, problem.centre, problem.names))
@@ -303,8 +304,8 @@ def _fit(X, D, L, *, n_bootstrap: int, level: float, seed: int, delta: float, gr
         if params[name] <= EXPONENT_BOUNDS[0] + 1e-9:
             message += f"; {name} = 0 (its lower bound): no effect of {'D' if name == 'beta' else 'X'} in these points"
     if L.size == len(best.x):
-        message += (f"; {L.size} points for {L.size} parameters: the law passes through them, so its error on "
-                    "the points is 0 by construction and tells nothing")
+        message += (f"; {L.size} points for {L.size} parameters: nothing is left over to test the law, so its "
+                    "error on the points says little about it")
     if n_bootstrap and intervals is None:
         message += f"; no intervals: only {boot['converged']} of {n_bootstrap} bootstrap refits usable"
     return ScalingFit(form, True, message, L.size, params=params, intervals=intervals,
@@ -387,6 +388,8 @@ def plot_scaling(fit: ScalingFit, X, D, L, path, *, holdout: dict | None = None,
 
 def _panel(ax, fit: ScalingFit, along_values, L, other, hi: float, colours, along: str) -> None:
     """L against one variable (log-log), one colour and fitted curve per value of the other."""
+    from matplotlib.ticker import NullFormatter
+
     levels = np.unique(other)
     grid = np.geomspace(along_values.min(), hi, 100)
     for i, level in enumerate(levels):
@@ -406,6 +409,7 @@ def _panel(ax, fit: ScalingFit, along_values, L, other, hi: float, colours, alon
         ax.axhline(fit.params["E"], color="grey", lw=0.8, ls=":", label="E (floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap over a short range
     ax.set_xlabel("fine-tuning examples D_f" if along == "D" else "size X")
     ax.set_ylabel("evaluation loss")
     ax.legend(fontsize=7)

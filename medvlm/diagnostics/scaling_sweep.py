@@ -329,6 +329,7 @@ def _describe_fit(name: str, f: dict) -> list[str]:
     iv = f.get("intervals") or {}
     parts = [f"{k} = {f[k]:.4g}" + (f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv else "") for k in keys]
     err = f["error"]
+    notes = f["message"].split("; ")[1:]  # the first part is the count of converged starts
     return [f"{name} ({f['n_points']} points): " + ", ".join(parts),
             f"    error on the points: rmse(log) {err['rmse_log']:.4f}, mean |rel| {100 * err['mean_abs_rel']:.2f}%, "
-            f"max |rel| {100 * err['max_abs_rel']:.2f}%"]
+            f"max |rel| {100 * err['max_abs_rel']:.2f}%", *(f"    note: {n}" for n in notes)]
