@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy.special import huber
 
-from medvlm.diagnostics.scaling import fit_by_template, fit_data_law, fit_scaling_law, plot_scaling
+from medvlm.diagnostics.scaling import fit_by_template, fit_data_law, fit_scaling_law
+from medvlm.diagnostics.scaling_plot import plot_scaling
 
 SIGMA = 0.02  # multiplicative noise: log L = log L_true + N(0, SIGMA²)
 FAST = dict(exponent_grid=(0.0, 0.5, 1.0), intercept_grid=(1.0,), floor_grid=(0.3, 0.9))  # 18 starts

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import yaml
 
-from medvlm.diagnostics.scaling import ScalingFit, fit_data_law, fit_scaling_law, plot_scaling
+from medvlm.diagnostics.scaling import ScalingFit, fit_data_law, fit_scaling_law
+from medvlm.diagnostics.scaling_plot import plot_scaling
 from medvlm.models.base import IGNORE_INDEX
 from medvlm.utils.io import atomic_write_json, hash_rows
 
