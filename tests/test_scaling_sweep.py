@@ -123,18 +123,23 @@ def test_fits_that_cannot_be_made_are_reported_not_dropped(tmp_path):
         fit_points(one_rank, None, tmp_path, n_bootstrap=0, **FAST)
 
 
-def test_a_finished_run_is_reused_and_an_interrupted_one_is_redone(tmp_path, monkeypatch):
+def test_a_finished_run_is_reused_only_with_its_own_config_and_an_interrupted_one_is_redone(tmp_path, monkeypatch):
+    from medvlm.config import to_yaml
+
     calls = []
-    monkeypatch.setattr("medvlm.training.stage.run_stage", lambda *args: calls.append(args[-1].output_dir))
-    monkeypatch.setattr(sweep, "_stage_config", lambda argv: ("model", "data", "lora", type(
-        "Args", (), {"output_dir": argv[argv.index("--output_dir") + 1]})()))
+    monkeypatch.setattr("medvlm.training.stage.run_stage", lambda *configs: calls.append(configs[-1].output_dir))
+    cfg = tmp_path / "stage2.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "demo:llava", "lora_r": 4, "report_to": "none"}))
     finished = tmp_path / "finished"
     finished.mkdir()
+    (finished / "config.yaml").write_text(to_yaml(*sweep._stage_config([str(cfg), "--output_dir", str(finished)])))
     (finished / "manifest.json").write_text("{}")
-    assert sweep._run(["cfg.yaml"], finished) == finished and calls == []
+    assert sweep._run([str(cfg)], finished) == finished and calls == []
+    with pytest.raises(ValueError, match="finished run made with other settings \\(lora_r: 4 there, 8 now\\)"):
+        sweep._run([str(cfg), "--lora_r", "8"], finished)
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoint-3").mkdir(parents=True)
-    sweep._run(["cfg.yaml"], interrupted)
+    sweep._run([str(cfg)], interrupted)
     assert calls == [str(interrupted)] and not interrupted.exists()  # the stale folder was cleared first
 
 

@@ -12,8 +12,9 @@
     scaling_fit.json        the points, the fits (joint, per template, data-only per size) and the
                             held-out check;  scaling.png, scaling_<template>.png  the figures
 
-A run folder holding ``manifest.json`` is finished and reused (the stage recipes write it last);
-one without it was interrupted and is deleted and run again. The evaluation loss is the mean
+A run folder holding ``manifest.json`` is finished and reused (the stage recipes write it last)
+when its ``config.yaml`` is the config the sweep asks for now, and refused when it is not; one
+without ``manifest.json`` was interrupted and is deleted and run again. The evaluation loss is the mean
 cross-entropy over answer tokens, teacher-forced, on the validation questions (the stage recipe
 writes only generation metrics): the training collator's labels choose the tokens, so it is the
 training objective measured on held-out questions, overall and per answer type (closed, open).
@@ -223,17 +224,34 @@ def _stage_config(argv: list[str]):
     return parse_stage_config(argv)
 
 
+def _changed_settings(out_dir: Path, configs) -> dict:
+    """Keys whose value in the finished run's config.yaml differs from the config asked for now."""
+    from medvlm.config import to_yaml
+
+    want = yaml.safe_load(to_yaml(*configs)) or {}
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    return {k: (saved.get(k), want.get(k)) for k in sorted(set(want) | set(saved)) if saved.get(k) != want.get(k)}
+
+
 def _run(argv: list[str], out_dir: Path) -> Path:
-    """One stage run into ``out_dir``, reused when finished (manifest.json), redone when interrupted."""
+    """One stage run into ``out_dir``: reused when finished (manifest.json) with the same config,
+    refused when finished with another one (a stale point would bias the fit silently), deleted
+    and run again when interrupted."""
     from medvlm.training.stage import run_stage
 
+    configs = _stage_config([*argv, "--output_dir", str(out_dir)])
     if (out_dir / "manifest.json").is_file():
+        changed = _changed_settings(out_dir, configs)
+        if changed:
+            shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(changed.items())[:4])
+            raise ValueError(f"{out_dir} is a finished run made with other settings ({shown}); delete it, or "
+                             "give the sweep another --out")
         logger.info("reusing the finished run %s", out_dir)
         return out_dir
     if out_dir.exists():
         logger.warning("%s holds an interrupted run (no manifest.json): deleting it and running again", out_dir)
         shutil.rmtree(out_dir)
-    run_stage(*_stage_config([*argv, "--output_dir", str(out_dir)]))
+    run_stage(*configs)
     gc.collect()
     return out_dir
 
