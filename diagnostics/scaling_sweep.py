@@ -18,7 +18,9 @@ import logging
 import sys
 
 from medvlm.config import ConfigError
-from medvlm.diagnostics.scaling_sweep import SweepPlan, format_report, run_sweep
+from medvlm.demo import ensure_demo_model
+from medvlm.training.cli import parse_stage_config
+from medvlm.training.scaling_sweep import SweepPlan, format_report, run_sweep
 
 
 def parse(argv: list[str]) -> SweepPlan:
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         plan = parse(list(sys.argv[1:] if argv is None else argv))
+        ensure_demo_model(parse_stage_config([plan.config])[0].model_name_or_path)  # demo:<family>: built once
         result = run_sweep(plan)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

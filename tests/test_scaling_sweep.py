@@ -12,9 +12,9 @@ import yaml
 from scripts import load_script
 from tiny_models import FAMILIES, eager_tiny
 
-from medvlm.diagnostics import scaling_sweep as sweep
-from medvlm.diagnostics.scaling_sweep import SweepPlan, answer_nll, fit_points, format_report, read_point
-from medvlm.training.collator import VLMCollator
+from medvlm.models.inputs import VLMCollator
+from medvlm.training import scaling_sweep as sweep
+from medvlm.training.scaling_sweep import SweepPlan, answer_nll, fit_points, format_report, read_point
 
 FAST = dict(exponent_grid=(0.0, 0.5, 1.0), intercept_grid=(1.0,), floor_grid=(0.3, 0.9))
 PER_RANK = 11040  # trainable parameters per unit of rank (LoRA's count is linear in the rank)
@@ -127,7 +127,7 @@ def test_a_finished_run_is_reused_only_with_its_own_config_and_an_interrupted_on
     from medvlm.config import to_yaml
 
     calls = []
-    monkeypatch.setattr("medvlm.training.stage.run_stage", lambda *configs: calls.append(configs[-1].output_dir))
+    monkeypatch.setattr(sweep, "run_stage", lambda *configs: calls.append(configs[-1].output_dir))
     cfg = tmp_path / "stage2.yaml"
     cfg.write_text(yaml.safe_dump({"model_name_or_path": "demo:llava", "lora_r": 4, "report_to": "none"}))
     finished = tmp_path / "finished"

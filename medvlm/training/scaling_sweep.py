@@ -33,9 +33,14 @@ import numpy as np
 import torch
 import yaml
 
+from medvlm.config import to_yaml
+from medvlm.diagnostics.model_card import load_adapter_model
 from medvlm.diagnostics.scaling import ScalingFit, fit_data_law, fit_scaling_law
 from medvlm.diagnostics.scaling_plot import plot_scaling
 from medvlm.models.base import IGNORE_INDEX
+from medvlm.models.inputs import VLMCollator, prepare_examples
+from medvlm.training.cli import parse_stage_config
+from medvlm.training.stage import load_records, run_stage
 from medvlm.utils.io import atomic_write_json, hash_rows
 
 logger = logging.getLogger(__name__)
@@ -118,12 +123,8 @@ def evaluate_run(run_dir: Path, validation, validation_hash: str) -> dict:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("validation_hash") == validation_hash:
             return cached
-    from medvlm.diagnostics.model_card import load_adapter_model
-    from medvlm.training.collator import VLMCollator
-    from medvlm.training.data import prepare_examples
-
     loaded = load_adapter_model(run_dir)
-    examples = prepare_examples(validation, loaded.processor)
+    examples = prepare_examples(validation, loaded.processor, loaded.family)
     result = answer_nll(loaded.model, VLMCollator(loaded.family, loaded.processor), examples,
                         list(validation["answer_type"]))
     result["validation_hash"] = validation_hash
@@ -219,15 +220,11 @@ def fit_points(points: list[dict], holdout: dict | None, out: Path, *, size_vari
 
 # -- running the sweep ---------------------------------------------------------------------------------
 def _stage_config(argv: list[str]):
-    from medvlm.training.cli import parse_stage_config
-
     return parse_stage_config(argv)
 
 
 def _changed_settings(out_dir: Path, configs) -> dict:
     """Keys whose value in the finished run's config.yaml differs from the config asked for now."""
-    from medvlm.config import to_yaml
-
     want = yaml.safe_load(to_yaml(*configs)) or {}
     saved = yaml.safe_load((out_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     return {k: (saved.get(k), want.get(k)) for k in sorted(set(want) | set(saved)) if saved.get(k) != want.get(k)}
@@ -237,8 +234,6 @@ def _run(argv: list[str], out_dir: Path) -> Path:
     """One stage run into ``out_dir``: reused when finished (manifest.json) with the same config,
     refused when finished with another one (a stale point would bias the fit silently), deleted
     and run again when interrupted."""
-    from medvlm.training.stage import run_stage
-
     configs = _stage_config([*argv, "--output_dir", str(out_dir)])
     if (out_dir / "manifest.json").is_file():
         changed = _changed_settings(out_dir, configs)
@@ -269,8 +264,6 @@ def ensure_stage1(plan: SweepPlan) -> Path:
 def prepare_data(plan: SweepPlan) -> tuple[dict[int, Path], object, str]:
     """Nested training subsets of the stage-2 data (one seeded shuffle, its first D rows; phases
     keep their order in training) and the fixed validation questions, saved under ``out/data``."""
-    from medvlm.training.stage import load_records
-
     _, data_args, _, _ = _stage_config([plan.config])
     train = load_records(data_args.dataset, "train", data_args.question_types, data_args, plan.out)
     sizes = sorted({*plan.data_sizes, plan.holdout[0]})
