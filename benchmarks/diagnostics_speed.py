@@ -43,8 +43,8 @@ from medvlm.diagnostics.capture import capture, prepare_example
 from medvlm.diagnostics.methods.logprob import logprob_increase
 from medvlm.diagnostics.methods.occlusion import occlusion
 from medvlm.models.base import TinySizes
-from medvlm.models.registry import get_family
-from medvlm.models.tiny import build_tiny, build_tokenizer
+from medvlm.models.registry import FAMILIES, get_family
+from medvlm.models.tiny import build_tiny, tiny_tokenizer
 
 
 def peak_tensor_bytes(fn) -> tuple[int, object]:
@@ -121,17 +121,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per call in a round (median)")
     parser.add_argument("--rounds", type=int, default=3, help="independent rounds of every measurement")
-    parser.add_argument("--family", choices=("paligemma", "llava", "both"), default="both")
+    parser.add_argument("--family", choices=(*sorted(FAMILIES), "both"), default="both")
     args = parser.parse_args()
-    families = ["paligemma", "llava"] if args.family == "both" else [args.family]
+    families = sorted(FAMILIES) if args.family == "both" else [args.family]
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the phantom's save/map bars are not part of the figures
 
     with tempfile.TemporaryDirectory() as root:
         records = load_phantom(PhantomConfig(n_patients=12), kind="qa", root=root)
-        tok = build_tokenizer(phantom_corpus_from(records), 400)
         for name in families:
+            tok = tiny_tokenizer(name, phantom_corpus_from(records), 400)
             model, family, example = load(name, records, tok)
             grid = example.span.grid
             print(f"\ntiny {name}: {len(family.decoder_layers(model))} decoder layers, sequence "

@@ -39,10 +39,10 @@ def small_phantom(medvlm_home):
 def _tiny_folder(family: str, root, phantom_cfg):
     """A random tiny model of ``family`` saved with its processor (no pre-training: fast)."""
     from medvlm.demo.base import TinyConfig, phantom_corpus
-    from medvlm.models.tiny import build_tiny, build_tokenizer
+    from medvlm.models.tiny import build_tiny, tiny_tokenizer
 
     cfg = TinyConfig(family=family, phantom=phantom_cfg, **TINY)
-    tok = build_tokenizer(phantom_corpus(phantom_cfg), cfg.vocab_size)
+    tok = tiny_tokenizer(family, phantom_corpus(phantom_cfg), cfg.vocab_size)
     model, processor = build_tiny(family, cfg.sizes(), tok)
     folder = root / f"tiny-{family}"
     model.save_pretrained(folder)

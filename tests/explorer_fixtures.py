@@ -15,10 +15,10 @@ def build_model_with_adapters(root: Path, family: str, phantom_cfg) -> tuple[Pat
 
     from medvlm.demo.base import TinyConfig, phantom_corpus
     from medvlm.models.registry import get_family, load_model_and_processor
-    from medvlm.models.tiny import build_tiny, build_tokenizer
+    from medvlm.models.tiny import build_tiny, tiny_tokenizer
 
     cfg = TinyConfig(family=family, phantom=phantom_cfg)  # the demo model's sizes
-    tok = build_tokenizer(phantom_corpus(phantom_cfg), cfg.vocab_size)
+    tok = tiny_tokenizer(family, phantom_corpus(phantom_cfg), cfg.vocab_size)
     model, processor = build_tiny(family, cfg.sizes(), tok)
     folder = root / f"demo-arch-{family}"
     model.save_pretrained(folder)

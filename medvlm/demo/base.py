@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medvlm.data_curation.phantom import GENERATOR_VERSION, PhantomConfig, load_phantom
 from medvlm.models.base import TinySizes
-from medvlm.models.tiny import DEMO_SCHEME, build_tiny, build_tokenizer, current_record
+from medvlm.models.tiny import DEMO_SCHEME, build_tiny, current_record, tiny_tokenizer
 from medvlm.utils.io import atomic_write_text, medvlm_home, sha256_json, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def ensure_base_model(family: str = "paligemma", cfg: TinyConfig | None = None,
     folder = Path(root) if root else base_model_dir(family, cfg)
     if not (folder / "manifest.json").exists():
         logger.info("building the tiny %s base model in %s (cached for later runs)", cfg.family, folder)
-        tokenizer = build_tokenizer(phantom_corpus(cfg.phantom), cfg.vocab_size)
+        tokenizer = tiny_tokenizer(cfg.family, phantom_corpus(cfg.phantom), cfg.vocab_size)
         model, processor = build_tiny(cfg.family, cfg.sizes(), tokenizer)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,9 +21,9 @@ A tutorial on a tiny random PaliGemma (eager attention, 2 decoder layers)::
 
     >>> import numpy as np
     >>> from medvlm.models.base import TinySizes
-    >>> from medvlm.models.tiny import build_tokenizer, build_tiny
+    >>> from medvlm.models.tiny import build_tiny, tiny_tokenizer
     >>> from medvlm.models.registry import get_family
-    >>> tok = build_tokenizer(["where is the lesion in the left lung"], 300)
+    >>> tok = tiny_tokenizer("paligemma", ["where is the lesion in the left lung"], 300)
     >>> model, processor = build_tiny("paligemma", TinySizes(vision_layers=1, text_layers=2, patch_size=8), tok)
     >>> model.set_attn_implementation("eager")
     >>> family = get_family("paligemma")

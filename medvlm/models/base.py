@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
+from medvlm.models.tokenizer import build_tokenizer
+
 IGNORE_INDEX = -100
 TOWERS = ("vision", "projector", "language")
 
@@ -251,6 +253,20 @@ class ModelFamily:
         head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // n_heads)
         return n_heads, n_kv, head_dim
 
+    def dimensions(self, model: torch.nn.Module) -> dict[str, int]:
+        """Widths a cost estimate needs: ``d_model``, ``d_mlp``, ``vocab`` (language model) and
+        ``d_vision`` (vision tower)."""
+        tc = text_config(model)
+        vc = getattr(model.config, "vision_config", None)
+        return {"d_model": int(tc.hidden_size), "d_mlp": int(getattr(tc, "intermediate_size", 4 * tc.hidden_size)),
+                "vocab": int(tc.vocab_size), "d_vision": int(getattr(vc, "hidden_size", 0) or 0)}
+
+    def vision_tokens(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> int:
+        """Tokens the vision tower processes for the batch's first image (its patches)."""
+        px = inputs.get("pixel_values")
+        patch = int(model.config.vision_config.patch_size)
+        return 0 if px is None else int(px.shape[-2] * px.shape[-1] // patch**2)
+
     def max_length(self, model: torch.nn.Module) -> int | None:
         limit = getattr(text_config(model), "max_position_embeddings", None)
         return None if limit is None else int(limit)
@@ -338,6 +354,11 @@ class ModelFamily:
         return "other"
 
     # -- the embedded default -------------------------------------------------------------------
+    def tiny_tokenizer(self, corpus: list[str], vocab_size: int):
+        """A tokenizer for the family's tiny model, trained on ``corpus``, with the special tokens its
+        processor and chat template need (default: pad, eos, bos, unk and ``<image>``)."""
+        return build_tokenizer(corpus, vocab_size)
+
     def tiny_model(self, sizes: TinySizes, tokenizer) -> tuple[PreTrainedModel, ProcessorMixin]:
         """A tiny model of the family's real class with random weights and its real processor
         class, the tokenizer given (built locally), at ``sizes``."""

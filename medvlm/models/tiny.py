@@ -16,33 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from medvlm.models.base import TinySizes
 from medvlm.models.families import get_family
 from medvlm.utils.io import medvlm_home
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 DEMO_SCHEME = "demo:"
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int, specials: list[str] | None = None,
-                    **special_tokens: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``corpus``. ``specials`` (default: pad, eos, bos, unk
-    and ``<image>``) come first in the vocabulary; keyword arguments name extra special tokens
-    (``image_token="<image>"`` by default)."""
-    specials = specials or SPECIALS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    extra = special_tokens or {"image_token": "<image>"}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>", padding_side="right",
-                                   extra_special_tokens=extra)
+def tiny_tokenizer(family: str, corpus: list[str], vocab_size: int):
+    """The tokenizer of a tiny ``family`` model, trained on ``corpus`` (with the family's special tokens)."""
+    return get_family(family).tiny_tokenizer(corpus, vocab_size)
 
 
 def build_tiny(family: str, sizes: TinySizes, tokenizer):

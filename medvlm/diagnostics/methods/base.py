@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Cache, Example, capture
-from medvlm.models.base import ModelFamily, text_config
+from medvlm.models.base import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,11 @@ class Shape:
 
     @classmethod
     def of(cls, model: torch.nn.Module, family: ModelFamily, example: Example) -> Shape:
-        tc = text_config(model)
-        vc = getattr(model.config, "vision_config", None)
         span = example.span or family.image_spans(model, example.inputs)[0]
-        d_vision = int(getattr(vc, "hidden_size", 0) or 0)
-        px = example.inputs.get("pixel_values")
-        patch = int(getattr(vc, "patch_size", 0) or 0)
-        vision_tokens = int(px.shape[-2] * px.shape[-1] // patch**2) if px is not None and px.ndim == 4 and patch \
-            else int(px.shape[0]) if px is not None else 0
         return cls(seq_len=int(example.inputs["input_ids"].shape[-1]), image_tokens=span.end - span.start,
                    grid=span.grid, n_layers=len(family.decoder_layers(model)), n_heads=family.head_layout(model)[0],
-                   d_model=int(tc.hidden_size), d_mlp=int(getattr(tc, "intermediate_size", 4 * tc.hidden_size)),
-                   vocab=int(tc.vocab_size), vision_tokens=vision_tokens,
-                   vision_layers=len(family.vision_layers(model)), d_vision=d_vision)
+                   vision_tokens=family.vision_tokens(model, example.inputs),
+                   vision_layers=len(family.vision_layers(model)), **family.dimensions(model))
 
     def forward_flops(self, positions: int | None = None, logits_at: int = 1) -> float:
         """Multiply-adds ×2 of one forward pass over ``positions`` tokens (default the sequence) with
