@@ -67,16 +67,16 @@ def test_compare_writes_markdown_html_json_and_plots(compare, tmp_path):
     assert result["skipped"] == [{"path": str(a / "checkpoint-9"), "reason": "no metrics.json in this checkpoint"}]
 
     md = (out / "comparison.md").read_text(encoding="utf-8")
-    assert "| stage1/checkpoint-4 | 4 | 0.5 | 4 | 0.75 |" in md and "Closed accuracy by qtype" in md
+    assert "| stage1/checkpoint-4 | 4 | 0.5 | 4 | 0.75 |" in md and "Closed-question accuracy by qtype" in md
     # open-only question types get their own ROUGE-L table, not an empty closed-accuracy column
     assert result["rows"][0]["open_slices"]["qtype"]["location"] == 0.0
-    assert "## Open ROUGE-L by qtype\n\n| label | location |" in md
-    assert "| label | location |" not in md.split("## Open ROUGE-L")[0]
-    assert "&lt;script>alert(1)&lt;/script>" in md and "<script>" not in md  # no raw HTML tag in the table
+    assert "## Open-question ROUGE-L by qtype\n\n| label | location |" in md
+    assert "| label | location |" not in md.split("## Open-question ROUGE-L")[0]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "<script>" not in md  # no raw HTML tag in the table
 
     page = (out / "comparison.html").read_text(encoding="utf-8")
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;/checkpoint-2" in page
-    srcs = re.findall(r"src='([^']*)'", page)
+    srcs = re.findall(r'src="([^"]*)"', page)
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
 
     for name in ("accuracy_rouge.png", "slices_qtype.png", "slices_modality.png"):

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from medvlm.data_curation.phantom import load_phantom
+from medvlm.diagnostics.attention_quality import mask_to_grid
 from medvlm.models.families import get_family
 from medvlm.models.inputs import VLMCollator, prepare_examples
 from medvlm.training.trainer import MedVLMTrainer
@@ -45,14 +46,13 @@ def _vision_targets(records) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _patch_coverage(records, grid: int, size: int) -> torch.Tensor:
-    """Share of each patch covered by the lesion mask: [n_images, grid*grid] (0 without a lesion)."""
-    out = torch.zeros(len(records), grid * grid)
-    cell = size // grid
+def _token_coverage(records, grid: tuple[int, int]) -> torch.Tensor:
+    """Share of each image token's cell covered by the lesion mask: [n_images, rows*cols] (0 without
+    a lesion), the mask's area per cell of the token grid."""
+    out = torch.zeros(len(records), grid[0] * grid[1])
     for i, roi in enumerate(records["roi"]):
         if roi:
-            mask = torch.from_numpy(read_mask(roi, size=(size, size)).astype(np.float32))
-            out[i] = mask.reshape(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
+            out[i] = torch.from_numpy(mask_to_grid(read_mask(roi), grid).astype(np.float32)).flatten()
     return out
 
 
@@ -70,8 +70,7 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
     records = load_phantom(cfg.phantom, kind="captions", split="train")
     examples = prepare_examples(records, processor, family)
     targets = _vision_targets(records)
-    grid = cfg.image_size // cfg.patch_size
-    coverage = _patch_coverage(records, grid, cfg.image_size)
+    coverage = None  # per image token: set from the grid of the first batch of features
     sizes = [len(c) for _, c in VISION_LABELS]
     head = torch.nn.Linear(cfg.text_hidden, sum(sizes))
     token_sizes = [1] + sizes[2:]  # lesion here?, finding, side, zone
@@ -85,10 +84,9 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
     losses = []
     for _ in range(cfg.vision_pretrain_steps):
         idx = torch.randint(len(examples), (cfg.pretrain_batch_size,), generator=gen)
-        pixels = processor.image_processor([examples.image(int(i)) for i in idx], return_tensors="pt",
-                                           **family.processor_kwargs(prepared=True))["pixel_values"]
-        feats = model.get_image_features(pixel_values=pixels).pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B, T, D]
+        feats, grid = family.image_features(model, processor, [examples.image(int(i)) for i in idx])  # [B, T, D]
+        if coverage is None:
+            coverage = _token_coverage(records, grid)
         logits = head(feats.mean(dim=1)).split(sizes, dim=-1)
         loss = sum(ce(lg, targets[idx, k]) for k, lg in enumerate(logits))
         tok = token_head(feats).split(token_sizes, dim=-1)  # per token

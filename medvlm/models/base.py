@@ -354,6 +354,17 @@ class ModelFamily:
         return "other"
 
     # -- the embedded default -------------------------------------------------------------------
+    def image_features(self, model: torch.nn.Module, processor: ProcessorMixin,
+                       images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Projected image-token features of prepared images, ``[batch, tokens, d_model]`` in the
+        order the tokens take in a sequence, and their grid (rows, cols): what the demo's vision
+        pre-training trains its per-token heads on."""
+        pixels = processor.image_processor(list(images), return_tensors="pt",
+                                           **self.processor_kwargs(prepared=True))["pixel_values"]
+        feats = model.get_image_features(pixel_values=pixels).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        return feats, self.image_grid(model)
+
     def tiny_tokenizer(self, corpus: list[str], vocab_size: int):
         """A tokenizer for the family's tiny model, trained on ``corpus``, with the special tokens its
         processor and chat template need (default: pad, eos, bos, unk and ``<image>``)."""
