@@ -49,8 +49,8 @@ def test_labels_are_exactly_the_answer_and_its_end(tiny):
     for i, answer in enumerate(ANSWERS):
         labelled = [int(t) for t in batch["labels"][i] if t != IGNORE_INDEX]
         assert tok.decode(labelled, skip_special_tokens=True).strip() == answer
-        assert labelled[-1] == tok.eos_token_id or tok.decode(labelled[-1:]).strip() in ("<eos>", "<end_of_turn>",
-                                                                                         "<|im_end|>")
+        # the answer ends with a token that stops generation (eos, or the chat format's end of turn)
+        assert labelled[-1] in family.stop_token_ids(processor), tok.convert_ids_to_tokens(labelled[-1:])
         ids = batch["input_ids"][i]
         is_image = ids == family.image_token_id(model)
         assert (batch["labels"][i][is_image] == IGNORE_INDEX).all()  # no loss on image tokens
@@ -87,6 +87,26 @@ def test_generation_answers_from_a_left_padded_batch(tiny):
     answers = generate_answers(model, processor, family, images, QUESTIONS, batch_size=2, max_new_tokens=4,
                                progress=False)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_generation_stops_at_every_stop_token(tiny):
+    _, model, processor, family, images = tiny
+    steps = []
+    for stop in family.stop_token_ids(processor):
+        def force(module, args, logits, stop=stop):  # the stop token wins at every position
+            steps.append(stop)
+            out = logits.clone()
+            out[..., stop] = out.max() + 10.0
+            return out
+
+        handle = family.unembed(model).register_forward_hook(force)
+        try:
+            answers = generate_answers(model, processor, family, images, QUESTIONS, batch_size=2, max_new_tokens=5,
+                                       progress=False)
+        finally:
+            handle.remove()
+        assert answers == ["", ""]
+    assert len(steps) == len(family.stop_token_ids(processor)), "generation went on past a stop token"
 
 
 def test_image_span_and_grid_come_from_the_inputs(tiny):

@@ -84,7 +84,8 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
     """Tokenise one (image, question[, answer]) with the family's own batch builders.
 
     With an answer the sequence is teacher-forced (the family's training batch) and the target
-    positions are those predicting the answer tokens, end-of-sequence excluded.
+    positions are those predicting the answer tokens, the family's stop tokens (end of sequence, end of turn)
+    excluded.
     """
     pil = read_image(image)
     if answer is None:
@@ -93,12 +94,12 @@ def prepare_example(model: torch.nn.Module, processor, family: ModelFamily, imag
         batch = family.train_batch(processor, [pil], [question], [answer])
     inputs = {k: v for k, v in family.model_inputs(batch).items() if k != "labels"}
     ids = inputs["input_ids"][0]
-    eos = processor.tokenizer.eos_token_id
+    stops = set(family.stop_token_ids(processor))
     if answer is None:
         positions, targets = [int(ids.shape[0]) - 1], []
     else:
         labels = batch["labels"][0]
-        keep = [p for p in range(1, ids.shape[0]) if labels[p] != IGNORE_INDEX and int(ids[p]) != eos]
+        keep = [p for p in range(1, ids.shape[0]) if labels[p] != IGNORE_INDEX and int(ids[p]) not in stops]
         if not keep:
             raise ValueError(f"answer {answer!r} produced no answer tokens for question {question!r}")
         positions, targets = [p - 1 for p in keep], [int(ids[p]) for p in keep]

@@ -52,7 +52,7 @@ def generate_answers(
     tok = processor.tokenizer
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                       num_return_sequences=num_return_sequences,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                      pad_token_id=tok.pad_token_id, eos_token_id=family.stop_token_ids(processor))
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         torch.manual_seed(seed)

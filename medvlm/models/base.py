@@ -10,7 +10,8 @@ What a family says about its models:
 - **inputs**: how images are prepared once for its processor (:meth:`prepare_images`, a fixed
   resolution by default) and fingerprinted for the on-disk cache (:meth:`image_settings`); how a
   training batch is built and which labels are masked (:meth:`train_batch`); how a generation
-  batch is built (:meth:`generation_batch`, left-padded); where the image tokens are and their
+  batch is built (:meth:`generation_batch`, left-padded) and which tokens end an answer
+  (:meth:`stop_token_ids`); where the image tokens are and their
   grid, read from the actual inputs (:meth:`image_spans`);
 - **structure**: the decoder layers, each layer's attention module, the head layout, the final
   norm, the unembedding with any logit soft-capping (:meth:`lens_logits`), whether attention
@@ -141,6 +142,12 @@ class ModelFamily:
                          prepared: bool = False) -> BatchFeature:
         """Left-padded generation batch ending where the answer starts."""
         raise NotImplementedError
+
+    def stop_token_ids(self, processor: ProcessorMixin) -> list[int]:
+        """The tokens that end an answer: generation stops at any of them, and the diagnostics do
+        not score them as answer tokens. Default: the tokenizer's end-of-sequence token (a chat
+        format that closes the turn with its own token, such as Gemma's ``<end_of_turn>``, adds it)."""
+        return [processor.tokenizer.eos_token_id]
 
     def processor_kwargs(self, prepared: bool) -> dict[str, Any]:
         """Extra processor keywords for images already prepared by :meth:`prepare_images`."""
