@@ -33,8 +33,9 @@ def test_head_contributions_sum_to_the_attention_output(setup, fam):
     _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, head_outputs=True)
     for layer in range(2):
         c = head_contributions(model, family, cache, layer, q, seq)  # [H, S, D]
-        o_proj = family.decoder_layers(model)[layer].self_attn.o_proj
-        want = torch.nn.functional.linear(cache["head_out", layer][0, 0].flatten(), o_proj.weight)
+        o_proj = family.attention_module(family.decoder_layers(model)[layer]).o_proj
+        out = torch.nn.functional.linear(cache["head_out", layer][0, 0].flatten(), o_proj.weight)
+        want = family.attention_residual(model, layer, out, out)  # what the layer adds to the residual
         torch.testing.assert_close(c.sum((0, 1)), want, atol=1e-5, rtol=1e-4)
 
 

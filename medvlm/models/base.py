@@ -13,7 +13,8 @@ What a family says about its models:
   batch is built (:meth:`generation_batch`, left-padded) and which tokens end an answer
   (:meth:`stop_token_ids`); where the image tokens are and their
   grid, read from the actual inputs (:meth:`image_spans`);
-- **structure**: the decoder layers, each layer's attention module, the head layout, the final
+- **structure**: the decoder layers, each layer's attention module and how its output enters the
+  residual stream (:meth:`attention_residual`), the head layout, the final
   norm, the unembedding with any logit soft-capping (:meth:`lens_logits`), whether attention
   weights are returned (:meth:`check_eager`), the vision layer the projector reads and the token
   grid Grad-CAM maps onto (:meth:`gradcam_layer`, :meth:`gradcam_map`);
@@ -251,6 +252,15 @@ class ModelFamily:
         """The self-attention block of one decoder layer (its ``o_proj`` takes the heads' outputs,
         its forward returns ``(output, weights)``)."""
         return layer.self_attn
+
+    def attention_residual(self, model: torch.nn.Module, layer: int, parts: torch.Tensor,
+                           attn_out: torch.Tensor | None) -> torch.Tensor:
+        """What parts [..., D] of one position's attention output ``attn_out`` [D] (its ``o_proj``
+        output, bias included; None when not every head was captured) add to the residual stream of
+        decoder layer ``layer``. Default: the parts themselves (the layer adds its attention output
+        as it is). A layer that normalises the attention output first scales them by that norm's
+        factor at this position, so they still sum to what the layer adds."""
+        return parts
 
     def head_layout(self, model: torch.nn.Module) -> tuple[int, int, int]:
         """(n_heads, n_kv_heads, head_dim) of the language model."""

@@ -11,7 +11,9 @@ where h_{l-1} is the residual stream at q *entering* decoder layer l (read throu
 and the unembedding, as the logit lens does) and c_lhj = a_lh[q, j] · (v_lh[j] @ W_O,h^T) is head h
 of layer l's weighted value vector from source position j, projected through that head's slice of
 ``o_proj`` (its exact share of the attention output: summing c over heads and positions gives
-``o_proj``'s output without bias). The baseline is the layer's own input, not the final residual:
+``o_proj``'s output without bias; a layer that normalises its attention output before adding it to
+the residual, as Gemma 2/3 do with ``post_attention_layernorm``, scales c by that norm's factor at q,
+so that c still sums to what the layer adds). The baseline is the layer's own input, not the final residual:
 against the final residual a confident model (p(w) near 1) leaves no room to increase and every
 delta is near 0, whatever the head reads.
 
@@ -105,12 +107,7 @@ def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
 def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layer: int, query: int,
                        positions: Sequence[int]) -> torch.Tensor:
     """c for one layer: [heads, positions, D], from captured ``attn`` rows at ``query`` and ``v``."""
-    n_heads, _, head_dim = family.head_layout(model)
-    a = cache["attn", layer][0][:, cache.query_index(query), list(positions)].float()  # [H, P]
-    v = cache["v", layer][0][list(positions)].float()  # [P, H, d]
-    w_o = effective_weight(family.attention_module(family.decoder_layers(model)[layer]).o_proj)  # [D, H*d]
-    w_o = w_o.unflatten(1, (n_heads, head_dim))[:, cache.heads]  # [D, H, d]
-    return torch.einsum("hp,phd,Dhd->hpD", a, v, w_o)
+    return layer_contributions(model, family, cache, [layer], query, positions)[0]
 
 
 @torch.no_grad()
@@ -171,15 +168,28 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
 
 def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],
                         query: int, positions: Sequence[int]) -> torch.Tensor:
-    """:func:`head_contributions` of several layers in one einsum: [layers, heads, positions, D]."""
+    """:func:`head_contributions` of several layers in one einsum: [layers, heads, positions, D].
+
+    Each is what that head's weighted value from that position adds to the residual stream: the
+    family maps the ``o_proj`` shares through any norm the layer applies to its attention output
+    (:meth:`~medvlm.models.base.ModelFamily.attention_residual`), which needs the whole attention
+    output at ``query`` (every captured source position; every head, as ``capture`` keeps by default)."""
     n_heads, _, head_dim = family.head_layout(model)
     qi, pos = cache.query_index(query), list(positions)
     blocks = family.decoder_layers(model)
-    a = torch.stack([cache["attn", layer][0][:, qi, pos] for layer in layers]).float()  # [L, H, P]
-    v = torch.stack([cache["v", layer][0][pos] for layer in layers]).float()  # [L, P, H, d]
-    w_o = torch.stack([effective_weight(family.attention_module(blocks[layer]).o_proj) for layer in layers])  # [L, D, H*d]
+    a = torch.stack([cache["attn", layer][0][:, qi] for layer in layers]).float()  # [L, H, S]
+    v = torch.stack([cache["v", layer][0] for layer in layers]).float()  # [L, S, H, d]
+    o_projs = [family.attention_module(blocks[layer]).o_proj for layer in layers]
+    w_o = torch.stack([effective_weight(o) for o in o_projs])  # [L, D, H*d]
     w_o = w_o.unflatten(2, (n_heads, head_dim))[:, :, cache.heads]  # [L, D, H, d]
-    return torch.einsum("lhp,lphd,lDhd->lhpD", a, v, w_o)
+    contrib = torch.einsum("lhp,lphd,lDhd->lhpD", a[:, :, pos], v[:, pos], w_o)
+    whole = None
+    if len(cache.heads) == n_heads:  # the attention output at the query: every head, every source position
+        whole = torch.einsum("lhs,lshd,lDhd->lD", a, v, w_o)
+        whole = whole + torch.stack([o.bias.float() if getattr(o, "bias", None) is not None
+                                     else torch.zeros_like(whole[0]) for o in o_projs])
+    return torch.stack([family.attention_residual(model, layer, contrib[i], None if whole is None else whole[i])
+                        for i, layer in enumerate(layers)])
 
 
 @register
