@@ -97,7 +97,7 @@ def test_a_confident_prediction_still_gets_head_attributions(setup):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_contributions_include_an_unmerged_lora_adapter(setup, fam):
     """With LoRA on o_proj (unmerged, as during training), the per-head pieces still add up to what o_proj
-    outputs: the adapter's B @ A is part of W_O."""
+    outputs (through what the layer adds to the residual): the adapter's B @ A is part of W_O."""
     from peft import LoraConfig, get_peft_model
 
     model, family, _, ex, _ = setup[fam]
@@ -109,8 +109,10 @@ def test_contributions_include_an_unmerged_lora_adapter(setup, fam):
         o_proj = family.decoder_layers(peft_model)[1].self_attn.o_proj
         c = head_contributions(peft_model, family, cache, 1, q, seq)
         with torch.no_grad():
-            want = o_proj(cache["head_out", 1][0, 0].flatten()[None])[0]
+            out = o_proj(cache["head_out", 1][0, 0].flatten()[None])[0]
+            want = family.attention_residual(peft_model, 1, out, out)
             plain = torch.nn.functional.linear(cache["head_out", 1][0, 0].flatten(), o_proj.base_layer.weight)
+            plain = family.attention_residual(peft_model, 1, plain, plain)
         torch.testing.assert_close(c.sum((0, 1)), want, atol=1e-5, rtol=1e-4)
         assert not torch.allclose(want, plain, atol=1e-3)  # the adapter changes the output
     finally:

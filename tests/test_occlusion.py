@@ -78,3 +78,18 @@ def test_bad_input(tiny):
     no_pixels = type(ex)(**{**ex.__dict__, "inputs": {k: v for k, v in ex.inputs.items() if k != "pixel_values"}})
     with pytest.raises(KeyError, match="pixel_values"):
         occlusion(model, family, no_pixels)
+
+
+def test_a_lesion_drawn_in_one_cell_lands_on_that_cell_of_the_map(tiny):
+    """A bright square filling token cell (5, 2) of a dark image: the map has the token grid's shape, hiding
+    that cell is exactly hiding the lesion's pixels, and it is the cell whose hiding changes the answer most
+    (every other cell is already close to the image mean)."""
+    model, processor, family = tiny
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[5 * 8:6 * 8, 2 * 8:3 * 8] = 255  # 64-pixel images, an 8x8 token grid: 8-pixel cells
+    ex = prepare_example(model, processor, family, img, "where is the lesion?", "left lung")
+    grid = occlusion(model, family, ex)
+    assert grid.shape == ex.span.grid == (8, 8)
+    assert np.unravel_index(np.abs(grid).argmax(), grid.shape) == (5, 2)
+    ph = ex.inputs["pixel_values"].shape[-1] // 8
+    assert grid[5, 2] == pytest.approx(_hand_drop(model, ex, slice(5 * ph, 6 * ph), slice(2 * ph, 3 * ph)), abs=1e-4)

@@ -1,4 +1,4 @@
-"""QLoRA: the tiny model loads in 4-bit and 8-bit through bitsandbytes (CPU backend) and trains."""
+"""QLoRA: the tiny model of every family loads in 4-bit and 8-bit through bitsandbytes (CPU backend) and trains."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantised_base_trains_its_lora_adapter(tiny_paligemma, bits):
-    loaded = load_model_and_processor(str(tiny_paligemma), quantization_bits=bits)
+def test_quantised_base_trains_its_lora_adapter(tiny_model, bits):
+    _, folder = tiny_model  # every registered family
+    loaded = load_model_and_processor(str(folder), quantization_bits=bits)
     linear_types = {type(m).__name__ for m in loaded.model.modules()}
     assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in linear_types
     model = attach_lora(loaded.model, loaded.family, LoraArguments(lora_towers=["language"]), "x",

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from medvlm.models.families import FAMILIES
 from medvlm.training.cli import main, parse_stage_config
 from medvlm.training.stage import run_stage
 
@@ -147,12 +148,13 @@ def test_missing_stage1_adapter(tiny_paligemma, tmp_path, capsys):
     assert not (out / "manifest.json").exists()
 
 
-def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_llava, tmp_path, capsys):
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"paligemma"}))
+def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_folder, tmp_path, capsys, family):
     out = tmp_path / "s2"
-    assert main("stage2", _argv(tiny_llava, out, "--max_steps", "1",
+    assert main("stage2", _argv(tiny_folder(family), out, "--max_steps", "1",
                                 "--init_adapter", str(stage1_run / "adapter"))) == 2
     err = capsys.readouterr().err
-    assert "was trained on a paligemma model" in err and "is a llava model" in err and "model_name_or_path" in err
+    assert "was trained on a paligemma model" in err and f"is a {family} model" in err and "model_name_or_path" in err
     assert "Loading weights" not in err  # refused before any weights load
     assert not (out / "manifest.json").exists()
 
