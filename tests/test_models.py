@@ -120,6 +120,23 @@ def test_trainable_parameters_per_tower(tiny_model):
     assert counts["projector"]["trainable"] == 0
 
 
+def test_a_fully_trained_module_counts_once(tiny_model):
+    """A module in modules_to_save is trainable whole: its frozen original (kept by peft) is not counted."""
+    from peft import LoraConfig, get_peft_model
+
+    family, folder = tiny_model
+    fam = get_family(family)
+    base = load_model_and_processor(str(folder)).model
+    size = sum(p.numel() for p in fam.get_part(base, "projector").parameters())
+    total = sum(p.numel() for p in base.parameters())
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=lora_config(fam, LoraArguments()).target_modules,
+                                            modules_to_save=[fam.parts["projector"]]))
+    counts = trainable_by_tower(model, fam)
+    assert counts["projector"] == {"trainable": size, "total": size}
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert sum(c["total"] for c in counts.values()) == total + lora  # every other parameter once
+
+
 def test_unknown_family_suggests_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'paligemma'"):
         get_family("paligema")

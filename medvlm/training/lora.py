@@ -36,9 +36,14 @@ def lora_config(family: ModelFamily, args: LoraArguments) -> LoraConfig:
 
 
 def trainable_by_tower(model: torch.nn.Module, family: ModelFamily) -> dict[str, dict[str, int]]:
-    """Trainable and total parameters per tower (vision, projector, language, lm_head)."""
+    """Trainable and total parameters per tower (vision, projector, language, lm_head). A module that
+    is trained fully (peft ``modules_to_save``) counts once: peft keeps a frozen ``original_module``
+    beside the trained copy (to restore the base when the adapter is off), which is not a part of
+    the model; counted, it would show a fully trained projector as 50 %."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "total": 0})
     for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
         tower = family.tower_of(name.replace("base_model.model.", ""))
         counts[tower]["total"] += p.numel()
         if p.requires_grad:
