@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 
 from medvlm.models.base import ModelFamily
+from medvlm.models.gemma3 import MedGemmaFamily
 from medvlm.models.llava import LlavaFamily
 from medvlm.models.paligemma import PaliGemmaFamily
 
-FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily,
+                                          "medgemma": MedGemmaFamily}
 
 
 def get_family(name: str) -> ModelFamily:
