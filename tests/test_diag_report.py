@@ -91,6 +91,9 @@ def test_report_markdown_and_html_with_escaped_text(probed_stage, tmp_path):
     for fig in ("accuracy", "roi", "linearity", "overlay_attention"):
         assert list((tmp_path / "report" / "figures").glob(f"*_{fig}.png"))
     assert json.loads(written["indicators"].read_text())["stage2"]
+    # the contextualisation measures per layer, image and text apart, next to anisotropy and ID
+    ctx = md.split("### Contextualisation per layer")[1].split("###")[0]
+    assert "| self-sim. (image) | self-sim. (text) |" in ctx and "| decoder.0 |" in ctx
 
 
 def test_indicators_flag_groups_likely_to_fail(probed_stage, tmp_path):

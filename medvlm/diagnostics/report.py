@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlm.diagnostics.probe_summary import TRUST_RULE
+from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
 from medvlm.utils.render import render_html, render_markdown
@@ -282,11 +282,19 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                      fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
                      fmt(_get(d, "sanity", "summary", m, "spearman_mean"), 2), fmt(t.get("passes_randomization")),
                      fmt(t.get("trusted")), t.get("reason", "")] for m, t in (d.get("trust") or {}).items()]))
-    lin = (d.get("geometry") or {}).get("linearity") or []
-    blocks += [("h3", "Linearity per layer"),
-               ("table", ["from", "to", "image tokens", "text tokens", "undefined because"],
-                [[s["from"], s["to"], fmt(_get(s, "image")), fmt(_get(s, "text")),
-                  "; ".join(f"{k}: {v}" for k, v in s.get("nan_reasons", {}).items())] for s in lin])]
+    blocks += _geometry_blocks(d.get("geometry") or {}, fmt)
+    div = [e["paraphrase_divergence"] for e in d.get("examples", []) if (e.get("paraphrase_divergence") or {}).get("n_variants")]
+    if div:
+        names = sorted({m for x in div for m in x.get("methods", {})})
+        blocks += [("h3", "Maps across rewordings of the question"),
+                   ("p", "Jensen-Shannon distance (base 2; 0 = the same map) between the map of the question and "
+                         "the maps of its rewordings, for the methods read from the shared pass, on the drawn "
+                         "examples: a map that moves with the wording explains the words, not the image."),
+                   ("table", ["method", "examples", "mean JS distance", "max JS distance"],
+                    [[m, sum(1 for x in div if "js_distance_mean" in x["methods"].get(m, {})),
+                      fmt(mean_finite([x["methods"][m].get("js_distance_mean") for x in div if m in x["methods"]])),
+                      fmt(max((x["methods"][m].get("js_distance_max") or float("nan") for x in div
+                               if m in x["methods"]), default=float("nan")))] for m in names])]
     if d.get("top_heads"):
         blocks += [("h3", "Top heads by log-probability increase"),
                    ("table", ["layer", "head", "summed increase"],
@@ -315,6 +323,39 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                    [[g["field"], g["group"], fmt(g["n_eval"]), fmt(g["closed_accuracy"]), g["n_probe"],
                      fmt(g["roi_ratio"], 2), fmt(g["answer_entropy"], 2), fmt(g["flip_rate"]), "; ".join(g["flags"])]
                     for g in ind]))
+    return blocks
+
+
+def _geometry_blocks(geo: dict, fmt) -> list[tuple]:
+    """Per layer, image and text tokens apart: linearity to the next layer, then anisotropy,
+    intrinsic dimension and the three contextualisation measures (Ethayarajh 2019, baseline-adjusted)."""
+    lin = geo.get("linearity") or []
+    blocks: list[tuple] = [("h3", "Linearity per layer"),
+                           ("table", ["from", "to", "image tokens", "text tokens", "undefined because"],
+                            [[s["from"], s["to"], fmt(_get(s, "image")), fmt(_get(s, "text")),
+                              "; ".join(f"{k}: {v}" for k, v in s.get("nan_reasons", {}).items())] for s in lin])]
+    ctx = {e["layer"]: e for e in geo.get("contextualisation") or []}
+    layers = geo.get("layers") or []
+    if not layers:
+        return blocks
+    names = geo.get("layer_names") or [str(e["layer"]) for e in layers]
+    head = ["layer"] + [f"{what} ({g})" for what in ("anisotropy", "intrinsic dim.", "self-sim.", "intra-sent.",
+                                                       "MEV") for g in ("image", "text")]
+    rows = []
+    for e in layers:
+        c = ctx.get(e["layer"], {})
+        rows.append([names[e["layer"]] if e["layer"] < len(names) else e["layer"],
+                     *[fmt(_get(e, g, "anisotropy")) for g in ("image", "text")],
+                     *[fmt(_get(e, g, "intrinsic_dimension"), 1) for g in ("image", "text")],
+                     *[fmt(_get(c, g, key)) for key in ("self_similarity", "intra_sentence", "mev")
+                       for g in ("image", "text")]])
+    blocks += [("h3", "Contextualisation per layer"),
+               ("p", "Anisotropy (share of variance on the first principal component) and intrinsic dimension "
+                     "(TwoNN) of the pooled tokens; self-similarity (one token id, or one image grid position, "
+                     "across examples), intra-sentence similarity (tokens to their example's mean) and maximum "
+                     "explainable variance (Ethayarajh 2019), each minus its value for random tokens of the "
+                     "same group: near 0 means context-specific, near 1 - baseline means fixed."),
+               ("table", head, rows)]
     return blocks
 
 
