@@ -30,6 +30,7 @@ from medvlm.diagnostics.explorer import (  # noqa: E402
     ExplorerModel,
     analyze,
     check_fusion,
+    compute_method,
     display_image,
     draw_overlay,
     export,
@@ -59,6 +60,9 @@ class Server:
     loader: Callable[[str, list[str]], ExplorerModel]
     samples: list[Sample]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: seconds the saliency methods may take per answer; the costlier ones are skipped (listed in
+    #: the page) and computed when asked (the "Compute the skipped maps" button). None: no limit
+    budget_s: float | None = None
     out_root: Path = field(default_factory=lambda: _download_root())
 
 
@@ -128,7 +132,8 @@ def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str) -> list
     lens = ("<iframe sandbox='allow-scripts' style='width:100%;height:560px;border:0' srcdoc=\""
             + html.escape(lens_page(a), quote=True) + "\"></iframe>") if a.lens is not None else ""
     errors = "".join(f"\n\n*{html.escape(k)} failed:* {html.escape(v)}" for k, v in a.errors.items())
-    header = f"### {html.escape(a.variant)}\n{a.timings['total']:.2f} s{errors}"
+    skipped = "".join(f"\n\n*{html.escape(k)} skipped:* {html.escape(v)}" for k, v in a.skipped.items())
+    header = f"### {html.escape(a.variant)}\n{a.timings['total']:.2f} s{errors}{skipped}"
     heads = [[h["layer"], h["head"], round(h["increase"], 6)] for h in a.top_heads]
     return [gr.update(value=header, visible=True), a.answer, [(t.text, t.prob) for t in a.tokens],
             _tokens_table(a), _gallery(a), attn, heads, lens]
@@ -165,6 +170,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
                                             value=em.variants[:SLOTS], label=f"Compare (up to {SLOTS})",
                                             elem_id="variants")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                more = gr.Button("Compute the skipped maps", elem_id="more", size="sm")
                 with gr.Accordion("Attention controls", open=True):
                     layer = gr.Dropdown(layers, value=FUSED, label="layer", elem_id="layer")
                     head = gr.Dropdown(heads, value=ALL_HEADS, label="head", elem_id="head")
@@ -236,7 +242,8 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
                     for k, variant in enumerate(chosen):
                         def report(f, text, k=k, variant=variant):
                             progress((k + f) / len(chosen), desc=f"{variant}: {text}")
-                        out.append(analyze(server.model, variant, image, question_v, mask=mask, progress=report))
+                        out.append(analyze(server.model, variant, image, question_v, mask=mask, progress=report,
+                                           budget_s=server.budget_s))
                 files = export(out, Path(tempfile.mkdtemp(dir=server.out_root)))
                 # the preview becomes what the model saw (its input resolution, enlarged), so a click
                 # on it maps to the image-token grid whatever the uploaded size or the processor's crop
@@ -253,6 +260,26 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
         ask_outputs = [results, downloads, preview] + slot_outputs + [status]
         ask.click(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
         question.submit(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
+
+        def on_more(analyses, layer_v, head_v, fusion_v, progress=gr.Progress()):  # noqa: B008 - as above
+            if not analyses:
+                raise gr.Error("ask a question first", print_exception=False)
+            try:
+                with server.lock:
+                    for a in analyses:
+                        for name in list(a.skipped):
+                            progress(0.5, desc=f"{a.variant}: {name}")
+                            compute_method(server.model, a, name)
+                files = export(analyses, Path(tempfile.mkdtemp(dir=server.out_root)))
+                values: list[Any] = [analyses, [str(f) for f in files], display_image(analyses[0].image)]
+                for i in range(SLOTS):
+                    values += _slot_values(analyses[i] if i < len(analyses) else None, layer_v, head_v, fusion_v)
+            except Exception as err:  # noqa: BLE001
+                raise _fail(err) from err
+            values.append("Computed the skipped maps.")
+            return values
+
+        more.click(on_more, [results, layer, head, fusion], ask_outputs)
 
         def on_controls(analyses, layer_v, head_v, fusion_v):
             lay, hd = _layer_head(layer_v, head_v)
