@@ -251,10 +251,10 @@ class Analysis:
 
 
 def _token_table(processor, ex: Example, logits: torch.Tensor, k: int = 5) -> list[Token]:
-    """One row per explained position: the answer token there (or, without an answer, the model's
+    """``logits``: [explained positions, vocab]. One row per explained position: the answer token there (or, without an answer, the model's
     prediction at the last position), its probability and the top-``k`` alternatives."""
     tok = processor.tokenizer
-    probs = torch.softmax(logits[0, ex.target_positions].float(), -1)
+    probs = torch.softmax(logits.float(), -1)  # [explained positions, vocab]
     ids = ex.target_ids or [int(row.argmax()) for row in probs]
     out = []
     for row, tid in zip(probs, ids, strict=True):
@@ -314,7 +314,7 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
             chosen = [m for m in chosen if not m.eager]
         kinds = {k for m in chosen for k in m.shared} | {"hidden_states"}
         ctx = Context(model, processor, family, ex, kinds=kinds)
-        tokens = _token_table(processor, ex, ctx.output.logits)
+        tokens = _token_table(processor, ex, ctx.logits)
         timings["shared pass"] = shared = time.perf_counter() - t
         shape = Shape.of(model, family, ex)
         per_flop = shared / shape.forward_flops(logits_at=shape.seq_len)

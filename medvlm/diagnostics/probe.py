@@ -184,8 +184,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, names: Seque
     kinds = {"hidden_states", "resid_pre"} | {k for m in chosen for k in m.shared}
     ctx = Context(model, processor, family, ex, kinds=kinds if eager else kinds - {"attention_mean"},
                   names_filter=_EMBED_AND_RESID)
-    q = ex.target_positions[0]
-    logits = ctx.output.logits[0, q].float()
+    logits = ctx.logits[0]
     logp = torch.log_softmax(logits, -1)
     pred = ctx.target_id
     first = _first_answer_token(model, processor, family, rec)
