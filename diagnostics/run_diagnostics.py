@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from medvlm.diagnostics.model_card import PushFailed, run_report
+from medvlm.diagnostics.model_card import FINAL_PROBE_EXAMPLES, PushFailed, run_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--push-to-hub", metavar="REPO_ID",
                      help="upload the last stage's adapter and model card to this hub repo (needs a token)")
     probe = parser.add_argument_group("probing the final adapter (runs without diagnostics)")
-    probe.add_argument("--max-examples", type=int, default=8, help="probe examples with lesion masks (default 8)")
+    probe.add_argument("--max-examples", type=int, default=FINAL_PROBE_EXAMPLES,
+                       help=f"probe examples with lesion masks (default {FINAL_PROBE_EXAMPLES}: enough for the demo's "
+                            "trust verdicts not to flip between runs; see the report's stability column)")
     probe.add_argument("--model-name-or-path", metavar="PATH",
                        help="base model, when the one recorded in adapter/medvlm_adapter.json has moved")
     probe.add_argument("--probe-final", action="store_true",
                        help="probe the final adapter even when checkpoints hold diagnostics (e.g. with more "
-                            "examples than the per-checkpoint budget allowed: the trust test needs at least 5)")
+                            "examples than the per-checkpoint budget allowed)")
     probe.add_argument("--no-compute", action="store_true",
                        help="never load a model: report only what the run folder already holds")
     return parser

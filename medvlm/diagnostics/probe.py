@@ -15,7 +15,8 @@ probe examples (so that tokens outnumber dimensions and linearity is not trivial
 parameter-randomisation test (top layer of both towers re-initialised) runs on the first
 ``sanity_examples`` examples. A method is *trusted* when its ROI mass beats chance consistently
 across the examples (one-sided Wilcoxon, p < 0.05, at least 5 examples) and it passes the
-randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`).
+randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`); the verdict is given
+only when it holds in most bootstrap resamples of the probe examples (else it is "unstable").
 
 Everything undefined is NaN (or None) with a reason; nothing is dropped silently.
 """
@@ -40,6 +41,7 @@ from medvlm.diagnostics.overlay import enlarge, save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
     mean_finite,
+    stability_settings,
     summarize_methods,
     summarize_sanity,
     top_heads,
@@ -333,7 +335,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                            "geometry": geometry, "geometry_extra_examples": geometry_examples,
                                            "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed}}
-    result["summary"] = summarize_methods(rows, names)
+    result["summary"] = summarize_methods(rows, names, seed=seed)
     result["top_heads"] = top_heads(rows)
     lens_counts: Counter = Counter()
     for r in rows:
@@ -380,6 +382,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
         timings["sanity"] += clock() - t
     result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, list(sanity_methods(names)))}
     result["trust"] = trust_verdict(result["summary"], result["sanity"]["summary"] if sanity_rows else None)
+    result["trust_stability"] = stability_settings(seed=seed)
     result["timings"] = {**{k: float(v) for k, v in timings.items()}, "total": float(clock() - start),
                          "n_examples": len(rows), "n_sanity": len(sanity_rows)}
     result.update(extra or {})

@@ -4,7 +4,8 @@ A *run* is a stage folder (``checkpoint-N/`` with ``metrics.json`` and ``diagnos
 ``metrics.json``, ``adapter/``, optionally ``diagnostics/`` for the final adapter) or a folder of
 stage folders (``stage1/``, ``stage2/``). The report holds, per stage: accuracy / ROUGE-L and
 ROI mass per saliency method over training, linearity per layer, which saliency methods the
-maps can be trusted with (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`), the top heads, the probe
+maps can be trusted with and how stable each verdict is (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`:
+trusted, not trusted or unstable, with the share of bootstrap resamples that trust it), the top heads, the probe
 examples, and *indicators*: groups of examples (by modality and by body part) where the model is
 likely to fail (rule: :data:`INDICATOR_RULE`).
 
@@ -126,6 +127,13 @@ def _get(d: dict | None, *keys: str) -> float:
     for k in keys:
         d = d.get(k) if isinstance(d, dict) else None
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("nan")
+
+
+def _verdict(trust: dict) -> str:
+    """"trusted", "not trusted", "unstable" or "untested" (a file written before the stability: from ``trusted``)."""
+    if trust.get("verdict"):
+        return str(trust["verdict"])
+    return {True: "trusted", False: "not trusted"}.get(trust.get("trusted"), "untested")
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -275,13 +283,14 @@ def _stage_blocks(stage: dict) -> list[tuple]:
     d = point["diagnostics"]
     blocks += [("h3", f"Which saliency methods can be trusted ({point['name']})"), ("p", f"Rule: {TRUST_RULE}.")]
     blocks.append(("table", ["method", "ROI mass", "chance", "ratio", "median ratio", "above chance", "Wilcoxon p",
-                             "pointing game", "randomisation rho", "passes", "trusted", "why"],
+                             "pointing game", "randomisation rho", "passes", "stability", "verdict", "why"],
                    [[m, fmt(_get(d, "summary", m, "roi_mass_mean")), fmt(_get(d, "summary", m, "roi_chance_mean")),
                      fmt(_get(d, "summary", m, "roi_ratio_mean"), 2), fmt(_get(d, "summary", m, "roi_ratio_median"), 2),
                      _above(d, m), fmt(_get(d, "summary", m, "above_chance_p"), 3),
                      fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
                      fmt(_get(d, "sanity", "summary", m, "spearman_mean"), 2), fmt(t.get("passes_randomization")),
-                     fmt(t.get("trusted")), t.get("reason", "")] for m, t in (d.get("trust") or {}).items()]))
+                     fmt(_get(t, "stability"), 2), _verdict(t), t.get("reason", "")]
+                    for m, t in (d.get("trust") or {}).items()]))
     blocks += _geometry_blocks(d.get("geometry") or {}, fmt)
     div = [e["paraphrase_divergence"] for e in d.get("examples", []) if (e.get("paraphrase_divergence") or {}).get("n_variants")]
     if div:
