@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,6 @@ class ProcessShard:
     world_size: int
     start: int
     stop: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def indices(self) -> range:
@@ -102,6 +99,14 @@ def process_shard(n: int) -> ProcessShard:
     return ProcessShard(rank, size, *shard_bounds(n, rank, size))
 
 
+def barrier(shard: ProcessShard) -> None:
+    """Every process waits for the others (nothing in a single process)."""
+    if shard.world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 def gather(shard: ProcessShard, local: Any) -> list[Any]:
     """Every process's ``local``, in rank order (every process receives the list)."""
     if shard.world_size == 1:
@@ -118,7 +123,8 @@ class ShardedAnswers:
     answers: list
     latencies: list[float]
     questions_per_process: list[int]
-    batches: list[dict[str, Any]]     # one BatchRecord.as_dict() per process
+    batches: list[dict[str, Any]]     # one BatchRecord.as_dict() per process, with its "seconds"
+    seconds: float = 0.0              # wall time of the pass (its start to the gathered answers)
 
     @property
     def world_size(self) -> int:
@@ -132,24 +138,29 @@ def generate_sharded(model, processor, family: ModelFamily, image_at: Callable[[
     Every process of the group must call it with the same questions. ``question_ids`` are the
     global indices, so sampled answers are those of one process."""
     shard = process_shard(len(questions))
+    barrier(shard)  # the processes start together, so the pass's wall time is the generation's
+    t0 = time.perf_counter()
     latencies: list[float] = []
     record = BatchRecord(requested=gen_kwargs.get("batch_size", "auto"))
     local = generate_answers(model, processor, family, [image_at(i) for i in shard.indices],
                              [questions[i] for i in shard.indices], question_ids=shard.indices,
                              latencies=latencies, batch_record=record, **gen_kwargs)
-    parts = gather(shard, (local, latencies, len(shard.indices), record.as_dict()))
+    mine = {**record.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+    parts = gather(shard, (local, latencies, len(shard.indices), mine))
     return ShardedAnswers(answers=[a for part in parts for a in part[0]],
                           latencies=[t for part in parts for t in part[1]],
-                          questions_per_process=[part[2] for part in parts], batches=[part[3] for part in parts])
+                          questions_per_process=[part[2] for part in parts], batches=[part[3] for part in parts],
+                          seconds=round(time.perf_counter() - t0, 3))
 
 
 def generation_summary(passes: Mapping[str, ShardedAnswers]) -> dict[str, Any]:
     """What ``metrics.json`` and ``manifest.json`` say about generation: the number of processes,
     the questions each generated (of the first pass: the evaluated set), the batch each process
     used per pass (``greedy``, ``samples``, ``paraphrases``), and per pass the details (questions
-    per process, how each batch was chosen, out-of-memory halvings)."""
+    per process, the pass's wall time, and per process how its batch was chosen, out-of-memory
+    halvings and its own generation seconds)."""
     first = next(iter(passes.values()))
     return {"world_size": first.world_size, "questions_per_process": list(first.questions_per_process),
             "batch_size": {name: [b["used"] for b in p.batches] for name, p in passes.items()},
-            "passes": {name: {"questions_per_process": list(p.questions_per_process), "batches": list(p.batches)}
-                       for name, p in passes.items()}}
+            "passes": {name: {"questions_per_process": list(p.questions_per_process), "seconds": p.seconds,
+                              "batches": list(p.batches)} for name, p in passes.items()}}
