@@ -33,13 +33,14 @@ from typing import Any
 from medvlm.data_curation.spec import load_split
 from medvlm.eval.batching import parse_batch_size
 from medvlm.eval.consistency import DEFAULT_THRESHOLD
-from medvlm.eval.distributed import generate_sharded, generation_summary, main_process_first, world
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import paraphrase_robustness, score_records, to_jsonable
 from medvlm.models.adapters import AdapterError, check_adapter, family_of, load_with_adapter
 from medvlm.models.inputs import prepare_examples
+from medvlm.utils.distributed import main_process_first, world
 from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
 from medvlm.utils.io import write_jsonl as io_write_jsonl

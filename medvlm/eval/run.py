@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from medvlm.eval.distributed import generate_sharded, generation_summary, world
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.scoring import score_records
 from medvlm.models.base import ModelFamily
 from medvlm.models.inputs import PreparedExamples
 from medvlm.records import parse_meta
+from medvlm.utils.distributed import world
 from medvlm.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -9,11 +9,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from medvlm.eval.distributed import generate_sharded, generation_summary, world
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.metrics import headline, is_correct
 from medvlm.eval.run import prediction_rows, write_metrics
 from medvlm.eval.scoring import score_records
 from medvlm.models.adapters import write_record
+from medvlm.utils.distributed import world
 from medvlm.utils.io import to_jsonable, write_jsonl
 
 logger = logging.getLogger(__name__)
