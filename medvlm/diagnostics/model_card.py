@@ -246,12 +246,15 @@ def push_adapter(card: ModelCard, run_dir: str | Path, repo_id: str, token: str 
 # -- the whole flow ------------------------------------------------------------------------------
 def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to_hub: str | None = None,
                max_examples: int = FINAL_PROBE_EXAMPLES, model_name_or_path: str | None = None,
-               compute_missing: bool = True,
-               probe_final: bool = False, token: str | None = None) -> dict[str, Any]:
+               compute_missing: bool = True, probe_final: bool = False, token: str | None = None,
+               head_examples: int = 24, recompute_heads: bool = False) -> dict[str, Any]:
     """The whole flow of ``diagnostics/run_diagnostics.py``.
 
     1. When no checkpoint holds diagnostics, or with ``probe_final``, probe the last stage's final
        adapter (base + adapter) on ``max_examples`` lesion examples.
+    1b. A run of several stages with adapters: compare the important heads of the base (adapter
+       disabled) and of each stage on ``head_examples`` probe examples (0: never) into
+       ``RUN_DIR/head_comparison.json``, unless it exists (``recompute_heads``: again).
     2. Write the report (default ``RUN_DIR/report``).
     3. Write a model card into every stage's ``adapter/README.md``.
     4. Only with ``push_to_hub``: upload the last stage's adapter and card to that repo.
@@ -268,6 +271,14 @@ def run_report(run_dir: str | Path, output: str | Path | None = None, *, push_to
         logger.info("probing the final adapter of %s on %d examples", with_adapter[-1]["path"], max_examples)
         compute_final_diagnostics(with_adapter[-1]["path"], max_examples=max_examples,
                                   model_name_or_path=model_name_or_path)
+        run = load_run(run_dir)
+    if len(with_adapter) >= 2 and head_examples > 0 and compute_missing and (recompute_heads or not run.get("heads")):
+        from medvlm.diagnostics.head_compare import compare_run_heads
+
+        logger.info("comparing the important heads of the base and %d stages on %d examples", len(with_adapter),
+                    head_examples)
+        compare_run_heads([s["path"] for s in with_adapter], run_dir, max_examples=head_examples,
+                          model_name_or_path=model_name_or_path)
         run = load_run(run_dir)
     written = write_report(run, Path(output) if output else Path(run_dir) / "report")
     cards = {}

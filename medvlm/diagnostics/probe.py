@@ -336,7 +336,8 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                            "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed}}
     result["summary"] = summarize_methods(rows, names, seed=seed)
-    result["top_heads"] = top_heads(rows)
+    result["top_heads"] = top_heads(rows)  # the paper's head importance; the image-position sum apart
+    result["image_top_heads"] = top_heads(rows, key="image_head_scores")
     lens_counts: Counter = Counter()
     for r in rows:
         lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))

@@ -257,8 +257,10 @@ def trust_verdict(methods: dict[str, dict], sanity: dict[str, dict] | None) -> d
     return out
 
 
-def top_heads(rows: list[dict], n: int = 10) -> list[dict]:
-    mats = [np.asarray(r["head_scores"]) for r in rows if "head_scores" in r]
+def top_heads(rows: list[dict], n: int = 10, key: str = "head_scores") -> list[dict]:
+    """The ``n`` heads with the largest score summed over the examples: ``key`` "head_scores" (the
+    paper's head importance) or "image_head_scores" (the increase summed over the image positions)."""
+    mats = [np.asarray(r[key]) for r in rows if key in r]
     if not mats:
         return []
     total = np.sum(mats, axis=0)

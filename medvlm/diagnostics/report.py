@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlm.diagnostics.heads_report import HEADS_FILE, head_blocks, probe_head_blocks
 from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -94,7 +95,9 @@ def load_stage(path: Path) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)]}
+    """The stages, and the run's head comparison across them when one was saved (``head_comparison.json``)."""
+    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)],
+            "heads": _read_json(Path(run_dir) / HEADS_FILE)}
 
 
 def has_diagnostics(run: dict) -> bool:
@@ -304,10 +307,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                       fmt(mean_finite([x["methods"][m].get("js_distance_mean") for x in div if m in x["methods"]])),
                       fmt(max((x["methods"][m].get("js_distance_max") or float("nan") for x in div
                                if m in x["methods"]), default=float("nan")))] for m in names])]
-    if d.get("top_heads"):
-        blocks += [("h3", "Top heads by log-probability increase"),
-                   ("table", ["layer", "head", "summed increase"],
-                    [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
+    blocks += probe_head_blocks(d, fmt)
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
@@ -373,6 +373,8 @@ def report_blocks(run: dict) -> list[tuple]:
                            ("p", f"Run folder: {run['run_dir']}. Stages: {', '.join(s['name'] for s in run['stages'])}.")]
     for stage in run["stages"]:
         blocks += _stage_blocks(stage)
+    if run.get("heads"):
+        blocks += head_blocks(run["heads"])
     return blocks
 
 
