@@ -17,6 +17,7 @@ from medvlm.diagnostics.methods.occlusion import occlusion
 from medvlm.models import IGNORE_INDEX, get_family
 from medvlm.models.base import TinySizes
 from medvlm.models.gemma3 import START_OF_TURN
+from medvlm.models.inputs import VLMCollator
 from medvlm.models.tiny import build_tiny, tiny_tokenizer
 from medvlm.training.arguments import LoraArguments
 from medvlm.training.lora import attach_lora, log_trainable, lora_config
@@ -307,3 +308,75 @@ def test_a_merge_mode_stage_saves_an_adapter_that_plain_peft_reproduces(tiny, tm
         got, expected, base = plain(**batch).logits, second.eval()(**batch).logits, load()(**batch).logits
     assert (expected - base).abs().max() > 1e-2  # both stages changed the model
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_training_batches_carry_token_type_ids_and_the_loss_uses_them(tiny):
+    """The collator the trainer uses keeps token_type_ids (1 on image tokens); the model builds the
+    image's two-way mask from them, so the training loss differs without them."""
+    model, processor, family, images = tiny
+    batch = VLMCollator(family, processor)([{"image": im, "question": q, "answer": a}
+                                            for im, q, a in zip(images, QUESTIONS, ANSWERS, strict=True)])
+    assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == family.image_token_id(model)).long())
+    with torch.no_grad():
+        both_ways = model(**batch).loss
+        causal = model(**{k: v for k, v in batch.items() if k != "token_type_ids"}).loss
+    assert torch.isfinite(both_ways) and abs(float(both_ways - causal)) > 1e-4
+
+
+def test_the_frozen_final_norm_keeps_gemmas_one_plus_weight_gain(tiny):
+    """Gemma's RMS norm multiplies by 1 + w (w starts at zero, so a fresh model cannot tell g from 1 + g):
+    with a trained-looking w the frozen norm is x · (1 + w) / rms_eps(reference), as the heads read it."""
+    model, _, family, _ = tiny
+    norm = family.final_norm(model)
+    saved = norm.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(2, norm.weight.shape[0], generator=gen) * torch.tensor([[1.0], [5.0]])
+    try:
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(-0.5, 2.0, norm.weight.shape[0]))
+            want = x * (1.0 + norm.weight) / torch.sqrt(ref.pow(2).mean() + norm.eps)
+            torch.testing.assert_close(family.frozen_final_norm(model, x, ref), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(family.lens_logits(model, x, ref), family.unembed(model)(want).float(),
+                                       atol=1e-4, rtol=1e-4)
+    finally:
+        with torch.no_grad():
+            norm.weight.copy_(saved)
+
+
+def test_a_262k_vocabulary_is_unembedded_in_bounded_chunks(tiny, monkeypatch):
+    """Gemma 3's vocabulary is 262,208 tokens: the logit lens and the log-prob readouts unembed at most
+    UNEMBED_BYTES of float32 logits at a time (63 rows, where their default chunks are 64 and 512),
+    and give what one unembedding of everything gives."""
+    import copy
+
+    from medvlm.diagnostics.methods.base import UNEMBED_BYTES
+    from medvlm.diagnostics.methods.logit_lens import logit_lens
+    from medvlm.diagnostics.methods.logprob import target_logprobs
+
+    model, processor, family, images = tiny
+    config = copy.deepcopy(model.config)
+    config.text_config.vocab_size = 262_208
+    torch.manual_seed(0)
+    big = family.model_class(config).eval()
+    ex = prepare_example(big, processor, family, images[0], QUESTIONS[0])
+    rows: list[int] = []
+    real = type(family).lens_logits
+
+    def spy(self, m, resid, reference=None):
+        rows.append(resid.shape[0])
+        return real(self, m, resid, reference)
+
+    monkeypatch.setattr(type(family), "lens_logits", spy)
+    lens = logit_lens(big, family, ex, processor.tokenizer, layers=[1], k=1)
+    vectors = torch.randn(150, config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    logp = target_logprobs(big, family, vectors, 262_000, None)
+    assert max(rows) * 262_208 * 4 <= UNEMBED_BYTES and max(rows) == UNEMBED_BYTES // (4 * 262_208) == 63
+    assert sum(rows) == 64 + 150  # the 8x8 image positions of one layer, then every vector once
+    monkeypatch.undo()
+    with torch.no_grad():
+        _, cache = capture(big, family, ex.inputs, layers=[1], attention=False, hidden_states=True)
+        span = cache.image_span
+        probs = torch.softmax(family.lens_logits(big, cache["resid_post", 1][0, span.start:span.end]), -1)
+        want = torch.log_softmax(family.lens_logits(big, vectors), -1)[:, 262_000]
+    np.testing.assert_allclose(lens.top_probs[0, :, 0], probs.max(-1).values.numpy(), atol=1e-6)
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)

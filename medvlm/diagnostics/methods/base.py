@@ -30,6 +30,18 @@ import torch
 from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.models.base import ModelFamily
 
+#: float32 logits one unembedding chunk may hold ([rows, vocab]): 64 MiB is 63 rows of Gemma 3's
+#: 262,208-token vocabulary (65 of PaliGemma's 257,216), 523 of LLaVA-1.5's 32,064
+UNEMBED_BYTES = 64 * 2**20
+
+
+def unembed_rows(model: torch.nn.Module, family: ModelFamily, rows: int) -> int:
+    """How many residual vectors to unembed at once: at most ``rows``, and no more than fit
+    :data:`UNEMBED_BYTES` of float32 logits over the model's vocabulary (at least one), so the
+    logit lens and the log-probability readouts stay within memory on a large vocabulary."""
+    vocab = family.dimensions(model)["vocab"]
+    return max(1, min(int(rows), UNEMBED_BYTES // (4 * vocab)))
+
 
 @dataclass(frozen=True)
 class Shape:

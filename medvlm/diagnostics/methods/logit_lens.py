@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Cache, Example, capture
-from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register, unembed_rows
 from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
 from medvlm.utils.render import render_page
@@ -65,9 +65,11 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
     """Logit lens at the image positions from a capture's ``resid_post`` (every captured layer),
     and with ``target_id`` the map of p(target token) per patch, maxed over layers (else None).
 
-    ``chunk`` image positions are unembedded at a time to bound memory (vocab x chunk floats).
+    At most ``chunk`` image positions are unembedded at a time, fewer on a large vocabulary
+    (:func:`~medvlm.diagnostics.methods.base.unembed_rows`), to bound memory (chunk x vocab floats).
     Without a tokenizer the top tokens are given as their ids.
     """
+    chunk = unembed_rows(model, family, chunk)
     span = cache.image_span
     used = cache.layers("resid_post")
     ids, probs, target = [], [], []

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Cache, Example, capture
-from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register, unembed_rows
 from medvlm.models.base import ModelFamily
 
 
@@ -146,7 +146,9 @@ def head_outputs(model: torch.nn.Module, family: ModelFamily, cache: Cache, laye
 def target_logprobs(model: torch.nn.Module, family: ModelFamily, vectors: torch.Tensor, target_id: int,
                     reference: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
     """log p(target | vector) for residual vectors [N, D] through the final norm (its statistic held
-    at ``reference`` when given) and the unembedding, ``chunk`` vectors at a time: [N]."""
+    at ``reference`` when given) and the unembedding, at most ``chunk`` vectors at a time (fewer on a
+    large vocabulary: :func:`~medvlm.diagnostics.methods.base.unembed_rows`): [N]."""
+    chunk = unembed_rows(model, family, chunk)
     return torch.cat([torch.log_softmax(family.lens_logits(model, vectors[i:i + chunk], reference), -1)[:, target_id]
                       for i in range(0, vectors.shape[0], chunk)])
 
@@ -185,8 +187,8 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     ``query_position`` defaults to the example's first target position (the last prompt position
     without an answer); ``target_id`` to the example's answer token there, else the model's
     prediction. ``positions``: ``"image"`` (default), ``"all"`` or explicit source positions.
-    ``norm``: how the final norm reads a candidate (module docstring). ``chunk`` candidates are
-    unembedded at a time (chunk x vocab floats); layers are scored in groups whose candidate
+    ``norm``: how the final norm reads a candidate (module docstring). At most ``chunk`` candidates
+    are unembedded at a time (chunk x vocab floats, fewer on a large vocabulary); layers are scored in groups whose candidate
     vectors fit ``memory_mb``.
     """
     if norm not in NORMS:
