@@ -299,6 +299,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
         blocks += [("h3", "Top heads by log-probability increase"),
                    ("table", ["layer", "head", "summed increase"],
                     [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
+    blocks += _neuron_section(stage["path"] / "diagnostics")
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
@@ -324,6 +325,16 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                      fmt(g["roi_ratio"], 2), fmt(g["answer_entropy"], 2), fmt(g["flip_rate"]), "; ".join(g["flags"])]
                     for g in ind]))
     return blocks
+
+
+def _neuron_section(folder: Path) -> list[tuple]:
+    """Multimodal and knowledge neurons of the final adapter, when ``diagnostics/run_neurons.py`` wrote them."""
+    data = _read_json(folder / "neurons.json")
+    if not data:
+        return []
+    from medvlm.diagnostics.neuron_checks import neuron_blocks
+
+    return neuron_blocks(data, folder)
 
 
 def _geometry_blocks(geo: dict, fmt) -> list[tuple]:
