@@ -210,6 +210,8 @@ class Analysis:
     mask: np.ndarray | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # methods left for on demand, with why
     example: Example | None = None
+    #: the top multimodal neurons of the explained token (layer, unit, score, decoded tokens)
+    top_neurons: list[dict[str, Any]] = field(default_factory=list)
 
     def attention(self, token: int | None = None, layer: int | None = None, head: int | None = None,
                   fusion: str = "mean") -> np.ndarray:
@@ -246,7 +248,8 @@ class Analysis:
         return {"variant": self.variant, "question": self.question, "answer": self.answer,
                 "tokens": [{"text": t.text, "id": t.id, "prob": t.prob, "top": t.top} for t in self.tokens],
                 "grid": list(self.grid), "maps": {k: v.tolist() for k, v in self.maps.items()},
-                "scores": self.scores, "top_heads": self.top_heads, "errors": self.errors,
+                "scores": self.scores, "top_heads": self.top_heads, "top_neurons": self.top_neurons,
+                "errors": self.errors,
                 "seconds": self.timings}
 
 
@@ -341,7 +344,8 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
                     {name: score_map(grid_map, mask) for name, grid_map in maps.items()},
                     results["logprob"].row["top_heads"] if "logprob" in results else [],
                     results["logit_lens"].data if "logit_lens" in results else None, timings, errors,
-                    list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex)
+                    list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex,
+                    results["neuron"].row["top_neurons"] if "neuron" in results else [])
 
 
 def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis:
@@ -366,6 +370,8 @@ def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis
         analysis.top_heads = result.row["top_heads"]
     if name == "logit_lens":
         analysis.lens = result.data
+    if name == "neuron":
+        analysis.top_neurons = result.row["top_neurons"]
     return analysis
 
 
