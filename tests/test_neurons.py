@@ -216,6 +216,13 @@ def test_a_neuron_layer_that_does_not_exist_is_named(setup):
     with pytest.raises(ValueError, match=r"\[-3\] do not exist"):
         integrated_gradients(model, family, ex, target, layers=[-3])
     assert resolve_layers(model, family, [-1, 0]) == [0, 1]
+    q = ex.target_positions[0]
+    with pytest.raises(ValueError, match=r"\[2\] do not exist"):
+        causal_effects(model, family, ex, target, [(2, 0)], [q])
+    with pytest.raises(ValueError, match=r"unit index\(es\) \[9999\] out of range: each MLP layer has"):
+        causal_effects(model, family, ex, target, [(0, 9999)], [q])
+    with pytest.raises(ValueError, match="empty"):
+        causal_effects(model, family, ex, target, [], [q])
     with pytest.raises(ValueError, match="method='saliency'"):
         multimodal_neurons(model, family, ex, method="saliency")
 

@@ -36,6 +36,7 @@ from medvlm.diagnostics.neurons import (
     Unit,
     UnitEdit,
     answer_probs,
+    check_units,
     d_mlp,
     knowledge_neurons,
     multimodal_neurons,
@@ -51,6 +52,7 @@ from medvlm.utils.io import atomic_write_json
 logger = logging.getLogger(__name__)
 
 ALPHA = 0.05
+KINDS = ("multimodal", "knowledge")
 AMPLIFY = 2.0  # Dai et al.: "enhance" doubles the knowledge neurons' activations
 CHECK_RULE = (f"a neuron set passes its causal check when, over the probe examples, zeroing it lowers p(answer) "
               f"more than zeroing as many random units of the same layers AND multiplying it by {AMPLIFY:g} raises "
@@ -91,6 +93,7 @@ def causal_effects(model: torch.nn.Module, family: ModelFamily, example: Example
         raise ValueError("the neuron set is empty: there is nothing to edit")
     if draws < 1:
         raise ValueError(f"draws={draws}; the random control needs at least 1 draw")
+    units = check_units(model, family, units)  # a layer or unit that does not exist is named
     rng = rng or np.random.default_rng(0)
     controls = [random_units(units, d_mlp(model, family), rng) for _ in range(draws)]
     rows = [[], unit_edits(units, positions, 0.0), unit_edits(units, positions, AMPLIFY)]
@@ -265,7 +268,7 @@ def run_neurons(model, processor, family: ModelFamily, records: Any, out_dir: st
                        "map": mm.maps[0].tolist()}
         rows.append(row)
     checks = {kind: check_verdict([r[kind]["check"] for r in rows if "check" in (r.get(kind) or {})])
-              for kind in ("multimodal", "knowledge") if kind == "multimodal" or knowledge}
+              for kind in KINDS if kind == "multimodal" or knowledge}
     result = {"status": "ok", "check_rule": CHECK_RULE, "n_examples": len(rows), "examples": rows,
               "skipped": skipped, "checks": checks, "overlay": overlay,
               "top": {kind: unit_counts(rows, kind) for kind in checks},
@@ -298,7 +301,8 @@ def neuron_blocks(data: dict, folder: Path) -> list[tuple]:
               f"{s.get('random_draws')} sets of as many units of the same layers. Rule: {data.get('check_rule')}."),
     ]
     rows = []
-    for kind, c in (data.get("checks") or {}).items():
+    checks = data.get("checks") or {}
+    for kind, c in sorted(checks.items(), key=lambda kv: KINDS.index(kv[0]) if kv[0] in KINDS else len(KINDS)):
         sup, amp = c.get("suppress") or {}, c.get("amplify") or {}
         rows.append([kind, c.get("n"), *[_f(t.get(k)) for t in (sup, amp) for k in
                                           ("median_top", "median_random", "share_beyond_random", "p_value")],
@@ -307,7 +311,7 @@ def neuron_blocks(data: dict, folder: Path) -> list[tuple]:
                              "Wilcoxon p", f"x{s.get('amplify', AMPLIFY):g}: median Δ set", "median Δ random",
                              "share beyond random", "Wilcoxon p", "verdict"], rows))
     top = [[kind, u["layer"], u["unit"], f"{u['examples']}/{data.get('n_examples')}", _f(u["mean_score"]),
-            ", ".join(repr(t) for t in u["tokens"])] for kind, units in (data.get("top") or {}).items() for u in units]
+            ", ".join(repr(t) for t in u["tokens"])] for kind in KINDS for u in (data.get("top") or {}).get(kind, [])]
     blocks += [("p", "The units found most often across the examples (a unit that fails its causal check above is "
                      "not a finding), with the vocabulary tokens its output weight decodes to:"),
                ("table", ["neurons", "layer", "unit", "examples", "mean score", "decodes to"], top)]

@@ -18,16 +18,16 @@ positions* by their contribution to the answer token c, summed over the image po
   in pre-trained transformers", Findings of ACL 2024; repository opanhw/MM_Neurons @ 6d3e57b,
   ``src/preparation.py`` multiplies ``down_proj.weight.T`` by the raw ``lm_head.weight.T``, no norm,
   and ``src/trainer.py`` ``find_mm_neurons`` multiplies the activations by its column of the token).
-  We fold γ because a trained decoder's final-norm gains differ by orders of magnitude between
-  dimensions, and the raw W_U would misread them.
+  We fold γ because the model reads W_U only after the norm scales each dimension by its gain, and
+  the gains of a trained decoder need not be near 1.
 - ``"gradient"``: s_k = Σ_i a_k(i) · ∂p(c)/∂a_k(i), activation × gradient of the model's own
   probability of c at the answer-predicting position: the total effect through every later layer,
-  attention and the final norm (the gradient-based attribution of Schwettmann et al.'s unit scores).
+  attention and the final norm (the other attribution the project issue names for this method).
 
 For the top units: the vocabulary tokens their output weight decodes to (the top-k of W_U · diag(γ) ·
-w_k) and their activation a_k(i) over the image grid. The paper's text could not be read where this
-was written (no network): the rule above is the one the project issue states, checked against Pan
-et al.'s public code for the gradient-free form.
+w_k) and their map over the image grid (activation × readout per position). The paper's text beyond
+its abstract could not be read where this was written (no network): the two scores are the ones the
+project issue states, the gradient-free form checked against Pan et al.'s public code.
 
 **Knowledge neurons** (Dai, Dong, Hao, Sui, Chang & Wei 2022, "Knowledge neurons in pretrained
 transformers", ACL 2022; repository Hunter-DDM/knowledge-neurons @ 922dfd9): integrated gradients
