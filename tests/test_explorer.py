@@ -26,7 +26,7 @@ from medvlm.diagnostics.explorer import (
     read_image,
 )
 from medvlm.diagnostics.explorer_samples import samples
-from medvlm.diagnostics.methods import method_names
+from medvlm.diagnostics.methods import method_names, registered
 from medvlm.utils.images import read_mask
 
 
@@ -99,6 +99,10 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
     assert inc == sorted(inc, reverse=True) and inc == [h["importance"] for h in a.top_heads]  # eq. 6 ranking
     image = [h["image_increase"] for h in a.image_top_heads]  # ... and the image-position sum, kept apart
     assert image == sorted(image, reverse=True) and image == [h["increase"] for h in a.image_top_heads]
+    scores = [n["score"] for n in a.top_neurons]  # the top multimodal neurons of the answer's first token
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True) and all(len(n["tokens"]) == 5
+                                                                                for n in a.top_neurons)
+    assert a.numbers()["top_neurons"] == a.top_neurons
     assert "roi_mass" in a.scores["attention"]  # the phantom mask scores every map
     outlined = np.asarray(overlays(a)["attention"])  # ... and is outlined on every overlay
     assert not np.array_equal(outlined, np.asarray(draw_overlay(a.image, a.maps["attention"])))
@@ -194,7 +198,7 @@ def test_without_eager_attention_the_other_methods_still_run(explorer, sample_se
         em.model.set_attn_implementation("eager")
     # attention, rollout and the log-prob increase read attention weights: each says why it is missing
     assert all("eager" in a.errors[m] for m in ("attention", "rollout", "logprob"))
-    assert set(a.maps) == {"gradcam", "logit_lens", "occlusion"}
+    assert set(a.maps) == {m.name for m in registered() if not m.eager} >= {"gradcam", "logit_lens", "occlusion"}
     with pytest.raises(ExplorerError, match="eager"):
         a.attention()
 

@@ -219,6 +219,8 @@ class Analysis:
     skipped: dict[str, str] = field(default_factory=dict)  # methods left for on demand, with why
     example: Example | None = None
     image_top_heads: list[dict[str, Any]] = field(default_factory=list)  # by the image-position sum
+    #: the top multimodal neurons of the explained token (layer, unit, score, decoded tokens)
+    top_neurons: list[dict[str, Any]] = field(default_factory=list)
 
     def attention(self, token: int | None = None, layer: int | None = None, head: int | None = None,
                   fusion: str = "mean") -> np.ndarray:
@@ -256,6 +258,7 @@ class Analysis:
                 "tokens": [{"text": t.text, "id": t.id, "prob": t.prob, "top": t.top} for t in self.tokens],
                 "grid": list(self.grid), "maps": {k: v.tolist() for k, v in self.maps.items()},
                 "scores": self.scores, "top_heads": self.top_heads, "image_top_heads": self.image_top_heads,
+                "top_neurons": self.top_neurons,
                 "errors": self.errors,
                 "seconds": self.timings}
 
@@ -353,7 +356,8 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
                     heads.get("top_heads", []),
                     results["logit_lens"].data if "logit_lens" in results else None, timings, errors,
                     list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex,
-                    heads.get("image_top_heads", []))
+                    heads.get("image_top_heads", []),
+                    results["neuron"].row["top_neurons"] if "neuron" in results else [])
 
 
 def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis:
@@ -378,6 +382,8 @@ def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis
         analysis.top_heads, analysis.image_top_heads = result.row["top_heads"], result.row["image_top_heads"]
     if name == "logit_lens":
         analysis.lens = result.data
+    if name == "neuron":
+        analysis.top_neurons = result.row["top_neurons"]
     return analysis
 
 

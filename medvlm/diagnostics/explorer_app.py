@@ -117,6 +117,9 @@ def _gallery(a: Analysis) -> list[tuple[Any, str]]:
         caption = f"{name}  focus {s.get('focus', float('nan')):.2f}"
         if "roi_mass" in s:
             caption += f"  ROI mass {s['roi_mass']:.2f} (chance {s.get('roi_chance', float('nan')):.2f})"
+        if name == "neuron" and a.top_neurons:  # which unit, and what its output weight writes
+            caption += "  " + "; ".join(f"L{n['layer']}.u{n['unit']} → {', '.join(n['tokens'][:3])}"
+                                        for n in a.top_neurons[:3])
         items.append((img, caption))
     return items
 

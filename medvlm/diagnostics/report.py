@@ -308,6 +308,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                       fmt(max((x["methods"][m].get("js_distance_max") or float("nan") for x in div
                                if m in x["methods"]), default=float("nan")))] for m in names])]
     blocks += probe_head_blocks(d, fmt)
+    blocks += _neuron_section(stage["path"] / "diagnostics")
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
@@ -333,6 +334,16 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                      fmt(g["roi_ratio"], 2), fmt(g["answer_entropy"], 2), fmt(g["flip_rate"]), "; ".join(g["flags"])]
                     for g in ind]))
     return blocks
+
+
+def _neuron_section(folder: Path) -> list[tuple]:
+    """Multimodal and knowledge neurons of the final adapter, when ``diagnostics/run_neurons.py`` wrote them."""
+    data = _read_json(folder / "neurons.json")
+    if not data:
+        return []
+    from medvlm.diagnostics.neuron_checks import neuron_blocks
+
+    return neuron_blocks(data, folder)
 
 
 def _geometry_blocks(geo: dict, fmt) -> list[tuple]:

@@ -262,6 +262,12 @@ class ModelFamily:
         factor at this position, so they still sum to what the layer adds."""
         return parts
 
+    def mlp_down(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The module of one decoder layer whose INPUT holds the MLP units' activations [..., d_mlp]
+        (the neuron diagnostics hook and scale it) and whose weight maps them back to the residual
+        stream: Llama / Gemma / Qwen decoders' ``mlp.down_proj``."""
+        return layer.mlp.down_proj
+
     def head_layout(self, model: torch.nn.Module) -> tuple[int, int, int]:
         """(n_heads, n_kv_heads, head_dim) of the language model."""
         tc = text_config(model)
@@ -298,6 +304,19 @@ class ModelFamily:
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.get_part(model, "language_model").norm
+
+    def final_norm_gain(self, model: torch.nn.Module) -> torch.Tensor:
+        """The per-dimension gain γ [D] (float32) of the final norm, read as its output for a large
+        constant input: an RMS norm gives γ · c / sqrt(c² + eps) = γ to float precision (Llama's
+        ``weight``, Gemma's ``1 + weight``). A family whose final norm centres its input (LayerNorm)
+        overrides this."""
+        norm = self.final_norm(model)
+        width = int(text_config(model).hidden_size)
+        param = next(norm.parameters(), None)
+        ones = torch.full((1, width), 1e3, dtype=param.dtype if param is not None else torch.float32,
+                          device=param.device if param is not None else None)
+        with torch.no_grad():
+            return norm(ones)[0].float()
 
     def unembed(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.get_part(model, "lm_head")
