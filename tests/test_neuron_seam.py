@@ -45,3 +45,37 @@ def test_final_norm_is_its_gain_times_x_over_rms(tiny):
     want = gain * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     with torch.no_grad():
         torch.testing.assert_close(norm(x).float(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_output_gain_is_what_the_layer_applies_to_its_mlp_output(tiny):
+    """Whatever a decoder layer does to its MLP output m before the residual add is gain ⊙ m times a
+    positive factor per position (the factor 1 when the family says None): replace m by v, and the
+    layer's output moves by that from its output with m = 0."""
+    model, family = tiny
+    tc = text_config(model)
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    v = torch.randn(1, ids.shape[1], tc.hidden_size, generator=torch.Generator().manual_seed(0))
+    for i, layer in enumerate(family.decoder_layers(model)):
+        post = getattr(layer, "post_feedforward_layernorm", None)
+        if post is not None:  # a trained-looking gain, so that 1 + w and w differ
+            with torch.no_grad():
+                post.weight.copy_(torch.linspace(-0.5, 1.5, post.weight.numel()))
+        outs = []
+        for m in (torch.zeros_like(v), v):
+            seen = []
+            hooks = [family.mlp_down(layer).register_forward_hook(lambda mod, args, out, m=m: m),
+                     layer.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(
+                         out[0] if isinstance(out, tuple) else out))]
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            outs.append(seen[0])
+        gain = family.mlp_output_gain(model, i)
+        ratio = (outs[1] - outs[0]) / ((1.0 if gain is None else gain) * v)  # one positive factor per position
+        assert (ratio > 0).all()
+        torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), atol=1e-4, rtol=1e-3)
+        if gain is None:
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=1e-5)

@@ -3,7 +3,9 @@
 A *unit* (neuron) is one coordinate of the input of the family's ``mlp_down`` module in a decoder layer
 (``down_proj`` in Llama / Gemma / Qwen decoders: act(gate(x)) · up(x), ``d_mlp`` wide); its output
 weight is that coordinate's column of the down projection, w_k = W_down[:, k], which it writes into
-the residual stream scaled by its activation a_k. Units are named ``(layer, unit)``.
+the residual stream scaled by its activation a_k (where the layer normalises its MLP output first,
+Gemma 3's post-feedforward norm, w_k times that norm's gain, its per-position 1 / RMS left out as the
+final norm's is below). Units are named ``(layer, unit)``.
 
 **Multimodal neurons** (Schwettmann, Chowdhury, Klein, Bau & Torralba 2023, "Multimodal neurons in
 pretrained text-only transformers", arXiv 2308.01544, ICCV workshops): units scored at the *image
@@ -192,11 +194,21 @@ def _unembed_rows(model: torch.nn.Module, family: ModelFamily, token_id: int) ->
     return row * family.final_norm_gain(model).to(row.device)
 
 
+def _output_weight(model: torch.nn.Module, family: ModelFamily, layer: int) -> torch.Tensor:
+    """The units' output weights as the layer writes them into the residual stream: W_down [D, d_mlp]
+    (LoRA deltas included), its rows scaled by the gain of a norm the layer applies to its MLP output
+    (:meth:`~medvlm.models.base.ModelFamily.mlp_output_gain`, Gemma 3's post-feedforward norm)."""
+    w = effective_weight(_down(model, family, layer))
+    gain = family.mlp_output_gain(model, layer)
+    return w if gain is None else w * gain.to(w.device)[:, None]
+
+
 @torch.no_grad()
 def unit_readout(model: torch.nn.Module, family: ModelFamily, layers: Sequence[int], token_id: int) -> torch.Tensor:
-    """(W_downᵀ (γ ⊙ W_U[c]))[k] per layer: [len(layers), d_mlp], float32 (LoRA deltas included)."""
+    """(W_downᵀ (γ ⊙ W_U[c]))[k] per layer: [len(layers), d_mlp], float32 (LoRA deltas and the gain of
+    a norm on the MLP output included)."""
     u = _unembed_rows(model, family, token_id)
-    return torch.stack([effective_weight(_down(model, family, layer)).T @ u.to(u.device) for layer in layers])
+    return torch.stack([_output_weight(model, family, layer).T @ u.to(u.device) for layer in layers])
 
 
 @torch.no_grad()
@@ -206,7 +218,7 @@ def decode_units(model: torch.nn.Module, family: ModelFamily, tokenizer, units: 
     if not units:
         return []
     gain = family.final_norm_gain(model)
-    weights = {layer: effective_weight(_down(model, family, layer)) for layer in {layer for layer, _ in units}}
+    weights = {layer: _output_weight(model, family, layer) for layer in {layer for layer, _ in units}}
     cols = torch.stack([weights[layer][:, u] for layer, u in units]) * gain.to(weights[units[0][0]].device)
     head = family.unembed(model)
     top = head(cols.to(head.weight.dtype)).float().topk(k, dim=-1).indices

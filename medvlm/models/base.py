@@ -268,6 +268,13 @@ class ModelFamily:
         stream: Llama / Gemma / Qwen decoders' ``mlp.down_proj``."""
         return layer.mlp.down_proj
 
+    def mlp_output_gain(self, model: torch.nn.Module, layer: int) -> torch.Tensor | None:
+        """The per-dimension gain [D] (float32) of a norm that decoder layer ``layer`` applies to its MLP
+        output before adding it to the residual stream (Gemma 2 / 3's ``post_feedforward_layernorm``),
+        or None: the layer adds the MLP output as it is (Llama, Gemma 1, Qwen). The norm's per-position
+        1 / RMS is not part of it (a positive factor shared by every unit at a position)."""
+        return None
+
     def head_layout(self, model: torch.nn.Module) -> tuple[int, int, int]:
         """(n_heads, n_kv_heads, head_dim) of the language model."""
         tc = text_config(model)

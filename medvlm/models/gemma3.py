@@ -218,6 +218,10 @@ class MedGemmaFamily(ModelFamily):
         scale = torch.rsqrt(attn_out.float().pow(2).mean(-1, keepdim=True) + norm.eps) * (1.0 + norm.weight.float())
         return parts * scale
 
+    def mlp_output_gain(self, model: torch.nn.Module, layer: int) -> torch.Tensor:
+        """1 + w of ``post_feedforward_layernorm``: Gemma 3 normalises the MLP output before the residual add."""
+        return 1.0 + self.decoder_layers(model)[layer].post_feedforward_layernorm.weight.detach().float()
+
     def gradcam_map(self, acts: torch.Tensor, grads: torch.Tensor, span: ImageSpan,
                     inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Grad-CAM of the first image view on its patch grid, average-pooled to the token grid as the
