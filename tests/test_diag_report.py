@@ -12,6 +12,7 @@ from huggingface_hub import HfApi, ModelCard
 from scripts import load_script
 
 from medvlm.diagnostics import model_card as mc
+from medvlm.diagnostics.methods import method_names
 from medvlm.diagnostics.report import (
     indicators,
     load_run,
@@ -194,7 +195,8 @@ def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stag
     assert script.main([str(run), "--max-examples", "2", "--model-name-or-path", str(tiny_paligemma)]) == 0
     diag = json.loads((run / "stage2" / "diagnostics" / "diagnostics.json").read_text())
     assert diag["status"] == "ok" and diag["n_examples"] == 2 and diag["checkpoint"] == "final adapter"
-    assert set(diag["summary"]) == {"attention", "rollout", "gradcam", "logprob", "logit_lens", "occlusion"}
+    assert set(diag["summary"]) == set(method_names())
+    assert diag["knockout"]["n_examples"] == 2  # the final probe computes the knockout section
     assert np.isfinite(diag["summary"]["attention"]["roi_mass_mean"])
     assert (run / "report" / "report.html").is_file() and (run / "stage2" / "adapter" / "README.md").is_file()
     assert calls == []

@@ -4,9 +4,10 @@ A *run* is a stage folder (``checkpoint-N/`` with ``metrics.json`` and ``diagnos
 ``metrics.json``, ``adapter/``, optionally ``diagnostics/`` for the final adapter) or a folder of
 stage folders (``stage1/``, ``stage2/``). The report holds, per stage: accuracy / ROUGE-L and
 ROI mass per saliency method over training, linearity per layer, which saliency methods the
-maps can be trusted with (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`), the top heads, the probe
-examples, and *indicators*: groups of examples (by modality and by body part) where the model is
-likely to fail (rule: :data:`INDICATOR_RULE`).
+maps can be trusted with (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`), the top heads, the
+attention knockout when the probe computed it (:mod:`medvlm.diagnostics.knockout_validation`), the
+probe examples, and *indicators*: groups of examples (by modality and by body part) where the model
+is likely to fail (rule: :data:`INDICATOR_RULE`).
 
 The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
 twice: Markdown (figures as PNG files next to it, or left out for a model card) and one
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlm.diagnostics.knockout_validation import knockout_blocks
 from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -299,6 +301,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
         blocks += [("h3", "Top heads by log-probability increase"),
                    ("table", ["layer", "head", "summed increase"],
                     [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
+    blocks += knockout_blocks(d.get("knockout"))
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
