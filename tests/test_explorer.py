@@ -90,9 +90,11 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
         em.processor.tokenizer(a.answer, add_special_tokens=False)["input_ids"]).strip()
     assert all(0 < t.prob <= 1 and len(t.top) == 5 for t in a.tokens)
     assert all(t.top[0][1] >= t.prob - 1e-6 for t in a.tokens)  # top-1 is at least the chosen token
-    assert len(a.top_heads) == 10
+    assert len(a.top_heads) == len(a.image_top_heads) == 10
     inc = [h["increase"] for h in a.top_heads]
-    assert inc == sorted(inc, reverse=True)
+    assert inc == sorted(inc, reverse=True) and inc == [h["importance"] for h in a.top_heads]  # eq. 6 ranking
+    image = [h["image_increase"] for h in a.image_top_heads]  # ... and the image-position sum, kept apart
+    assert image == sorted(image, reverse=True) and image == [h["increase"] for h in a.image_top_heads]
     assert "roi_mass" in a.scores["attention"]  # the phantom mask scores every map
     outlined = np.asarray(overlays(a)["attention"])  # ... and is outlined on every overlay
     assert not np.array_equal(outlined, np.asarray(draw_overlay(a.image, a.maps["attention"])))

@@ -15,7 +15,8 @@ probe examples (so that tokens outnumber dimensions and linearity is not trivial
 parameter-randomisation test (top layer of both towers re-initialised) runs on the first
 ``sanity_examples`` examples. A method is *trusted* when its ROI mass beats chance consistently
 across the examples (one-sided Wilcoxon, p < 0.05, at least 5 examples) and it passes the
-randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`).
+randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`); the verdict is given
+only when it holds in most bootstrap resamples of the probe examples (else it is "unstable").
 
 Everything undefined is NaN (or None) with a reason; nothing is dropped silently.
 """
@@ -41,6 +42,7 @@ from medvlm.diagnostics.overlay import enlarge, save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
     mean_finite,
+    stability_settings,
     summarize_methods,
     summarize_sanity,
     top_heads,
@@ -185,8 +187,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, names: Seque
     kinds = {"hidden_states", "resid_pre"} | {k for m in chosen for k in m.shared}
     ctx = Context(model, processor, family, ex, kinds=kinds if eager else kinds - {"attention_mean"},
                   names_filter=_EMBED_AND_RESID)
-    q = ex.target_positions[0]
-    logits = ctx.output.logits[0, q].float()
+    logits = ctx.logits[0]
     logp = torch.log_softmax(logits, -1)
     pred = ctx.target_id
     first = _first_answer_token(model, processor, family, rec)
@@ -340,8 +341,9 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                            "geometry": geometry, "geometry_extra_examples": geometry_examples,
                                            "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed, "knockout": knockout}}
-    result["summary"] = summarize_methods(rows, names)
-    result["top_heads"] = top_heads(rows)
+    result["summary"] = summarize_methods(rows, names, seed=seed)
+    result["top_heads"] = top_heads(rows)  # the paper's head importance; the image-position sum apart
+    result["image_top_heads"] = top_heads(rows, key="image_head_scores")
     lens_counts: Counter = Counter()
     for r in rows:
         lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))
@@ -393,6 +395,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
         timings["sanity"] += clock() - t
     result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, list(sanity_methods(names)))}
     result["trust"] = trust_verdict(result["summary"], result["sanity"]["summary"] if sanity_rows else None)
+    result["trust_stability"] = stability_settings(seed=seed)
     result["timings"] = {**{k: float(v) for k, v in timings.items()}, "total": float(clock() - start),
                          "n_examples": len(rows), "n_sanity": len(sanity_rows)}
     result.update(extra or {})

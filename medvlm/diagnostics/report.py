@@ -4,10 +4,11 @@ A *run* is a stage folder (``checkpoint-N/`` with ``metrics.json`` and ``diagnos
 ``metrics.json``, ``adapter/``, optionally ``diagnostics/`` for the final adapter) or a folder of
 stage folders (``stage1/``, ``stage2/``). The report holds, per stage: accuracy / ROUGE-L and
 ROI mass per saliency method over training, linearity per layer, which saliency methods the
-maps can be trusted with (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`), the top heads, the
-attention knockout when the probe computed it (:mod:`medvlm.diagnostics.knockout_validation`), the
-probe examples, and *indicators*: groups of examples (by modality and by body part) where the model
-is likely to fail (rule: :data:`INDICATOR_RULE`).
+maps can be trusted with and how stable each verdict is (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`:
+trusted, not trusted or unstable, with the share of bootstrap resamples that trust it), the top heads, the
+attention knockout when the probe computed it (:mod:`medvlm.diagnostics.knockout_validation`), the probe
+examples, and *indicators*: groups of examples (by modality and by body part) where the model is
+likely to fail (rule: :data:`INDICATOR_RULE`).
 
 The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
 twice: Markdown (figures as PNG files next to it, or left out for a model card) and one
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlm.diagnostics.heads_report import HEADS_FILE, head_blocks, probe_head_blocks
 from medvlm.diagnostics.knockout_validation import knockout_blocks
 from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
@@ -95,7 +97,9 @@ def load_stage(path: Path) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)]}
+    """The stages, and the run's head comparison across them when one was saved (``head_comparison.json``)."""
+    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)],
+            "heads": _read_json(Path(run_dir) / HEADS_FILE)}
 
 
 def has_diagnostics(run: dict) -> bool:
@@ -128,6 +132,13 @@ def _get(d: dict | None, *keys: str) -> float:
     for k in keys:
         d = d.get(k) if isinstance(d, dict) else None
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("nan")
+
+
+def _verdict(trust: dict) -> str:
+    """"trusted", "not trusted", "unstable" or "untested" (a file written before the stability: from ``trusted``)."""
+    if trust.get("verdict"):
+        return str(trust["verdict"])
+    return {True: "trusted", False: "not trusted"}.get(trust.get("trusted"), "untested")
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -277,13 +288,14 @@ def _stage_blocks(stage: dict) -> list[tuple]:
     d = point["diagnostics"]
     blocks += [("h3", f"Which saliency methods can be trusted ({point['name']})"), ("p", f"Rule: {TRUST_RULE}.")]
     blocks.append(("table", ["method", "ROI mass", "chance", "ratio", "median ratio", "above chance", "Wilcoxon p",
-                             "pointing game", "randomisation rho", "passes", "trusted", "why"],
+                             "pointing game", "randomisation rho", "passes", "stability", "verdict", "why"],
                    [[m, fmt(_get(d, "summary", m, "roi_mass_mean")), fmt(_get(d, "summary", m, "roi_chance_mean")),
                      fmt(_get(d, "summary", m, "roi_ratio_mean"), 2), fmt(_get(d, "summary", m, "roi_ratio_median"), 2),
                      _above(d, m), fmt(_get(d, "summary", m, "above_chance_p"), 3),
                      fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
                      fmt(_get(d, "sanity", "summary", m, "spearman_mean"), 2), fmt(t.get("passes_randomization")),
-                     fmt(t.get("trusted")), t.get("reason", "")] for m, t in (d.get("trust") or {}).items()]))
+                     fmt(_get(t, "stability"), 2), _verdict(t), t.get("reason", "")]
+                    for m, t in (d.get("trust") or {}).items()]))
     blocks += _geometry_blocks(d.get("geometry") or {}, fmt)
     div = [e["paraphrase_divergence"] for e in d.get("examples", []) if (e.get("paraphrase_divergence") or {}).get("n_variants")]
     if div:
@@ -297,10 +309,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                       fmt(mean_finite([x["methods"][m].get("js_distance_mean") for x in div if m in x["methods"]])),
                       fmt(max((x["methods"][m].get("js_distance_max") or float("nan") for x in div
                                if m in x["methods"]), default=float("nan")))] for m in names])]
-    if d.get("top_heads"):
-        blocks += [("h3", "Top heads by log-probability increase"),
-                   ("table", ["layer", "head", "summed increase"],
-                    [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
+    blocks += probe_head_blocks(d, fmt)
     blocks += knockout_blocks(d.get("knockout"))
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
@@ -367,6 +376,8 @@ def report_blocks(run: dict) -> list[tuple]:
                            ("p", f"Run folder: {run['run_dir']}. Stages: {', '.join(s['name'] for s in run['stages'])}.")]
     for stage in run["stages"]:
         blocks += _stage_blocks(stage)
+    if run.get("heads"):
+        blocks += head_blocks(run["heads"])
     return blocks
 
 

@@ -18,7 +18,6 @@ an atomic rename, so a crash never leaves a half-written cache behind.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from medvlm.models.base import ModelFamily
+from medvlm.utils.distributed import main_process_first
 from medvlm.utils.images import read_image
 from medvlm.utils.io import atomic_write_json, medvlm_home
 
@@ -127,22 +127,13 @@ def _write_store(folder: Path, family: ModelFamily, processor: ProcessorMixin, p
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _main_process_first():
-    """accelerate's main-process-first barrier under several processes, else nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState().main_process_first()
-    return contextlib.nullcontext()
-
-
 def prepared_image_store(family: ModelFamily, processor: ProcessorMixin, paths: Sequence[str], *,
                          cache_dir: str | Path | None = None, batch: int = 64) -> ImageStore:
     """The prepared images of ``paths`` (distinct), from the on-disk cache (built when missing).
     ``cache_dir`` defaults to ``$MEDVLM_HOME/prepared_images``."""
     root = Path(cache_dir) if cache_dir is not None else medvlm_home() / "prepared_images"
     folder = root / _fingerprint(family, processor, paths)
-    with _main_process_first():
+    with main_process_first():
         if not (folder / "manifest.json").is_file():
             logger.info("preparing %d images for %s into %s (reused by later runs)", len(paths), family.name, folder)
             folder.parent.mkdir(parents=True, exist_ok=True)
