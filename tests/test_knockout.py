@@ -29,7 +29,13 @@ from medvlm.diagnostics.knockout import (
     sweep_window,
     window_layers,
 )
-from medvlm.diagnostics.knockout_validation import knockout_blocks, lesion_cells, mirrored_cells, paired_test
+from medvlm.diagnostics.knockout_validation import (
+    knockout_blocks,
+    knockout_validation,
+    lesion_cells,
+    mirrored_cells,
+    paired_test,
+)
 from medvlm.utils.render import render_markdown
 
 FAMILIES = ["llava", "paligemma"]
@@ -89,6 +95,8 @@ def test_bad_windows_and_edge_sets_name_the_value_and_the_limit(tiny):
     with pytest.raises(ValueError, match=rf"window=9 is wider than the model's {n_layers} decoder layers; use a "
                                          rf"window of at most {n_layers}"):
         layer_sweep(model, family, ex, window=9)
+    with pytest.raises(ValueError, match=rf"window={n_layers + 1} is wider than the model's {n_layers} decoder"):
+        knockout_validation(model, None, family, [{"id": "r"}], window=n_layers + 1)  # refused before any record
     with pytest.raises(ValueError, match="window=0"):
         check_window(0, n_layers)
     with pytest.raises(ValueError, match=r"edge set 'e' has no sources"):

@@ -41,6 +41,7 @@ from medvlm.diagnostics.knockout import (
     Knockout,
     answer_probs,
     cell_positions,
+    check_window,
     eval_mode,
     last_position,
     layer_sweep,
@@ -163,11 +164,13 @@ def knockout_validation(model, processor, family: ModelFamily, records: Sequence
     """The knockout section of the report over ``records`` (probe records with ``roi`` masks).
 
     ``window``: layers per window (default :func:`~medvlm.diagnostics.knockout.sweep_window` of the
-    model's depth). ``time_budget`` (seconds, optional): records left once the measured time would
-    overrun it are listed under ``"skipped"``. A record that fails is skipped with its reason.
+    model's depth; a window wider than the model is refused here, before any record, rather than
+    skipping every record with the same error). ``time_budget`` (seconds, optional): records left
+    once the measured time would overrun it are listed under ``"skipped"``. A record that fails is
+    skipped with its reason.
     """
     n_layers = len(family.decoder_layers(model))
-    window = sweep_window(n_layers) if window is None else window
+    window = sweep_window(n_layers) if window is None else check_window(window, n_layers)
     start = clock()
     rows, skipped = [], []
     for i, rec in enumerate(records):
