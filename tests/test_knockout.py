@@ -33,6 +33,7 @@ from medvlm.diagnostics.knockout_validation import (
     knockout_blocks,
     knockout_validation,
     lesion_cells,
+    mean_curves,
     mirrored_cells,
     paired_test,
 )
@@ -249,6 +250,19 @@ def test_the_paired_test_asks_whether_the_lesion_lowers_p_more_than_its_mirror()
     assert paired_test([1.0, float("nan")] * 3, [0.0] * 6)["n"] == 3  # NaN pairs are left out, and counted out
 
 
+def test_curves_are_averaged_and_medianed_per_window_and_the_table_shows_both():
+    rows = [{"delta": {name: [x, 2 * x] for name in ("image_to_last", "image_to_question", "question_to_last")}}
+            for x in (-90.0, -1.0, 1.0)]
+    assert mean_curves(rows)["image_to_last"] == pytest.approx([-30.0, -60.0])
+    assert mean_curves(rows, "median")["question_to_last"] == pytest.approx([-1.0, -2.0])
+    result = {"rule": "r", "window": 1, "n_layers": 2, "n_examples": 3, "layers": [[0], [1]],
+              "curves": mean_curves(rows), "median_curves": mean_curves(rows, "median"),
+              "validation": paired_test([], []), "cost": {}, "skipped": []}
+    md = render_markdown(knockout_blocks(result), None)
+    assert "| 0 | 0 | -30.00 (-1.00) | -30.00 (-1.00) | -30.00 (-1.00) |" in md
+    assert "| 1 | 1 | -60.00 (-2.00) |" in md
+
+
 def test_probe_writes_the_knockout_section_and_the_report_renders_it(tiny_llava, small_phantom, tmp_path):
     from medvlm.data_curation.phantom import load_phantom
     from medvlm.diagnostics.probe import run_probe
@@ -266,6 +280,7 @@ def test_probe_writes_the_knockout_section_and_the_report_renders_it(tiny_llava,
         [s for s in ko["skipped"] if "what" not in s]) == 3
     assert set(ko["curves"]) == {"image_to_last", "image_to_question", "question_to_last"}
     assert all(len(c) == n_layers and np.isfinite(c).all() for c in ko["curves"].values())
+    assert {k: len(c) for k, c in ko["median_curves"].items()} == {k: n_layers for k in ko["curves"]}
     row = ko["examples"][0]
     assert ("lesion_delta" in row and "mirror_delta" in row) or row["skip"]
     assert ko["validation"]["n"] == sum("lesion_delta" in r for r in ko["examples"])

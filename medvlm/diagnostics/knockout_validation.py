@@ -149,12 +149,15 @@ def paired_test(lesion: Sequence[float], mirror: Sequence[float]) -> dict[str, A
             "passes": None if np.isnan(p_value) else bool(p_value < ALPHA), "reason": reason}
 
 
-def mean_curves(rows: Sequence[dict]) -> dict[str, list[float]]:
-    """Mean delta% per window over the examples (NaN-aware), per named edge set."""
+def mean_curves(rows: Sequence[dict], statistic: str = "mean") -> dict[str, list[float]]:
+    """The mean (or, with ``statistic="median"``, the median) delta% per window over the examples,
+    NaN-aware, per named edge set. Both are reported: a few examples whose answer collapses (-80%)
+    or jumps (+several hundred %) carry the mean, the median says what a typical example does."""
+    reduce = {"mean": np.nanmean, "median": np.nanmedian}[statistic]
     out = {}
     for name in EDGE_SETS:
         curves = np.array([r["delta"][name] for r in rows if name in r.get("delta", {})], float)
-        out[name] = (np.nanmean(np.where(np.isfinite(curves), curves, np.nan), axis=0).tolist()
+        out[name] = (reduce(np.where(np.isfinite(curves), curves, np.nan), axis=0).tolist()
                      if curves.size and np.isfinite(curves).any() else [])
     return out
 
@@ -192,7 +195,8 @@ def knockout_validation(model, processor, family: ModelFamily, records: Sequence
     seconds = [r["seconds"] for r in rows]
     forwards = [r["forward_s"] for r in rows]
     return {"rule": RULE, "window": int(window), "n_layers": n_layers, "edge_sets": dict(EDGE_SETS),
-            "layers": rows[0]["layers"] if rows else [], "curves": mean_curves(rows), "n_examples": len(rows),
+            "layers": rows[0]["layers"] if rows else [], "curves": mean_curves(rows),
+            "median_curves": mean_curves(rows, "median"), "n_examples": len(rows),
             "validation": {**paired_test([r["lesion_delta"] for r in paired], [r["mirror_delta"] for r in paired]),
                            "layers": "all", "n_overlapping": sum(1 for r in paired if r["n_overlap"])},
             "cost": {"seconds_per_example": float(np.median(seconds)) if seconds else float("nan"),
@@ -230,6 +234,18 @@ def _f(x: Any, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _curve_cell(result: dict, name: str, centre: int) -> str:
+    """``mean (median)`` of one edge set's delta% at one window centre ('n/a' where missing; diagnostics
+    written before the median was kept show the mean alone)."""
+    def at(curves: dict | None) -> float:
+        curve = (curves or {}).get(name) or []
+        return curve[centre] if centre < len(curve) else float("nan")
+
+    if "median_curves" not in result:
+        return _f(at(result["curves"]))
+    return f"{_f(at(result['curves']))} ({_f(at(result['median_curves']))})"
+
+
 def knockout_blocks(result: dict | None) -> list[tuple]:
     """Report blocks: the rule, the curves as a table and a figure, the lesion-vs-mirror test."""
     if not result:
@@ -238,10 +254,10 @@ def knockout_blocks(result: dict | None) -> list[tuple]:
     blocks: list[tuple] = [
         ("h3", "Attention knockout (Geva et al. 2023)"),
         ("p", f"Rule: {result['rule']}. Window: {result['window']} of {result['n_layers']} layers. Mean over "
-              f"{result['n_examples']} probe examples; negative = the blocked edges carried evidence for the answer."),
+              f"{result['n_examples']} probe examples (the median in brackets; the figure shows the mean); negative = "
+              "the blocked edges carried evidence for the answer."),
         ("table", ["window centre", "layers blocked", *EDGE_SETS.values()],
-         [[c, ", ".join(map(str, layers)), *[_f((result["curves"].get(name) or [float("nan")] * (c + 1))[c])
-                                             for name in EDGE_SETS]]
+         [[c, ", ".join(map(str, layers)), *[_curve_cell(result, name, c) for name in EDGE_SETS]]
           for c, layers in enumerate(result.get("layers") or [])]),
         ("figures", {"knockout": knockout_figure(result)} if result["n_examples"] else {}),
         ("p", "Lesion against its mirror image: the last position may not read the lesion's cells (every layer), "
