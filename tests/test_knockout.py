@@ -261,6 +261,8 @@ def test_curves_are_averaged_and_medianed_per_window_and_the_table_shows_both():
     md = render_markdown(knockout_blocks(result), None)
     assert "| 0 | 0 | -30.00 (-1.00) | -30.00 (-1.00) | -30.00 (-1.00) |" in md
     assert "| 1 | 1 | -60.00 (-2.00) |" in md
+    result["validation"] = paired_test([-float(i) for i in range(1, 11)], [0.0] * 10)  # exact p = 1 / 2**10
+    assert "| 10 | -5.50 | 0.00 | -5.50 | 1.00 | 0.00098 | yes |" in render_markdown(knockout_blocks(result), None)
 
 
 def test_probe_writes_the_knockout_section_and_the_report_renders_it(tiny_llava, small_phantom, tmp_path):
@@ -281,6 +283,7 @@ def test_probe_writes_the_knockout_section_and_the_report_renders_it(tiny_llava,
     assert set(ko["curves"]) == {"image_to_last", "image_to_question", "question_to_last"}
     assert all(len(c) == n_layers and np.isfinite(c).all() for c in ko["curves"].values())
     assert {k: len(c) for k, c in ko["median_curves"].items()} == {k: n_layers for k in ko["curves"]}
+    assert {"knockout", "knockout_validation"} <= set(diag["timings"])  # the map's time and the section's apart
     row = ko["examples"][0]
     assert ("lesion_delta" in row and "mirror_delta" in row) or row["skip"]
     assert ko["validation"]["n"] == sum("lesion_delta" in r for r in ko["examples"])

@@ -234,6 +234,11 @@ def _f(x: Any, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _p(x: Any) -> str:
+    """A p-value: 4 decimals, or 2 significant digits below 0.001 (so that a small p does not read 0.0000)."""
+    return _f(x, 4) if _f(x) == "n/a" or x >= 1e-3 else f"{x:.2g}"
+
+
 def _curve_cell(result: dict, name: str, centre: int) -> str:
     """``mean (median)`` of one edge set's delta% at one window centre ('n/a' where missing; diagnostics
     written before the median was kept show the mean alone)."""
@@ -266,7 +271,7 @@ def knockout_blocks(result: dict | None) -> list[tuple]:
         ("table", ["n", "median delta% lesion", "median delta% mirror", "median d", "share d < 0", "Wilcoxon p",
                    "passes", "why"],
          [[v["n"], _f(v["median_lesion_delta"]), _f(v["median_mirror_delta"]), _f(v["median_difference"]),
-           _f(v["share_lesion_lower"]), _f(v["p_value"], 4),
+           _f(v["share_lesion_lower"]), _p(v["p_value"]),
            "n/a" if v["passes"] is None else ("yes" if v["passes"] else "no"), v.get("reason") or ""]]),
     ]
     cost = result.get("cost") or {}
