@@ -1,6 +1,6 @@
 """A few LoRA steps on the tiny PaliGemma, sharded with FSDP2 over gloo or in one process.
 
-``python tests/fsdp_cpu_worker.py OUT.json`` under ``accelerate launch --config_file
+``python tests/fsdp_cpu_worker.py OUT.json ADAPTER_DIR`` under ``accelerate launch --config_file
 recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no`` (see
 ``tests/test_fsdp_cpu.py``). On a CPU machine accelerate 1.16 never selects FSDP (its
 ``AcceleratorState.__init__`` sets ``DistributedType.FSDP`` only for accelerator device types; a CPU
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from peft import get_peft_model
 from tiny_models import eager_tiny
 
 from medvlm.training.arguments import LoraArguments
-from medvlm.training.lora import lora_config
+from medvlm.training.lora import gathered_adapter_state, lora_config
+from medvlm.training.stage import save_adapter
 
 STEPS, LR = 3, 1e-2
 QUESTIONS = ["where is the lesion?", "is the liver abnormal?", "which lung?", "is there a lesion in the kidney?"]
@@ -79,17 +81,25 @@ def trainable(model) -> dict[str, list[float]]:
     return out
 
 
-def run_single() -> dict:
+def save(model, folder: Path) -> None:
+    """The stage's adapter save: the trainable tensors gathered on every process, written by the main one."""
+    state = gathered_adapter_state(model)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        save_adapter(model, folder, "tiny-paligemma", "paligemma", [], state_dict=state)
+
+
+def run_single(adapter: Path) -> dict:
     """One process, both halves per step (the mean of the two halves' losses: what two ranks
     averaging their gradients compute)."""
     model, processor, family = lora_model()
     data = halves(family, processor)
     initial = trainable(model)
     losses = train(model, [data], 1)
+    save(model, adapter)
     return {"losses": losses, "initial": initial, "final": trainable(model)}
 
 
-def run_fsdp() -> tuple[int, dict]:
+def run_fsdp(adapter: Path) -> tuple[int, dict]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -120,11 +130,12 @@ def run_fsdp() -> tuple[int, dict]:
         hasattr(m, "reducer") for m in model.modules())
     report["losses"] = train(model, [[data[rank]]], accelerator.num_processes)
     report["final"] = trainable(model)
+    save(model, adapter)
     return rank, report
 
 
 if __name__ == "__main__":
-    rank, report = run_fsdp()
+    rank, report = run_fsdp(Path(sys.argv[2]))
     if rank == 0:
         with open(sys.argv[1], "w", encoding="utf-8") as fh:
             json.dump(report, fh)

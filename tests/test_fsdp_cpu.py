@@ -25,14 +25,15 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fsdp_report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("fsdp") / "report.json"
+    folder = tmp_path_factory.mktemp("fsdp")
+    out = folder / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-           "--main_process_port", "0", str(ROOT / "tests/fsdp_cpu_worker.py"), str(out)]
+           "--main_process_port", "0", str(ROOT / "tests/fsdp_cpu_worker.py"), str(out), str(folder / "adapter")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text(encoding="utf-8"))
+    return {**json.loads(out.read_text(encoding="utf-8")), "adapter": folder / "adapter"}
 
 
 def test_accelerate_does_not_select_fsdp_on_cpu(fsdp_report):
@@ -58,10 +59,11 @@ def test_fsdp2_shards_lora_model_on_two_cpu_processes(fsdp_report):
     assert len(layers) == 4 and "" in r["units"]
 
 
-def test_fsdp2_steps_match_one_process(fsdp_report):
+def test_fsdp2_steps_and_saved_adapter_match_one_process(fsdp_report, tmp_path):
     from fsdp_cpu_worker import run_single
+    from safetensors.torch import load_file
 
-    single = run_single()
+    single = run_single(tmp_path / "adapter")
     assert np.allclose(fsdp_report["losses"], single["losses"], rtol=0, atol=1e-5)
     assert single["losses"][-1] < single["losses"][0]
     assert fsdp_report["final"].keys() == single["final"].keys()
@@ -70,3 +72,10 @@ def test_fsdp2_steps_match_one_process(fsdp_report):
         np.testing.assert_allclose(fsdp_report["final"][name], values, rtol=0, atol=1e-5, err_msg=name)
         moved = max(moved, float(np.abs(np.subtract(values, single["initial"][name])).max()))
     assert moved > 1e-3  # the steps changed the LoRA weights (the comparison is not of initial values)
+    # the stage's save gathers the shards on both ranks: the adapter file is the one process' adapter
+    sharded = load_file(fsdp_report["adapter"] / "adapter_model.safetensors")
+    one = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sharded.keys() == one.keys() and any("lora_A" in k for k in one)
+    for key, tensor in one.items():
+        assert sharded[key].shape == tensor.shape, key
+        np.testing.assert_allclose(sharded[key].numpy(), tensor.numpy(), rtol=0, atol=1e-5, err_msg=key)
