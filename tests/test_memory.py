@@ -54,8 +54,9 @@ def test_block_activation_formula():
 def _counts() -> ModelCounts:
     vision = Tower(layers=2, hidden=4, q_width=4, kv_width=4, mlp=8, gated=False, tokens=9)
     language = Tower(layers=3, hidden=4, q_width=4, kv_width=2, mlp=8, gated=True, tokens=6)
+    # 100 trainable: 60 LoRA (added to the base) and 40 base parameters trained whole
     return ModelCounts(name="toy", params=10_000, quantizable=6_000, trainable=100, block=800, embedding=1_000,
-                       vocab=50, vision=vision, language=language)
+                       vocab=50, vision=vision, language=language, whole=40)
 
 
 def test_breakdown_by_strategy_hand_computed():
@@ -65,15 +66,16 @@ def test_breakdown_by_strategy_hand_computed():
     # layers; logits 10 B * 10 tokens * 50 vocabulary; times batch 2
     acts = 2 * (9 * 96 * 2 + 10 * 120 * 3 + 10 * 10 * 50)
     ddp = breakdown(c, Setup(strategy="ddp", **setup))
-    assert ddp == {"weights 4-bit": 0, "weights bf16": 9_900 * 2, "trainable": 100 * 16, "activations": acts}
+    # frozen: the 10,000 base parameters less the 40 trained whole
+    assert ddp == {"weights 4-bit": 0, "weights bf16": 9_960 * 2, "trainable": 100 * 16, "activations": acts}
     zero2 = breakdown(c, Setup(strategy="zero2", **setup))
-    assert zero2["weights bf16"] == 9_900 * 2 and zero2["trainable"] == 100 * (2 + 14 / 4)
+    assert zero2["weights bf16"] == 9_960 * 2 and zero2["trainable"] == 100 * (2 + 14 / 4)
     fsdp = breakdown(c, Setup(strategy="fsdp", **setup))
-    assert fsdp["weights bf16"] == 9_900 * 2 / 4 and fsdp["trainable"] == 100 * 16 / 4
+    assert fsdp["weights bf16"] == 9_960 * 2 / 4 and fsdp["trainable"] == 100 * 16 / 4
     assert fsdp["gathered units"] == 2 * (1_000 + 2 * 800) and fsdp["activations"] == acts
-    # QLoRA: the 6,000 linear weights packed (never sharded), the other 3,900 frozen stay bf16
+    # QLoRA: the 6,000 linear weights packed (never sharded), the other 3,960 frozen stay bf16
     q = breakdown(c, Setup(strategy="fsdp", qlora=True, **setup))
-    assert q["weights 4-bit"] == pytest.approx(6_000 * 0.515869140625) and q["weights bf16"] == 3_900 * BF16 / 4
+    assert q["weights 4-bit"] == pytest.approx(6_000 * 0.515869140625) and q["weights bf16"] == 3_960 * BF16 / 4
     assert NF4_DQ == pytest.approx(0.5 + 0.127 / 8, abs=1e-4)  # QLoRA paper: 0.127 bits per weight for constants
 
 
@@ -144,3 +146,23 @@ def test_block_activation_formula_matches_what_autograd_keeps():
     measured = _saved_bytes_per_block_token(siglip, dict(pixel_values=torch.randn(2, 3, 32, 32)), 2 * 16)
     formula = 2 * Tower(1, 64, 64, 64, 256, gated=False, tokens=0).block_bytes(False)
     assert measured == pytest.approx(formula, rel=0.03)
+
+
+def test_gemma3_counts_its_pooled_image_tokens_tied_head_and_whole_trained_projector():
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=300),
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8),
+                          mm_tokens_per_image=4)
+    c = count(config, "gemma3", r=2, target_names=("q_proj",), trained_whole=("mm_input_projection_weight",))
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert c.params == sum(p.numel() for p in model.parameters())           # the tied head once
+    assert c.embedding == 300 * 64 and c.whole == 32 * 64                     # projector: vision x text width
+    # r=2 on q_proj: 2 vision blocks (32 -> 32), 3 text blocks (64 -> 2 heads x 32); plus the projector
+    assert c.trainable == 2 * 2 * (32 + 32) + 3 * 2 * (64 + 64) + 32 * 64
+    assert c.language.tokens == 4 and c.vision.tokens == 16 and c.language.kv_width == 32

@@ -86,14 +86,15 @@ class ModelCounts:
     """Parameter counts of a checkpoint and the shapes its activations follow."""
 
     name: str
-    params: int             # every parameter once (tied weights once)
+    params: int             # every parameter of the base once (tied weights once), LoRA not included
     quantizable: int        # nn.Linear weights but the output embedding: what 4-bit QLoRA packs
-    trainable: int          # LoRA A and B, plus parameters trained whole
+    trainable: int          # LoRA A and B (added to the base), plus base parameters trained whole
     block: int              # parameters of the largest transformer block (one FSDP unit)
     embedding: int          # parameters of the embedding / LM-head unit (tied: once)
     vocab: int
     vision: Tower
     language: Tower
+    whole: int = 0          # base parameters trained whole (part of both ``params`` and ``trainable``)
 
 
 def _text_config(config):
@@ -173,7 +174,7 @@ def count(config, name: str, r: int = 12, target_names: Iterable[str] = FULL_PRE
     gated = any(n.endswith("gate_proj") for n, _ in model.named_modules())
     return ModelCounts(
         name=name, params=params, quantizable=quantizable,
-        trainable=lora + trained_fully, block=max(blocks.values()), embedding=embedding, vocab=text.vocab_size,
+        trainable=lora + trained_fully, whole=trained_fully, block=max(blocks.values()), embedding=embedding, vocab=text.vocab_size,
         # each targeted linear's LoRA applies its own dropout to its input: q, k and v keep a copy each
         vision=_tower(vision, patches, gated=False, lora_inputs=sum(lora_inputs["vision"].values())),
         language=_tower(text, image_tokens(config), gated=gated, lora_inputs=sum(lora_inputs["language"].values())))
@@ -201,7 +202,7 @@ class Setup:
 def breakdown(c: ModelCounts, s: Setup) -> dict[str, float]:
     """Bytes per GPU, by part (see the module docstring for each formula)."""
     n = s.gpus
-    frozen_total = c.params - c.trainable
+    frozen_total = c.params - c.whole                        # LoRA adds parameters; whole-trained ones leave
     packed = c.quantizable if s.qlora else 0                 # 4-bit weights (never sharded, uint8)
     other = frozen_total - packed                            # bf16 frozen weights
     out = {"weights 4-bit": packed * NF4_DQ}
@@ -229,7 +230,7 @@ def per_gpu_gib(c: ModelCounts, s: Setup) -> float:
 
 def table(models: list[ModelCounts], gpus: int = 8, **setup) -> str:
     """A Markdown table: GiB per GPU for each model, with LoRA and QLoRA, under each strategy."""
-    heads = ["model", "parameters", "trainable (LoRA r=12)"]
+    heads = ["model", "parameters", "trainable (LoRA r=12 + whole)"]
     heads += [f"{label} {method}" for label in ("DDP", "ZeRO-2", "FSDP / ZeRO-3") for method in ("LoRA", "QLoRA")]
     rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for c in models:
