@@ -18,11 +18,12 @@ from transformers import Gemma3Config, LlavaConfig, PaliGemmaConfig
 from medvlm.models.families import get_family
 from medvlm.training.memory import GIB, Setup, breakdown, count, table
 
-#: Gemma 3 (MedGemma) config.json values: the 4B as in /work-shared REAL_SHAPES notes and the
-#: google/medgemma-27b-it config (text 5376 wide, MLP 21504, 62 layers, 32 heads, 16 KV heads of 128,
-#: vocabulary 262,208; the SigLIP tower of the 4B), the widths as copied in two public repositories'
-#: test fixtures (a Gemma 3 27B test config of TensorRT-LLM and a cached-config table of a model
-#: interpretability library)
+#: Gemma 3 (MedGemma) config.json values: the 4B (text 2560 wide, MLP 10240, 34 layers, 8 heads, 4 KV
+#: heads of 256) and google/medgemma-27b-it (text 5376 wide, MLP 21504, 62 layers, 32 heads, 16 KV heads
+#: of 128), both with vocabulary 262,208 and the same SigLIP tower at 896 px. The 27B widths were
+#: checked against NVIDIA/TensorRT-LLM (commit fe6fa01d, tests/unittest/_torch/modeling/
+#: test_modeling_gemma3.py, GEMMA3_27B_CONFIG, whose depth is cut); the 62 layers are the published
+#: config's. 27.43 B parameters come out (the checkpoint is published as 27B).
 SIGLIP_896 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=896, patch_size=14, vision_use_head=False)
 GEMMA3 = {
