@@ -16,7 +16,8 @@ The parameters are counted on the real modelling class built on the ``meta`` dev
   (frozen and trainable / N) but gather the unit being computed and the next (prefetch) whole, and
   the tied embedding / LM-head unit stays gathered from the forward to its backward (accelerate
   puts it in a unit with ``reshard_after_forward=False``): working set = embedding unit + 2 ×
-  largest transformer block, bf16. 4-bit weights stored as uint8 (medvlm's ``BitsAndBytesConfig``)
+  largest transformer block, bf16 (ZeRO-3 bounds its gathered set by ``stage3_max_live_parameters``
+  instead; the same estimate is used). 4-bit weights stored as uint8 (medvlm's ``BitsAndBytesConfig``)
   are not sharded: accelerate's ``fsdp2_prepare_model`` leaves non-floating frozen ``Params4bit``
   out of ``fully_shard``; they count whole on every GPU.
 - **activations** (bf16, per token, with SDPA / flash attention, so no sequence² term): what a
