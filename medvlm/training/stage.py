@@ -32,7 +32,7 @@ from medvlm.models.inputs import VLMCollator, prepare_examples
 from medvlm.models.registry import load_model_and_processor
 from medvlm.training.arguments import DataArguments, LoraArguments, ModelArguments, StageArguments
 from medvlm.training.callbacks import AdapterRecordCallback, CheckpointEvalCallback
-from medvlm.training.lora import attach_lora, log_trainable
+from medvlm.training.lora import attach_lora, gathered_adapter_state, log_trainable
 from medvlm.training.trainer import MedVLMTrainer
 from medvlm.utils.io import atomic_write_text, hash_rows, write_manifest
 
@@ -160,8 +160,10 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
 
     # Save (main process) -----------------------------------------------------------------------
     main = trainer.is_world_process_zero()
+    adapter = gathered_adapter_state(trainer.model)  # every process: a collective under FSDP
     if main:
-        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged)
+        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged,
+                     state_dict=adapter)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
 
     # Evaluate (every process answers its shard; the main process scores and writes) -------------
@@ -187,14 +189,16 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     return metrics
 
 
-def save_adapter(model, folder: Path, base_model: str, family: str, merged_into_base: list[str]) -> None:
+def save_adapter(model, folder: Path, base_model: str, family: str, merged_into_base: list[str],
+                 state_dict: dict | None = None) -> None:
     """The final adapter in safetensors, relative to the original base: a stage that merged its
     previous adapter into the base saves the concatenation of both (see
     :func:`~medvlm.models.adapters.concat_adapters`), so plain PEFT on the base reproduces the run.
-    Written to a temp folder and renamed into place."""
+    ``state_dict``: the trainable tensors gathered from FSDP shards
+    (:func:`~medvlm.training.lora.gathered_adapter_state`). Written to a temp folder and renamed into place."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     for earlier in merged_into_base:
         concat_adapters(earlier, tmp, tmp)
     write_record(tmp, base_model, family)
