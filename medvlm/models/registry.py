@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoProcessor, ProcessorMixin
+from transformers import AutoConfig, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
 from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
@@ -71,6 +71,7 @@ def load_model_and_processor(
     quantization_bits: int | None = None,
     attn_implementation: str | None = "eager",
     for_inference: bool = False,
+    image_settings: dict[str, int] | None = None,
 ) -> LoadedModel:
     """Load a model of a registered family and its processor.
 
@@ -78,7 +79,8 @@ def load_model_and_processor(
     (sdpa returns none); pass ``"sdpa"`` for faster training when no diagnostics run.
     ``dtype="auto"``: bfloat16 on a GPU, float32 on a CPU. ``for_inference`` (evaluation,
     diagnostics, the explorer) puts an unquantised model on the GPU when there is one; training
-    leaves placement to the Trainer / accelerate.
+    leaves placement to the Trainer / accelerate. ``image_settings`` (``min_pixels``, ``max_pixels``)
+    override the processor config of a dynamic-resolution family (:meth:`ModelFamily.load_processor`).
     """
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -98,11 +100,12 @@ def load_model_and_processor(
         raise ValueError(f"dtype {dtype!r} unknown; expected auto or one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     qconfig = quantization_config(quantization_bits, torch_dtype)
+    # the processor first: bad image settings fail before the weights load
+    processor = family.load_processor(path, **(image_settings or {}))
     model = family.model_class.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation,
         quantization_config=qconfig, device_map=device_map_for(qconfig is not None),
     )
-    processor = AutoProcessor.from_pretrained(path)
     if for_inference and qconfig is None and torch.cuda.is_available():
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return LoadedModel(model, processor, family)
