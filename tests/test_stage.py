@@ -56,6 +56,8 @@ def test_stage1_run_folder_holds_everything(stage1_run):
     # the config saved with the run reproduces it
     saved = (out / "config.yaml").read_text()
     assert "max_steps: 6" in saved and "lora_preset: full" in saved
+    record = json.loads((out / "adapter" / "medvlm_adapter.json").read_text())
+    assert record["family"] == "paligemma" and record["image_settings"] == {}
 
 
 @pytest.mark.parametrize("mode", ["continue", "merge"])
@@ -155,6 +157,15 @@ def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_llava, tmp_pat
     assert "was trained on a paligemma model" in err and "is a llava model" in err and "model_name_or_path" in err
     assert "Loading weights" not in err  # refused before any weights load
     assert not (out / "manifest.json").exists()
+
+
+def test_image_settings_on_a_fixed_resolution_family_are_refused_before_the_weights_load(tiny_paligemma, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "s1"
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "1", "--max_pixels", "100000")) == 2
+    err = capsys.readouterr().err
+    assert "max_pixels set, but the paligemma family resizes every image to its fixed input size" in err
+    assert "Loading weights" not in err and not (out / "manifest.json").exists()
 
 
 def test_missing_image_is_named(tiny_paligemma, tmp_path, capsys):

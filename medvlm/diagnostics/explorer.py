@@ -133,13 +133,16 @@ def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str 
         raise ExplorerError("give a model: a hub id, a model folder or demo:llava / demo:paligemma")
     if len(adapters) > 2:
         raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
+    records = []
     for folder in adapters:  # before any weights load
         try:
-            check_adapter(folder, model, family_of(model))
+            records.append(check_adapter(folder, model, family_of(model)))
         except AdapterError as err:
             raise ExplorerError(str(err)) from err
+    settings = records[0].get("image_settings") if records else None  # adapter A's processor settings
     try:
-        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True)
+        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True,
+                                          image_settings=settings or None)
     except (OSError, ValueError, KeyError) as err:
         raise ExplorerError(f"cannot load model {model!r}: {err}") from err
     labels = {adapter_label(letter, folder): str(folder) for letter, folder in zip("AB", adapters, strict=False)}
