@@ -70,18 +70,21 @@ def test_llava_golden_label_mask(tiny_llava):
 def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES, ["short?", QUESTIONS[1]], prepared=True)
+    images = loaded.family.prepare_images(loaded.processor, IMAGES)
+    batch = loaded.family.generation_batch(loaded.processor, images, ["short?", QUESTIONS[1]], prepared=True)
     am = batch["attention_mask"]
     assert am[0, 0] == 0 and am[0, -1] == 1 and am[1].all()  # left padding
     assert "labels" not in batch or batch["labels"] is None
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    loaded.family.check_pixels(loaded.model, batch)  # as the processor makes them, not resized again
+    assert [s.grid for s in loaded.family.image_spans(loaded.model, batch)] == [(4, 4)] * 2
 
 
 def test_image_span_comes_from_the_sequence(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], prepared=True)
-    span = loaded.family.image_span(loaded.model, batch["input_ids"][0])
+    images = loaded.family.prepare_images(loaded.processor, IMAGES[:1])
+    batch = loaded.family.generation_batch(loaded.processor, images, ["where?"], prepared=True)
+    span = loaded.family.image_span(loaded.model, batch["input_ids"][0], batch, 0)
     assert span.grid == (4, 4) and span.end - span.start == N_IMAGE
     with pytest.raises(ValueError, match="no image tokens"):
         loaded.family.image_span(loaded.model, torch.tensor([1, 2, 3]))
