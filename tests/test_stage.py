@@ -86,6 +86,23 @@ def test_stage2_starts_from_the_stage1_adapter(stage1_run, tiny_paligemma, tmp_p
         assert any(k.endswith("lora_B.weight") and stage2_w[k].abs().sum() > 0 for k in stage2_w)
 
 
+def test_a_qwen_stage_keeps_its_image_settings_for_stage2_and_every_loader(tiny_folders, tmp_path):
+    """min_pixels / max_pixels reach the processor (the 64-px phantom images are enlarged to 96 px, a 6x6
+    token grid), the adapter record keeps them, stage 2 inherits them, and load_with_adapter reuses them."""
+    from medvlm.models.adapters import load_with_adapter
+
+    base, settings = tiny_folders("qwen2_5_vl"), {"min_pixels": 96 * 96, "max_pixels": 96 * 96}
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main("stage1", _argv(base, s1, "--max_steps", "2", "--min_pixels", "9216", "--max_pixels", "9216")) == 0
+    assert json.loads((s1 / "adapter" / "medvlm_adapter.json").read_text())["image_settings"] == settings
+    assert main("stage2", _argv(base, s2, "--max_steps", "1", "--init_adapter", str(s1 / "adapter"))) == 0
+    assert json.loads((s2 / "adapter" / "medvlm_adapter.json").read_text())["image_settings"] == settings
+    assert json.loads((s2 / "metrics.json").read_text())["closed"]["n"] > 0
+    loaded = load_with_adapter(None, s2 / "adapter")
+    image = loaded.family.prepare_images(loaded.processor, [torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()])[0]
+    assert image.shape == (96, 96, 3)
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
