@@ -231,7 +231,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
             out: list[Analysis] = []
             try:
                 check_fusion(fusion_v)
-                mask = read_mask(mask_path)
+                mask = read_mask(mask_path) if mask_path else None  # an upload has no mask
                 with server.lock:
                     for k, variant in enumerate(chosen):
                         def report(f, text, k=k, variant=variant):
