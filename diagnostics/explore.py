@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, help="a medvlm run folder: its base model and stage adapters")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--budget", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds the saliency methods may take per answer (default 30); the costlier maps are "
+                        "skipped, listed in the page, and computed on request; 0 for no limit")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU (the model is put there), float32 on a CPU")
     return p.parse_args(argv)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExplorerError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    server = Server(em, lambda name, ads: load_demo_or_model(name, ads, args.dtype), samples())
+    server = Server(em, lambda name, ads: load_demo_or_model(name, ads, args.dtype), samples(),
+                    budget_s=args.budget or None)
     local = args.host in ("127.0.0.1", "localhost", "::1")
     if not local:
         logger.warning("serving on %s: the Model panel (load any model or adapter path) is switched off", args.host)

@@ -11,6 +11,12 @@
         --judge-model smollm2 --output runs/stage2/judged
     python eval/run_eval.py --model google/paligemma-3b-mix-448 --dataset data/slake --split test \\
         --judge-backend ollama --judge-model llama3.1:8b --output runs/eval-slake
+    accelerate launch --config_file recipes/accelerate/multi_gpu_ddp.yaml eval/run_eval.py \\
+        --model demo:llava --consistency --output runs/eval-8gpu
+
+Model mode runs under ``accelerate launch`` with N processes: each answers a contiguous shard of
+the questions and the main process gathers them in order, scores and writes; greedy and sampled
+answers (seeded per question) are those of one process.
 
 Model mode writes ``predictions.jsonl`` (raw answers) before scoring and judging; see
 ``medvlm.eval.evaluate`` for every file it writes. With --robustness it also writes the answers to
@@ -41,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medvlm.demo import ensure_demo_model
+from medvlm.eval.distributed import world
 from medvlm.eval.judge import check_judge_server, judge_llm_config
 from medvlm.eval.metrics import UnknownMetricError
 from medvlm.eval.predictions import (
@@ -101,7 +108,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16 | float16")
 
     gen = parser.add_argument_group("model mode: generation")
-    gen.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default 32)")
+    gen.add_argument("--batch-size", default="auto", metavar="N|auto",
+                     help="questions per generate call, or auto: as many as fit the memory budget (default auto); "
+                          "either way halved when generate runs out of memory; metrics.json says which was used")
+    gen.add_argument("--memory-budget", type=float, metavar="GiB",
+                     help="auto batch: memory one process may use for generation (default: half of its free GPU "
+                          "memory, or of the machine's available memory divided among this node's processes)")
     gen.add_argument("--max-new-tokens", type=int, default=16, help="answer length budget (default 16)")
 
     checks = parser.add_argument_group("model mode: consistency and robustness")
@@ -146,7 +158,8 @@ def model_config(args: argparse.Namespace):
     return ModelEvalConfig(
         model=args.model, output=args.output, adapter=args.adapter, dtype=args.dtype, dataset=args.dataset,
         split=args.split, question_types=args.question_types, phantom_patients=args.phantom_patients,
-        max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        max_samples=args.max_samples, batch_size=args.batch_size, memory_budget=args.memory_budget,
+        max_new_tokens=args.max_new_tokens,
         consistency=args.consistency, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
         seed=args.sample_seed, robustness=args.robustness, judge_backend=args.judge_backend,
         judge_model=args.judge_model, judge_host=args.judge_host, judge_cache=args.judge_cache,
@@ -195,7 +208,8 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
                 check_judge_server(config.judge_llm_config())
             except LLMError as e:
                 return judge_unavailable(e, "nothing was evaluated or written")
-        ensure_demo_model(config.model)  # demo:<family>: built on first use
+        if world()[1] == 1:  # demo:<family>: built on first use (under several processes: build it first)
+            ensure_demo_model(config.model)
         metrics = evaluate_model(config, scoring=scoring)
     except (ModelEvalError, FileNotFoundError, ValueError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
@@ -203,6 +217,8 @@ def run_model_mode(args: argparse.Namespace, scoring: dict) -> int:
     except LLMError as e:  # the server went away after the first check, while the model answered
         return judge_unavailable(e, f"the predictions and the scores without the judge are in {args.output}/ "
                                     "(predictions.jsonl, metrics.json)")
+    if not metrics:  # another process than the main one of `accelerate launch`: it only generated its shard
+        return 0
     if not args.quiet:
         print(format_summary(metrics))
         print_judge(metrics)

@@ -15,5 +15,6 @@ python recipes/stage1.py "recipes/configs/demo_${FAMILY}_stage1.yaml" --output_d
 python recipes/stage2.py "recipes/configs/demo_${FAMILY}_stage2.yaml" --output_dir "$OUT/stage2" \
     --init_adapter "$OUT/stage1/adapter"
 python eval/compare.py "$OUT/stage1" "$OUT/stage2" --output "$OUT/compare" --print
-python diagnostics/run_diagnostics.py "$OUT/stage2" --probe-final --max-examples 24
+# the final probe's default size (128 lesions, FINAL_PROBE_EXAMPLES): the trust verdicts do not flip between runs
+python diagnostics/run_diagnostics.py "$OUT/stage2" --probe-final
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $OUT"

@@ -63,10 +63,19 @@ def test_probe_writes_json_with_every_methods_roi_numbers(loaded, phantom_record
     assert 1 <= len(on_disk["top_heads"]) <= 10 and sum(on_disk["logit_lens_best_layers"].values()) == 4 * 16
     ex0 = on_disk["examples"][0]
     assert ex0["answer_entropy"] > 0 and isinstance(ex0["predicted_token"], str)
+    page = ex0["overlays"].pop("logit_lens_page")  # the interactive logit-lens page of the example
+    assert (tmp_path / page).read_text().startswith("<!DOCTYPE html>")
     for rel in ex0["overlays"].values():
         assert (tmp_path / rel).is_file()
         assert min(Image.open(tmp_path / rel).size) >= 256  # the 64-pixel input enlarged to stay readable
     assert "overlays" not in on_disk["examples"][2]  # only the first two examples are drawn
+    # the shared-pass maps of the drawn examples, compared across rewordings of the question
+    div = ex0["paraphrase_divergence"]
+    if div["n_variants"]:
+        assert set(div["methods"]) == {"attention", "rollout", "logit_lens"}
+        assert all(0.0 <= m["js_distance_mean"] <= 1.0 for m in div["methods"].values())
+    else:
+        assert div["reason"]
     assert result["timings"]["n_examples"] == 4
 
 

@@ -91,6 +91,9 @@ def test_report_markdown_and_html_with_escaped_text(probed_stage, tmp_path):
     for fig in ("accuracy", "roi", "linearity", "overlay_attention"):
         assert list((tmp_path / "report" / "figures").glob(f"*_{fig}.png"))
     assert json.loads(written["indicators"].read_text())["stage2"]
+    # the contextualisation measures per layer, image and text apart, next to anisotropy and ID
+    ctx = md.split("### Contextualisation per layer")[1].split("###")[0]
+    assert "| self-sim. (image) | self-sim. (text) |" in ctx and "| decoder.0 |" in ctx
 
 
 def test_indicators_flag_groups_likely_to_fail(probed_stage, tmp_path):
@@ -125,6 +128,37 @@ def test_renderers_escape_every_text():
     assert "<b>" not in page and "<i>" not in page and "<th>&lt;th&gt;</th>" in page and "&lt;t&gt;" in page
     md = render_markdown(blocks, None)
     assert "&lt;b&gt;title&lt;/b&gt;" in md and "x&#124;y &lt;i&gt;" in md and "a &amp; b" in md
+
+
+def test_trust_table_shows_each_verdicts_stability_and_unstable_verdicts(tmp_path):
+    """A probe where one method is far above chance on every example, one is borderline (p = 0.03) and one is
+    far above chance but fails the randomisation test: trusted (1.00), unstable, not trusted (0.00)."""
+    from medvlm.diagnostics.probe_summary import stability_settings, summarize_methods, trust_verdict
+
+    diffs = {"far": [0.3, 0.25, 0.4, 0.2, 0.35, 0.3, 0.28, 0.33, 0.4, 0.22],
+             "edge": [(-1 if rank in (1, 2, 6) else 1) * rank / 100 for rank in range(1, 11)],
+             "frozen": [0.3, 0.25, 0.4, 0.2, 0.35, 0.3, 0.28, 0.33, 0.4, 0.22]}
+    examples = [{"id": f"ex{i}", "answer_entropy": 0.5,
+                 "methods": {m: {"roi_mass": 0.2 + d[i], "roi_chance": 0.2, "roi_mass_ratio": (0.2 + d[i]) / 0.2}
+                             for m, d in diffs.items()}} for i in range(10)]
+    summary = summarize_methods(examples, list(diffs))
+    sanity = {m: {"passes": m != "frozen", "spearman_mean": 0.1} for m in diffs}
+    diag = {"status": "ok", "methods": list(diffs), "examples": examples, "summary": summary,
+            "sanity": {"examples": [], "summary": sanity}, "trust": trust_verdict(summary, sanity),
+            "trust_stability": stability_settings()}
+    (tmp_path / "run" / "diagnostics").mkdir(parents=True)
+    (tmp_path / "run" / "diagnostics" / "diagnostics.json").write_text(json.dumps(diag))
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(_metrics(0.8, 0.8)))
+    written = write_report(load_run(tmp_path / "run"), tmp_path / "report")
+    for md in (written["markdown"].read_text(), written["card_markdown"]):  # the report and the model card body
+        header = next(line for line in md.splitlines() if line.startswith("| method |"))
+        cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md.splitlines()
+                 if line.startswith(("| far ", "| edge ", "| frozen "))}
+        stability, verdict = header.split(" | ").index("stability"), header.split(" | ").index("verdict")
+        assert [cells[m][verdict] for m in diffs] == ["trusted", "unstable", "not trusted"]
+        assert cells["far"][stability] == "1.00" and cells["frozen"][stability] == "0.00"
+        assert 0.2 < float(cells["edge"][stability]) < 0.8
+    assert "bootstrap resamples" in written["markdown"].read_text()
 
 
 def test_model_card_has_model_index_and_is_saved_in_the_adapter(probed_stage):

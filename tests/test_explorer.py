@@ -15,6 +15,7 @@ from medvlm.diagnostics.explorer import (
     BASE,
     ExplorerError,
     analyze,
+    compute_method,
     draw_overlay,
     export,
     lens_page,
@@ -90,13 +91,45 @@ def test_analysis_answers_and_explains_with_every_method(explorer, sample_set):
         em.processor.tokenizer(a.answer, add_special_tokens=False)["input_ids"]).strip()
     assert all(0 < t.prob <= 1 and len(t.top) == 5 for t in a.tokens)
     assert all(t.top[0][1] >= t.prob - 1e-6 for t in a.tokens)  # top-1 is at least the chosen token
-    assert len(a.top_heads) == 10
+    assert len(a.top_heads) == len(a.image_top_heads) == 10
     inc = [h["increase"] for h in a.top_heads]
-    assert inc == sorted(inc, reverse=True)
+    assert inc == sorted(inc, reverse=True) and inc == [h["importance"] for h in a.top_heads]  # eq. 6 ranking
+    image = [h["image_increase"] for h in a.image_top_heads]  # ... and the image-position sum, kept apart
+    assert image == sorted(image, reverse=True) and image == [h["increase"] for h in a.image_top_heads]
     assert "roi_mass" in a.scores["attention"]  # the phantom mask scores every map
     outlined = np.asarray(overlays(a)["attention"])  # ... and is outlined on every overlay
     assert not np.array_equal(outlined, np.asarray(draw_overlay(a.image, a.maps["attention"])))
     assert a.lens is not None and a.lens.top_ids.shape[:2] == (em.n_layers, 16)
+
+
+def test_within_a_budget_the_costly_maps_are_skipped_and_computed_on_demand(explorer, sample_set):
+    em, _ = explorer
+    case = next(s for s in sample_set if s.mask)
+    image, mask = read_image(case.image), read_mask(case.mask)
+    a = analyze(em, em.variants[0], image, case.question, mask=mask, budget_s=0.0)
+    assert "attention" in a.maps  # read from the shared pass: no cost beyond it
+    assert {"occlusion", "gradcam", "logprob"} <= set(a.skipped) and not set(a.skipped) & set(a.maps)
+    assert all("on demand" in why for why in a.skipped.values())
+    for name in list(a.skipped):
+        compute_method(em, a, name)
+    assert a.skipped == {} and list(a.maps) == method_names() and a.top_heads and a.lens is not None
+    full = analyze(em, em.variants[0], image, case.question, mask=mask)
+    for name in method_names():  # the same maps as without a budget
+        np.testing.assert_allclose(a.maps[name], full.maps[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_an_answer_of_tokens_that_decode_to_nothing_explains_the_next_token(explorer, sample_set, monkeypatch):
+    """A model that writes only special tokens (a random real-shape model padded with added tokens)
+    gives an empty answer: the token table then holds the predicted next token, one row per explained
+    position, so a click on a patch pairs tokens and weights one to one."""
+    import medvlm.diagnostics.explorer as explorer_module
+
+    em, _ = explorer
+    monkeypatch.setattr(explorer_module, "_generate", lambda *args, **kwargs: "")
+    case = next(s for s in sample_set if s.mask)
+    a = analyze(em, em.variants[0], read_image(case.image), case.question)
+    assert a.answer == "" and len(a.tokens) == len(a.positions) == 1
+    assert len(a.patch_to_tokens(0, 0)) == 1
 
 
 def test_controls_and_clicks_reread_the_cache(explorer, sample_set):

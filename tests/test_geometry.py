@@ -335,3 +335,31 @@ def test_layerwise_geometry_without_mask_uses_one_group():
 def test_layerwise_geometry_bad_input(hidden, mask, match):
     with pytest.raises(ValueError, match=match):
         layerwise_geometry(hidden, mask)
+
+
+def test_contextualisation_tells_a_fixed_token_from_a_context_dependent_one():
+    """Text token 7 has one representation everywhere (self-similarity 1 before the baseline); image
+    positions get a new random vector in every image (about 0 after the baseline); IntraSim and MEV
+    are finite, and a group seen once per example only is NaN with the reason."""
+    from medvlm.diagnostics.geometry import contextualisation
+
+    rng = np.random.default_rng(0)
+    fixed = rng.normal(size=16)
+    examples = []
+    for _ in range(6):
+        text = np.stack([fixed, *rng.normal(size=(3, 16))])
+        image = rng.normal(size=(4, 16))
+        layers = [np.concatenate([image, text])] * 2
+        examples.append({"layers": layers, "image_mask": np.array([True] * 4 + [False] * 4),
+                         "token_ids": np.array([0, 0, 0, 0, 7, 100 + len(examples) * 3, 101 + len(examples) * 3,
+                                                102 + len(examples) * 3]),
+                         "image_index": np.array([0, 1, 2, 3, -1, -1, -1, -1])})
+    out = contextualisation(examples)
+    assert [e["layer"] for e in out] == [0, 1]
+    text, image = out[0]["text"], out[0]["image"]
+    assert text["self_similarity"] > 0.8  # only token 7 recurs, always the same vector
+    assert abs(image["self_similarity"]) < 0.35  # a new random vector per image
+    assert all(np.isfinite(v) for v in (*text.values(), *image.values()))
+    single = [{**e, "token_ids": np.arange(8) + 10 * i} for i, e in enumerate(examples)]
+    out = contextualisation(single)
+    assert np.isnan(out[0]["text"]["self_similarity"]) and "text.self_similarity" in out[0]["nan_reasons"]

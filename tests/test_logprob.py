@@ -1,5 +1,6 @@
 """Log-probability increase: per-head contributions add up to the attention output, each delta equals a
-direct recomputation, base log-prob equals the model's, top heads are ordered. Both families."""
+direct recomputation (the final norm's RMS held at the last layer's output, or recomputed per vector),
+base log-prob equals the model's, both head scores rank heads in order. Both families."""
 
 from __future__ import annotations
 
@@ -38,12 +39,15 @@ def test_head_contributions_sum_to_the_attention_output(setup, fam):
         torch.testing.assert_close(c.sum((0, 1)), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["frozen", "recompute"])
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_delta_equals_a_direct_recomputation(setup, fam):
+def test_delta_equals_a_direct_recomputation(setup, fam, norm):
     """delta(l, h, j) = log p(w | h_{l-1} + c) - log p(w | h_{l-1}) with h_{l-1} the residual ENTERING layer
-    l (Yu & Ananiadou), read independently from ``output_hidden_states`` (hidden_states[l] is layer l's input)."""
+    l (Yu & Ananiadou), read independently from ``output_hidden_states`` (hidden_states[l] is layer l's input).
+    "frozen": the final norm divides by the RMS of the last layer's output at q (the authors' get_bsvalues:
+    x * rsqrt(mean(final^2) + eps) * gain, written out here); "recompute": the norm module on each vector."""
     model, family, tok, ex, _ = setup[fam]
-    res = logprob_increase(model, family, ex, tok, chunk=7)  # a chunk that does not divide the count
+    res = logprob_increase(model, family, ex, tok, chunk=7, norm=norm)  # a chunk that does not divide the count
     q = ex.target_positions[0]
     assert q == ex.inputs["input_ids"].shape[1] - 1
     with torch.no_grad():
@@ -53,12 +57,22 @@ def test_delta_equals_a_direct_recomputation(setup, fam):
     assert res.base_logprob == pytest.approx(float(torch.log_softmax(logits, -1)[res.target_id]), abs=1e-4)
     assert res.delta.shape == (2, 4, 64) and res.positions == res.image_positions
 
+    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, hidden_states=True)
+    final = cache["resid_post", -1][0, q]  # the last layer's output, before the final norm
+    module = family.final_norm(model)
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))  # 1e-6; Qwen2.5-VL's tiny: 1e-5
+    with torch.no_grad():  # the norm's gain vector (Llama's w, Gemma's 1 + w): norm(ones) = gain / sqrt(1 + eps)
+        gain = module(torch.ones_like(final)) * (1 + eps) ** 0.5
+
     def logp(resid):
         with torch.no_grad():
-            z = family.unembed(model)(family.final_norm(model)(resid))
+            if norm == "frozen":
+                normed = resid * torch.rsqrt(final.pow(2).mean() + eps) * gain
+            else:
+                normed = module(resid)
+            z = family.unembed(model)(normed)
         return float(torch.log_softmax(z, -1)[res.target_id])
 
-    _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True)
     for layer in (0, 1):
         assert res.layer_base_logprob[layer] == pytest.approx(logp(out.hidden_states[layer][0, q]), abs=1e-5)
     for layer, head, j in [(0, 0, 0), (1, 3, 17), (1, 1, 63)]:
@@ -89,7 +103,8 @@ def test_a_confident_prediction_still_gets_head_attributions(setup):
             o_proj.weight.copy_(saved[0])
             lm_head.weight.copy_(saved[1])
     assert np.exp(strong.base_logprob) > 0.99  # the model is now confident: the final residual is saturated
-    assert strong.head_scores[1, 0] > 1.0 and strong.top_heads(1)[0][:2] == (1, 0)
+    for scores, top in ((strong.head_scores, strong.top_heads), (strong.image_head_scores, strong.image_top_heads)):
+        assert scores[1, 0] > 1.0 and top(1)[0][:2] == (1, 0)
     assert strong.head_scores[1, 0] > 10 * abs(res.head_scores[1, 0])
 
 
@@ -125,12 +140,15 @@ def test_maps_and_top_heads(setup, fam):
     assert summed.shape == maxed.shape == (8, 8)
     np.testing.assert_allclose(summed.ravel(), res.delta.sum((0, 1)))
     np.testing.assert_allclose(maxed.ravel(), res.delta.max((0, 1)))
-    top = res.top_heads()
-    assert len(top) == 8  # 2 layers x 4 heads, fewer than 10
-    scores = [s for _, _, s in top]
+    image_top = res.image_top_heads()
+    assert len(image_top) == 8  # 2 layers x 4 heads, fewer than 10
+    scores = [s for _, _, s in image_top]
     assert scores == sorted(scores, reverse=True)
-    layer, head, score = top[0]
-    assert score == pytest.approx(res.delta[layer, head].sum())
+    layer, head, score = image_top[0]
+    assert score == pytest.approx(res.delta[layer, head].sum())  # the image-only score: a sum of deltas
+    assert res.image_top_heads(3) == image_top[:3]
+    top = res.top_heads()
+    assert [s for _, _, s in top] == sorted(res.head_scores.ravel().tolist(), reverse=True)
     assert res.top_heads(3) == top[:3]
     with pytest.raises(ValueError, match="reduce='mean'"):
         res.position_map("mean")

@@ -20,6 +20,7 @@ from medvlm.diagnostics.saliency import (
     raw_attention,
     rollout,
 )
+from medvlm.models.families import get_family
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +147,23 @@ def test_overlay_outlines_the_lesion_mask():
     assert not white[30, 30] and not white[5, 5]  # not the inside, not the background
     with pytest.raises(ValueError, match="2-D"):
         overlay(img, np.zeros((4, 4)), outline=np.zeros(5))
+
+
+def test_gradcam_hooks_the_layer_llava_15_reads(tmp_path):
+    """LLaVA-1.5 reads the vision tower's penultimate layer (vision_feature_layer -2): Grad-CAM hooks
+    that layer (the last one's output never reaches the projector, and has no gradient)."""
+    from medvlm.models.base import TinySizes
+    from medvlm.models.tiny import build_tiny, tiny_tokenizer
+
+    tok = tiny_tokenizer("llava", ["where is the lesion? the left lung"] * 4, 300)
+    model, processor = build_tiny("llava", TinySizes(vision_layers=3, text_layers=2, patch_size=8), tok)
+    model.config.vision_feature_layer = -2
+    model.model.config.vision_feature_layer = -2
+    model.set_attn_implementation("eager")
+    family = get_family("llava")
+    assert family.gradcam_layer(model) is family.vision_layers(model)[-2]
+    ex = prepare_example(model.eval(), processor, family, np.full((64, 64, 3), 90, np.uint8), "where?", "left lung")
+    cam = gradcam(model, family, ex)
+    assert cam.shape == (8, 8) and np.isfinite(cam).all()
+    model.config.vision_feature_layer = 2  # hidden state 2 is the output of layer index 1 (0 = embeddings)
+    assert family.gradcam_layer(model) is family.vision_layers(model)[1]

@@ -82,8 +82,44 @@ def test_stage2_starts_from_the_stage1_adapter(stage1_run, tiny_paligemma, tmp_p
     if mode == "continue":  # the same adapter, trained further
         assert stage1_w.keys() == stage2_w.keys()
         assert any(not torch.equal(stage1_w[k], stage2_w[k]) for k in stage1_w)
-    else:  # a fresh adapter on the merged base: new B matrices start at zero, so they moved from zero
+    else:  # a fresh adapter on the merged base, saved concatenated with stage 1's (rank r1 + r2)
         assert any(k.endswith("lora_B.weight") and stage2_w[k].abs().sum() > 0 for k in stage2_w)
+        assert all(w.shape[0] == 2 * stage1_w[k].shape[0] for k, w in stage2_w.items() if k.endswith("lora_A.weight"))
+    _the_adapter_reproduces_the_run(out, tiny_paligemma, mode)
+
+
+def _the_adapter_reproduces_the_run(out, base, mode):
+    """Evaluation (run_eval's model mode) and plain PEFT on the original base reproduce the stage's own
+    predictions and logits; for a merge-mode stage the checkpoint (its adapter alone, on the base
+    with stage 1 merged in) gives the same logits as the final adapter (both adapters in one)."""
+    from peft import PeftModel
+
+    from medvlm.diagnostics.explorer import load_explorer_model
+    from medvlm.eval.evaluate import ModelEvalConfig, evaluate_model
+    from medvlm.models.adapters import load_with_adapter
+
+    cfg = ModelEvalConfig(model=str(base), adapter=str(out / "adapter"), output=str(out.parent / f"eval-{mode}"),
+                          phantom_patients=36, max_samples=16, max_new_tokens=12, dtype="float32")
+    evaluate_model(cfg)
+    own = [json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    again = [json.loads(x)["prediction"] for x in (out.parent / f"eval-{mode}" / "predictions.jsonl").read_text()
+             .splitlines()]
+    assert again == own
+    final = load_with_adapter(str(base), out / "adapter")
+    batch = final.family.model_inputs(final.family.generation_batch(
+        final.processor, [torch.full((64, 64, 3), 90, dtype=torch.uint8).numpy()], ["Is there a lesion?"]))
+    with torch.no_grad():
+        want = final.model(**batch).logits
+        plain = PeftModel.from_pretrained(final.family.model_class.from_pretrained(base), out / "adapter").eval()
+        torch.testing.assert_close(plain(**batch).logits, want, rtol=1e-4, atol=1e-4)
+        em = load_explorer_model(str(base), [str(out)], dtype="float32")  # the explorer takes the stage folder
+        with em.use(em.variants[0]) as model:
+            torch.testing.assert_close(model(**batch).logits, want, rtol=1e-4, atol=1e-4)
+        if mode == "merge":
+            ckpt = load_with_adapter(str(base), out / "checkpoint-3")
+            torch.testing.assert_close(ckpt.model(**batch).logits, want, rtol=1e-4, atol=1e-4)
+            naive = PeftModel.from_pretrained(final.family.model_class.from_pretrained(base), out / "checkpoint-3")
+            assert not torch.allclose(naive.eval()(**batch).logits, want, atol=1e-6)  # stage 1 forgotten
 
 
 def test_a_qwen_stage_keeps_its_image_settings_for_stage2_and_every_loader(tiny_folders, tmp_path):

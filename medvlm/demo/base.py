@@ -22,6 +22,7 @@ from pathlib import Path
 from medvlm.data_curation.phantom import GENERATOR_VERSION, PhantomConfig, load_phantom
 from medvlm.models.base import TinySizes
 from medvlm.models.tiny import DEMO_SCHEME, build_tiny, current_record, tiny_tokenizer
+from medvlm.utils.distributed import main_process_first
 from medvlm.utils.io import atomic_write_text, medvlm_home, sha256_json, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def ensure_base_model(family: str = "paligemma", cfg: TinyConfig | None = None,
 
 
 def ensure_demo_model(model_name_or_path: str | None) -> None:
-    """Build the demo base a ``demo:<family>`` id names, if needed (scripts call this before loading)."""
+    """Build the demo base a ``demo:<family>`` id names, if needed (scripts call this before loading);
+    under several processes the main process builds it while the others wait."""
     if model_name_or_path and str(model_name_or_path).startswith(DEMO_SCHEME):
-        ensure_base_model(str(model_name_or_path)[len(DEMO_SCHEME):])
+        with main_process_first():
+            ensure_base_model(str(model_name_or_path)[len(DEMO_SCHEME):])

@@ -6,7 +6,9 @@ methods that would overrun are listed as skipped and computed on demand by :func
 Besides the maps it keeps one capture of every layer's and head's attention rows at the response
 positions, so the layer / head / fusion controls and a click on a token or a patch re-read that
 cache instead of running the model; the logit-lens page's top-5 tokens per patch and layer; and
-the top-10 heads of the log-probability increase (Yu & Ananiadou 2024).
+the top-10 heads under two scores (:mod:`medvlm.diagnostics.methods.logprob`): the paper's head
+importance (the head's whole output at the first answer position, Yu & Ananiadou 2024, eq. 6) and
+the increase summed over the image positions.
 
 One :class:`ExplorerModel` holds the base model and up to two LoRA adapters (PEFT named adapters
 on one base, switched per request), so stage 1 and stage 2 can be compared on the same input.
@@ -48,7 +50,7 @@ from medvlm.models.adapters import (
     check_adapter,
     family_of,
 )
-from medvlm.models.registry import LoadedModel, load_model_and_processor
+from medvlm.models.registry import LoadedModel, detect_family, load_model_and_processor
 from medvlm.utils.images import WINDOW_PRESETS, is_dicom
 from medvlm.utils.images import read_image as read_any_image
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -133,10 +135,16 @@ def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str 
         raise ExplorerError("give a model: a hub id, a model folder or demo:llava / demo:paligemma")
     if len(adapters) > 2:
         raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
+    family = family_of(model) if adapters else None
+    if adapters and family is None:  # a model whose config cannot be read: say that, not an adapter mismatch
+        try:
+            detect_family(model)
+        except (OSError, ValueError, KeyError) as err:
+            raise ExplorerError(f"cannot load model {model!r}: {err}") from err
     records = []
     for folder in adapters:  # before any weights load
         try:
-            records.append(check_adapter(folder, model, family_of(model)))
+            records.append(check_adapter(folder, model, family))
         except AdapterError as err:
             raise ExplorerError(str(err)) from err
     settings = records[0].get("image_settings") if records else None  # adapter A's processor settings
@@ -203,7 +211,7 @@ class Analysis:
     n_heads: int
     maps: dict[str, np.ndarray]
     scores: dict[str, dict[str, Any]]
-    top_heads: list[dict[str, Any]]
+    top_heads: list[dict[str, Any]]  # by the paper's head importance (eq. 6), each with its image-only score
     lens: LogitLens | None
     timings: dict[str, float]
     errors: dict[str, str] = field(default_factory=dict)
@@ -213,6 +221,7 @@ class Analysis:
     mask: np.ndarray | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # methods left for on demand, with why
     example: Example | None = None
+    image_top_heads: list[dict[str, Any]] = field(default_factory=list)  # by the image-position sum
 
     def attention(self, token: int | None = None, layer: int | None = None, head: int | None = None,
                   fusion: str = "mean") -> np.ndarray:
@@ -249,15 +258,16 @@ class Analysis:
         return {"variant": self.variant, "question": self.question, "answer": self.answer,
                 "tokens": [{"text": t.text, "id": t.id, "prob": t.prob, "top": t.top} for t in self.tokens],
                 "grid": list(self.grid), "maps": {k: v.tolist() for k, v in self.maps.items()},
-                "scores": self.scores, "top_heads": self.top_heads, "errors": self.errors,
+                "scores": self.scores, "top_heads": self.top_heads, "image_top_heads": self.image_top_heads,
+                "errors": self.errors,
                 "seconds": self.timings}
 
 
 def _token_table(processor, ex: Example, logits: torch.Tensor, k: int = 5) -> list[Token]:
-    """One row per explained position: the answer token there (or, without an answer, the model's
+    """``logits``: [explained positions, vocab]. One row per explained position: the answer token there (or, without an answer, the model's
     prediction at the last position), its probability and the top-``k`` alternatives."""
     tok = processor.tokenizer
-    probs = torch.softmax(logits[0, ex.target_positions].float(), -1)
+    probs = torch.softmax(logits.float(), -1)  # [explained positions, vocab]
     ids = ex.target_ids or [int(row.argmax()) for row in probs]
     out = []
     for row, tid in zip(probs, ids, strict=True):
@@ -317,7 +327,7 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
             chosen = [m for m in chosen if not m.eager]
         kinds = {k for m in chosen for k in m.shared} | {"hidden_states"}
         ctx = Context(model, processor, family, ex, kinds=kinds)
-        tokens = _token_table(processor, ex, ctx.output.logits)
+        tokens = _token_table(processor, ex, ctx.logits)
         timings["shared pass"] = shared = time.perf_counter() - t
         shape = Shape.of(model, family, ex)
         per_flop = shared / shape.forward_flops(logits_at=shape.seq_len)
@@ -340,11 +350,13 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
     maps = {name: r.map for name, r in results.items()}
     grid = ex.span.grid
     timings["total"] = time.perf_counter() - t0
+    heads = results["logprob"].row if "logprob" in results else {}
     return Analysis(variant, question, answer, tokens, ex.image, grid, em.n_layers, em.n_heads, maps,
                     {name: score_map(grid_map, mask) for name, grid_map in maps.items()},
-                    results["logprob"].row["top_heads"] if "logprob" in results else [],
+                    heads.get("top_heads", []),
                     results["logit_lens"].data if "logit_lens" in results else None, timings, errors,
-                    list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex)
+                    list(ex.target_positions), attn_cache, mean_cache, mask, skipped, ex,
+                    heads.get("image_top_heads", []))
 
 
 def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis:
@@ -366,7 +378,7 @@ def compute_method(em: ExplorerModel, analysis: Analysis, name: str) -> Analysis
     analysis.scores[name] = score_map(result.map, analysis.mask)
     analysis.skipped.pop(name, None)
     if name == "logprob":
-        analysis.top_heads = result.row["top_heads"]
+        analysis.top_heads, analysis.image_top_heads = result.row["top_heads"], result.row["image_top_heads"]
     if name == "logit_lens":
         analysis.lens = result.data
     return analysis

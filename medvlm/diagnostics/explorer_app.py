@@ -30,6 +30,7 @@ from medvlm.diagnostics.explorer import (  # noqa: E402
     ExplorerModel,
     analyze,
     check_fusion,
+    compute_method,
     display_image,
     draw_overlay,
     export,
@@ -48,6 +49,10 @@ WINDOWS = ["file", "lung", "mediastinum", "brain", "bone", "custom"]
 FUSED = "fused (last quarter)"
 ALL_HEADS = "all"
 SLOTS = 2  # variants shown side by side
+#: the two head rankings of the log-probability increase (medvlm.diagnostics.methods.logprob)
+HEAD_RANKINGS = {"head importance (whole output, eq. 6)": "top_heads",
+                 "image positions only (summed increase)": "image_top_heads"}
+HEAD_COLUMNS = ["layer", "head", "importance (eq. 6)", "image-position sum"]
 CSS = ".mv-answer textarea {font-size: 1.15em; font-weight: 600}"
 
 
@@ -59,6 +64,9 @@ class Server:
     loader: Callable[[str, list[str]], ExplorerModel]
     samples: list[Sample]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: seconds the saliency methods may take per answer; the costlier ones are skipped (listed in
+    #: the page) and computed when asked (the "Compute the skipped maps" button). None: no limit
+    budget_s: float | None = None
     out_root: Path = field(default_factory=lambda: _download_root())
 
 
@@ -118,7 +126,21 @@ def _tokens_table(a: Analysis) -> list[list[Any]]:
             for i, t in enumerate(a.tokens)]
 
 
-def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str) -> list[Any]:
+def _head_table(a: Analysis | None, ranking: str) -> Any:
+    """The top-10 heads of one slot under the chosen ranking, both scores shown, the label naming the ranking."""
+    if a is None:
+        return None
+    key = HEAD_RANKINGS.get(ranking, "top_heads")
+    rows = [[h["layer"], h["head"], round(h.get("importance", float("nan")), 6),
+             round(h.get("image_increase", float("nan")), 6)] for h in getattr(a, key)]
+    label = ("Top-10 heads by head importance: the head's whole output at the first answer position, "
+             "log p(w | h + o) - log p(w | h) (Yu & Ananiadou eq. 6)" if key == "top_heads" else
+             "Top-10 heads by the log-probability increase summed over the image positions")
+    return gr.update(value=rows, label=label)
+
+
+def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str,
+                 ranking: str = next(iter(HEAD_RANKINGS))) -> list[Any]:
     """Outputs of one side-by-side slot: header, answer, tokens (clickable), token table, gallery,
     the attention map under the controls, top heads, logit-lens iframe."""
     if a is None:
@@ -128,10 +150,10 @@ def _slot_values(a: Analysis | None, layer: str, head: str, fusion: str) -> list
     lens = ("<iframe sandbox='allow-scripts' style='width:100%;height:560px;border:0' srcdoc=\""
             + html.escape(lens_page(a), quote=True) + "\"></iframe>") if a.lens is not None else ""
     errors = "".join(f"\n\n*{html.escape(k)} failed:* {html.escape(v)}" for k, v in a.errors.items())
-    header = f"### {html.escape(a.variant)}\n{a.timings['total']:.2f} s{errors}"
-    heads = [[h["layer"], h["head"], round(h["increase"], 6)] for h in a.top_heads]
+    skipped = "".join(f"\n\n*{html.escape(k)} skipped:* {html.escape(v)}" for k, v in a.skipped.items())
+    header = f"### {html.escape(a.variant)}\n{a.timings['total']:.2f} s{errors}{skipped}"
     return [gr.update(value=header, visible=True), a.answer, [(t.text, t.prob) for t in a.tokens],
-            _tokens_table(a), _gallery(a), attn, heads, lens]
+            _tokens_table(a), _gallery(a), attn, _head_table(a, ranking), lens]
 
 
 def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
@@ -165,11 +187,14 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
                                             value=em.variants[:SLOTS], label=f"Compare (up to {SLOTS})",
                                             elem_id="variants")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                more = gr.Button("Compute the skipped maps", elem_id="more", size="sm")
                 with gr.Accordion("Attention controls", open=True):
                     layer = gr.Dropdown(layers, value=FUSED, label="layer", elem_id="layer")
                     head = gr.Dropdown(heads, value=ALL_HEADS, label="head", elem_id="head")
                     fusion = gr.Radio(["mean", "max", "entropy"], value="mean", label="head fusion",
                                       elem_id="fusion")
+                ranking = gr.Radio(list(HEAD_RANKINGS), value=next(iter(HEAD_RANKINGS)),
+                                   label="Top-10 heads ranked by", elem_id="ranking")
                 with gr.Accordion("Model", open=False, visible=allow_model_loading):
                     model_box = gr.Textbox(em.name, label="model (hub id, folder or demo:llava)")
                     adapters_box = gr.Textbox("\n".join(em.adapter_paths),
@@ -200,8 +225,8 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
                                 gr.Gallery(label="Saliency of every method", columns=3, height="auto",
                                            elem_id=f"gallery{i}"),
                                 gr.Image(label="Attention under the controls", type="pil", elem_id=f"attn{i}"),
-                                gr.Dataframe(headers=["layer", "head", "log-prob increase"],
-                                             label="Top-10 heads (log-probability increase)",
+                                gr.Dataframe(headers=HEAD_COLUMNS, label="Top-10 heads by head importance "
+                                             "(whole output at the first answer position, eq. 6)",
                                              elem_id=f"heads{i}", interactive=False),
                                 gr.HTML(elem_id=f"lens{i}", label="Logit lens (hover a patch)"),
                             ]
@@ -223,7 +248,7 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
             event(on_input, [sample, upload, window, level, width],
                   [preview, image_state, mask_state, question, results])
 
-        def on_ask(image, mask_path, question_v, chosen, layer_v, head_v, fusion_v,
+        def on_ask(image, mask_path, question_v, chosen, layer_v, head_v, fusion_v, ranking_v,
                    progress=gr.Progress()):  # noqa: B008 - Gradio injects progress via this default
             if image is None:
                 raise gr.Error("pick a sample or upload an image first", print_exception=False)
@@ -236,13 +261,14 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
                     for k, variant in enumerate(chosen):
                         def report(f, text, k=k, variant=variant):
                             progress((k + f) / len(chosen), desc=f"{variant}: {text}")
-                        out.append(analyze(server.model, variant, image, question_v, mask=mask, progress=report))
+                        out.append(analyze(server.model, variant, image, question_v, mask=mask, progress=report,
+                                           budget_s=server.budget_s))
                 files = export(out, Path(tempfile.mkdtemp(dir=server.out_root)))
                 # the preview becomes what the model saw (its input resolution, enlarged), so a click
                 # on it maps to the image-token grid whatever the uploaded size or the processor's crop
                 values: list[Any] = [out, [str(f) for f in files], display_image(out[0].image)]
                 for i in range(SLOTS):
-                    values += _slot_values(out[i] if i < len(out) else None, layer_v, head_v, fusion_v)
+                    values += _slot_values(out[i] if i < len(out) else None, layer_v, head_v, fusion_v, ranking_v)
             except Exception as err:  # noqa: BLE001
                 raise _fail(err) from err
             seconds = sum(a.timings["total"] for a in out)
@@ -251,8 +277,35 @@ def build_app(server: Server, allow_model_loading: bool = True) -> gr.Blocks:
 
         slot_outputs = [c for slot, _, _ in slots for c in slot]
         ask_outputs = [results, downloads, preview] + slot_outputs + [status]
-        ask.click(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
-        question.submit(on_ask, [image_state, mask_state, question, variants, layer, head, fusion], ask_outputs)
+        ask_inputs = [image_state, mask_state, question, variants, layer, head, fusion, ranking]
+        ask.click(on_ask, ask_inputs, ask_outputs)
+        question.submit(on_ask, ask_inputs, ask_outputs)
+
+        def on_more(analyses, layer_v, head_v, fusion_v, ranking_v, progress=gr.Progress()):  # noqa: B008 - as above
+            if not analyses:
+                raise gr.Error("ask a question first", print_exception=False)
+            try:
+                with server.lock:
+                    for a in analyses:
+                        for name in list(a.skipped):
+                            progress(0.5, desc=f"{a.variant}: {name}")
+                            compute_method(server.model, a, name)
+                files = export(analyses, Path(tempfile.mkdtemp(dir=server.out_root)))
+                values: list[Any] = [analyses, [str(f) for f in files], display_image(analyses[0].image)]
+                for i in range(SLOTS):
+                    values += _slot_values(analyses[i] if i < len(analyses) else None, layer_v, head_v, fusion_v,
+                                           ranking_v)
+            except Exception as err:  # noqa: BLE001
+                raise _fail(err) from err
+            values.append("Computed the skipped maps.")
+            return values
+
+        more.click(on_more, [results, layer, head, fusion, ranking], ask_outputs)
+
+        def on_ranking(analyses, ranking_v):
+            return [_head_table(analyses[i] if i < len(analyses) else None, ranking_v) for i in range(SLOTS)]
+
+        ranking.change(on_ranking, [results, ranking], [slot[6] for slot, _, _ in slots])
 
         def on_controls(analyses, layer_v, head_v, fusion_v):
             lay, hd = _layer_head(layer_v, head_v)

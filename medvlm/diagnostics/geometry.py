@@ -330,6 +330,57 @@ def max_explainable_variance(reps_by_word: Mapping[Any, Any], adjusted: bool = F
     return _finish(values, skipped, baseline if adjusted else None, details)
 
 
+def contextualisation(examples: Sequence[Mapping[str, Any]], *, min_occurrences: int = 2,
+                      max_items: int = 200) -> list[dict[str, Any]]:
+    """Ethayarajh's (2019) three contextualisation measures per layer, image and text tokens apart,
+    each adjusted by its anisotropy baseline (so 0 means "no more alike than random tokens").
+
+    ``examples``: one dict per example with ``layers`` (one (n_tokens, d) array per layer),
+    ``image_mask`` (n_tokens,) and ``token_ids`` (n_tokens,). A *sentence* (IntraSim) is one
+    example's image tokens, or its text tokens; a *word* (SelfSim, MEV) is a text token id seen in
+    several examples, and, for image tokens, one grid position seen in several images (the same
+    place in different pictures: the image analogue of one word in different contexts). At most
+    ``max_items`` words per group are scored (the most frequent), to bound the cost. Returns
+    ``[{"layer": i, "image": {"self_similarity", "intra_sentence", "mev"}, "text": {...},
+    "nan_reasons": {...}}]`` with NaN where a measure is undefined.
+    """
+    n_layers = len(examples[0]["layers"])
+    out = []
+    for li in range(n_layers):
+        entry: dict[str, Any] = {"layer": li, "nan_reasons": {}}
+        for group in ("image", "text"):
+            sentences, words = [], {}
+            for ex in examples:
+                sel = np.asarray(ex["image_mask"], bool) if group == "image" else ~np.asarray(ex["image_mask"], bool)
+                H = np.asarray(ex["layers"][li])[sel]
+                if H.shape[0] == 0:
+                    continue
+                sentences.append(H)
+                keys = np.arange(H.shape[0]) if group == "image" else np.asarray(ex["token_ids"])[sel]
+                for k, row in zip(keys.tolist(), H, strict=True):
+                    words.setdefault(k, []).append(row)
+            common = sorted((k for k, v in words.items() if len(v) >= min_occurrences), key=lambda k: -len(words[k]))
+            reps = {k: np.stack(words[k]) for k in common[:max_items]}
+            scores: dict[str, float] = {}
+            pooled = np.concatenate(sentences) if sentences else np.zeros((0, 1))
+            for key, fn, arg in (("self_similarity", self_similarity, reps), ("mev", max_explainable_variance, reps),
+                                 ("intra_sentence", intra_sentence_similarity, sentences)):
+                try:
+                    if not arg:
+                        raise DegenerateInputError(f"no {group} token seen in {min_occurrences}+ examples")
+                    # the baseline over every token of the group (random tokens), as in the paper
+                    base = (_first_pc_share(pooled, f"{group} tokens", center=False) if key == "mev"
+                            else cosine_anisotropy_baseline(pooled))
+                    kwargs = {} if key == "intra_sentence" else {"min_occurrences": min_occurrences}
+                    scores[key] = float(fn(arg, adjusted=True, baseline=base, **kwargs))
+                except DegenerateInputError as err:
+                    scores[key] = float("nan")
+                    entry["nan_reasons"][f"{group}.{key}"] = str(err)
+            entry[group] = scores
+        out.append(entry)
+    return out
+
+
 # --------------------------------------------------------------------------- per layer
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, str | None]:
     try:

@@ -15,7 +15,8 @@ probe examples (so that tokens outnumber dimensions and linearity is not trivial
 parameter-randomisation test (top layer of both towers re-initialised) runs on the first
 ``sanity_examples`` examples. A method is *trusted* when its ROI mass beats chance consistently
 across the examples (one-sided Wilcoxon, p < 0.05, at least 5 examples) and it passes the
-randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`).
+randomisation test (see :data:`~medvlm.diagnostics.probe_summary.TRUST_RULE`); the verdict is given
+only when it holds in most bootstrap resamples of the probe examples (else it is "unstable").
 
 Everything undefined is NaN (or None) with a reason; nothing is dropped silently.
 """
@@ -32,19 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvlm.diagnostics.attention_quality import score_map
+from medvlm.diagnostics.attention_quality import paraphrase_divergence, score_map
 from medvlm.diagnostics.capture import AttentionNotEagerError, Cache, Example, capture, prepare_example
 from medvlm.diagnostics.methods import Context, registered
+from medvlm.diagnostics.methods.logit_lens import LogitLens, write_lens_html
 from medvlm.diagnostics.overlay import enlarge, save_overlay
 from medvlm.diagnostics.probe_summary import (
     TRUST_RULE,
     mean_finite,
+    stability_settings,
     summarize_methods,
     summarize_sanity,
     top_heads,
     trust_verdict,
 )
 from medvlm.diagnostics.sanity import randomization_test, sanity_methods
+from medvlm.eval.paraphrase import paraphrases
 from medvlm.models.base import ModelFamily
 from medvlm.records import parse_meta
 from medvlm.utils.images import read_mask
@@ -104,20 +108,32 @@ def _EMBED_AND_RESID(name: str) -> bool:  # noqa: N802 - a names_filter constant
     return not name.endswith("resid_pre") or name == "blocks.0.resid_pre"
 
 
-def _hidden_from_cache(cache: Cache) -> dict:
-    """Embeddings + each decoder layer's output [S, D] (numpy), and the image-token mask [S]."""
+def _hidden_from_cache(cache: Cache, input_ids: torch.Tensor, max_tokens: int = 256) -> dict:
+    """What the geometry keeps of one example: the embeddings and each decoder layer's output at the
+    kept positions ([n, D] numpy), which of them are image tokens, their token ids and their index in
+    the image grid (-1 for text). Every text token is kept, and image tokens at a fixed stride chosen
+    so that at most ``max_tokens`` remain: the same grid positions in every image (the
+    contextualisation measures compare one position across images), and memory bounded by the
+    budget, not by the image's token count."""
+    span = cache.image_span
+    n_img = span.end - span.start
+    text = [p for p in range(cache.seq_len) if not span.start <= p < span.end]
+    stride = max(1, -(-n_img // max(1, max_tokens - len(text))))
+    keep = np.array(sorted(text + list(range(span.start, span.end, stride))))
+    rows = torch.as_tensor(keep)
     layers = [cache["resid_pre", 0][0]] + [cache["resid_post", i][0] for i in range(cache.n_layers)]
-    is_image = np.zeros(cache.seq_len, bool)
-    is_image[cache.image_span.start:cache.image_span.end] = True
-    return {"layers": [h.float().cpu().numpy() for h in layers], "image_mask": is_image}
+    is_image = (keep >= span.start) & (keep < span.end)
+    return {"layers": [h.index_select(0, rows.to(h.device)).float().cpu().numpy() for h in layers],
+            "image_mask": is_image, "token_ids": input_ids.reshape(-1).cpu().numpy()[keep],
+            "image_index": np.where(is_image, keep - span.start, -1)}
 
 
-def hidden_states(model, processor, family: ModelFamily, rec: dict) -> dict:
+def hidden_states(model, processor, family: ModelFamily, rec: dict, max_tokens: int = 256) -> dict:
     """A hidden-states-only capture pass over one record (extra geometry examples)."""
     ex = prepare_example(model, processor, family, rec["image"], rec["question"])
     _, cache = capture(model, family, ex.inputs, attention=False, hidden_states=True, resid_pre=True,
                        names_filter=_EMBED_AND_RESID)
-    return _hidden_from_cache(cache)
+    return _hidden_from_cache(cache, ex.inputs["input_ids"], max_tokens)
 
 
 def geometry_records(records, exclude_images: set[str], n: int) -> list[dict]:
@@ -143,7 +159,7 @@ def _first_answer_token(model, processor, family, rec: dict) -> int | None:
 
 
 def probe_example(model, processor, family: ModelFamily, rec: dict, names: Sequence[str],
-                  timings: Counter, clock: Callable[[], float] = time.monotonic
+                  timings: Counter, clock: Callable[[], float] = time.monotonic, geometry_tokens: int = 256
                   ) -> tuple[dict, dict[str, np.ndarray], Example, dict | None]:
     """Maps and scores of one record: ``(row, maps, example, hidden)``; ``hidden`` holds the
     per-layer hidden states [S, D] and the image-token mask for the geometry (None on failure).
@@ -170,8 +186,7 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, names: Seque
     kinds = {"hidden_states", "resid_pre"} | {k for m in chosen for k in m.shared}
     ctx = Context(model, processor, family, ex, kinds=kinds if eager else kinds - {"attention_mean"},
                   names_filter=_EMBED_AND_RESID)
-    q = ex.target_positions[0]
-    logits = ctx.output.logits[0, q].float()
+    logits = ctx.logits[0]
     logp = torch.log_softmax(logits, -1)
     pred = ctx.target_id
     first = _first_answer_token(model, processor, family, rec)
@@ -183,19 +198,21 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, names: Seque
     hidden = None
     for method in sorted(chosen, key=lambda m: (not m.shared, m.order)):  # shared-pass readers first
         if hidden is None and not method.shared:
-            hidden = _hidden_from_cache(ctx.cache)
+            hidden = _hidden_from_cache(ctx.cache, ex.inputs["input_ids"], geometry_tokens)
             ctx.release()  # the methods left run passes of their own
         t = clock()
         try:
             result = method.run(ctx)
             maps[method.name] = result.map
             row.update(result.row)
+            if result.data is not None:
+                ex.meta[method.name] = result.data  # e.g. the logit lens, for its page
         except (ValueError, RuntimeError, KeyError) as err:
             logger.warning("probe %s: method %s failed: %s", rec.get("id"), method.name, err)
             row["errors"][method.name] = str(err)
         timings[method.name] += clock() - t
     if hidden is None:
-        hidden = _hidden_from_cache(ctx.cache)
+        hidden = _hidden_from_cache(ctx.cache, ex.inputs["input_ids"], geometry_tokens)
         ctx.release()
     for name, grid in maps.items():
         row["methods"][name] = score_map(grid, mask)
@@ -206,24 +223,48 @@ def probe_example(model, processor, family: ModelFamily, rec: dict, names: Seque
     return row, maps, ex, hidden
 
 
-def _geometry(hidden: list[dict], tokens_per_example: int, seed: int) -> dict:
-    """Pool the probe examples' hidden states (a seeded subsample of at most ``tokens_per_example``
-    tokens each) and run :func:`layerwise_geometry` on them."""
-    from medvlm.diagnostics.geometry import layerwise_geometry
+def paraphrase_consistency(model, processor, family: ModelFamily, rec: dict, maps: dict[str, np.ndarray],
+                           max_variants: int = 3) -> dict[str, Any]:
+    """Do the maps move when only the wording does? For the methods read from the shared capture
+    pass (one forward per rewording), the Jensen-Shannon divergence between the map of the question
+    and the maps of up to ``max_variants`` rewordings (:mod:`medvlm.eval.paraphrase`), per method;
+    ``{"n_variants": 0, "reason": ...}`` when the question has no rewording."""
+    variants = paraphrases(str(rec.get("question", "")), _meta(rec).get("qtype")) or []
+    variants = variants[:max_variants]
+    if not variants:
+        return {"n_variants": 0, "reason": "no rewording of this question is known"}
+    shared = [m for m in registered(list(maps)) if m.shared and m.name in maps]
+    out: dict[str, Any] = {"n_variants": len(variants), "methods": {}}
+    for_method: dict[str, list[np.ndarray]] = {m.name: [np.clip(maps[m.name], 0, None)] for m in shared}
+    for question in variants:
+        ex = prepare_example(model, processor, family, rec["image"], question)
+        ctx = Context(model, processor, family, ex, kinds={k for m in shared for k in m.shared})
+        for m in shared:
+            try:
+                for_method[m.name].append(np.clip(m.run(ctx).map, 0, None))
+            except (ValueError, RuntimeError, KeyError) as err:
+                out["methods"][m.name] = {"reason": str(err)}
+        ctx.release()
+    for name, grids in for_method.items():
+        if name not in out["methods"]:
+            d = paraphrase_divergence(grids)
+            out["methods"][name] = {k: d.get(k) for k in ("js_distance_mean", "js_distance_max", "n_pairs")}
+    return out
 
-    rng = np.random.default_rng(seed)
-    layers: list[list[np.ndarray]] = [[] for _ in hidden[0]["layers"]]
-    masks = []
-    for h in hidden:
-        n = h["image_mask"].size
-        keep = np.sort(rng.choice(n, tokens_per_example, replace=False)) if n > tokens_per_example else np.arange(n)
-        for li, arr in enumerate(h["layers"]):
-            layers[li].append(arr[keep])
-        masks.append(h["image_mask"][keep])
-    geo = layerwise_geometry([np.concatenate(x) for x in layers], np.concatenate(masks))
-    geo["layer_names"] = ["embeddings"] + [f"decoder.{i}" for i in range(len(layers) - 1)]
+
+def _geometry(hidden: list[dict]) -> dict:
+    """Pool the probe examples' kept hidden states and run :func:`layerwise_geometry` on them, and the
+    contextualisation measures (self-similarity, intra-sentence similarity, maximum explainable
+    variance per layer, image and text tokens apart) on the examples one by one."""
+    from medvlm.diagnostics.geometry import contextualisation, layerwise_geometry
+
+    n_layers = len(hidden[0]["layers"])
+    geo = layerwise_geometry([np.concatenate([h["layers"][li] for h in hidden]) for li in range(n_layers)],
+                             np.concatenate([h["image_mask"] for h in hidden]))
+    geo["layer_names"] = ["embeddings"] + [f"decoder.{i}" for i in range(n_layers - 1)]
     for group in ("image", "text"):
         geo[f"linearity_{group}_mean"] = mean_finite([s.get(group) for s in geo["linearity"]])
+    geo["contextualisation"] = contextualisation(hidden)
     return geo
 
 
@@ -262,7 +303,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                         for r in chosen[i:]]
             break
         try:
-            row, maps, ex, hid = probe_example(model, processor, family, rec, names, timings, clock)
+            row, maps, ex, hid = probe_example(model, processor, family, rec, names, timings, clock, geometry_tokens)
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
             logger.warning("probe: record %s skipped: %s", rec.get("id"), err)
             skipped.append({"id": rec.get("id"), "reason": str(err)})
@@ -277,6 +318,12 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                     row["overlays"][name] = rel
                 except ValueError as err:
                     row["errors"][f"overlay_{name}"] = str(err)
+            if isinstance(ex.meta.get("logit_lens"), LogitLens):  # the interactive page (hover a patch)
+                rel = f"overlays/{len(rows):02d}_logit_lens.html"
+                write_lens_html(out_dir / rel, ex.meta["logit_lens"], enlarge(ex.image), ex.question)
+                row["overlays"]["logit_lens_page"] = rel
+            row["paraphrase_divergence"] = paraphrase_consistency(model, processor, family, rec, maps)
+        ex.meta.clear()
         if len(tested) < sanity_examples:
             tested.append((row["id"], ex))
         rows.append(row)
@@ -288,8 +335,9 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                            "geometry": geometry, "geometry_extra_examples": geometry_examples,
                                            "geometry_tokens_per_example": geometry_tokens,
                                            "time_budget_s": time_budget, "seed": seed}}
-    result["summary"] = summarize_methods(rows, names)
-    result["top_heads"] = top_heads(rows)
+    result["summary"] = summarize_methods(rows, names, seed=seed)
+    result["top_heads"] = top_heads(rows)  # the paper's head importance; the image-position sum apart
+    result["image_top_heads"] = top_heads(rows, key="image_head_scores")
     lens_counts: Counter = Counter()
     for r in rows:
         lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))
@@ -307,13 +355,13 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                                 "reason": f"time budget {time_budget:.3g}s: {elapsed:.3g}s spent"})
                 break
             try:
-                hidden.append(hidden_states(model, processor, family, rec))
+                hidden.append(hidden_states(model, processor, family, rec, geometry_tokens))
             except (ValueError, FileNotFoundError, RuntimeError) as err:
                 skipped.append({"id": rec.get("id"), "reason": f"geometry pass failed: {err}"})
     result["geometry"] = None
     if geometry and hidden:
         try:
-            result["geometry"] = _geometry(hidden, geometry_tokens, seed)
+            result["geometry"] = _geometry(hidden)
         except ValueError as err:
             result["geometry_error"] = str(err)
     timings["geometry"] += clock() - t
@@ -335,6 +383,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
         timings["sanity"] += clock() - t
     result["sanity"] = {"examples": sanity_rows, "summary": summarize_sanity(sanity_rows, list(sanity_methods(names)))}
     result["trust"] = trust_verdict(result["summary"], result["sanity"]["summary"] if sanity_rows else None)
+    result["trust_stability"] = stability_settings(seed=seed)
     result["timings"] = {**{k: float(v) for k, v in timings.items()}, "total": float(clock() - start),
                          "n_examples": len(rows), "n_sanity": len(sanity_rows)}
     result.update(extra or {})

@@ -4,7 +4,8 @@ A *run* is a stage folder (``checkpoint-N/`` with ``metrics.json`` and ``diagnos
 ``metrics.json``, ``adapter/``, optionally ``diagnostics/`` for the final adapter) or a folder of
 stage folders (``stage1/``, ``stage2/``). The report holds, per stage: accuracy / ROUGE-L and
 ROI mass per saliency method over training, linearity per layer, which saliency methods the
-maps can be trusted with (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`), the top heads, the probe
+maps can be trusted with and how stable each verdict is (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`:
+trusted, not trusted or unstable, with the share of bootstrap resamples that trust it), the top heads, the probe
 examples, and *indicators*: groups of examples (by modality and by body part) where the model is
 likely to fail (rule: :data:`INDICATOR_RULE`).
 
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from medvlm.diagnostics.probe_summary import TRUST_RULE
+from medvlm.diagnostics.heads_report import HEADS_FILE, head_blocks, probe_head_blocks
+from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
 from medvlm.utils.render import render_html, render_markdown
@@ -93,7 +95,9 @@ def load_stage(path: Path) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)]}
+    """The stages, and the run's head comparison across them when one was saved (``head_comparison.json``)."""
+    return {"run_dir": Path(run_dir), "stages": [load_stage(p) for p in find_stages(run_dir)],
+            "heads": _read_json(Path(run_dir) / HEADS_FILE)}
 
 
 def has_diagnostics(run: dict) -> bool:
@@ -126,6 +130,13 @@ def _get(d: dict | None, *keys: str) -> float:
     for k in keys:
         d = d.get(k) if isinstance(d, dict) else None
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("nan")
+
+
+def _verdict(trust: dict) -> str:
+    """"trusted", "not trusted", "unstable" or "untested" (a file written before the stability: from ``trusted``)."""
+    if trust.get("verdict"):
+        return str(trust["verdict"])
+    return {True: "trusted", False: "not trusted"}.get(trust.get("trusted"), "untested")
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -275,22 +286,28 @@ def _stage_blocks(stage: dict) -> list[tuple]:
     d = point["diagnostics"]
     blocks += [("h3", f"Which saliency methods can be trusted ({point['name']})"), ("p", f"Rule: {TRUST_RULE}.")]
     blocks.append(("table", ["method", "ROI mass", "chance", "ratio", "median ratio", "above chance", "Wilcoxon p",
-                             "pointing game", "randomisation rho", "passes", "trusted", "why"],
+                             "pointing game", "randomisation rho", "passes", "stability", "verdict", "why"],
                    [[m, fmt(_get(d, "summary", m, "roi_mass_mean")), fmt(_get(d, "summary", m, "roi_chance_mean")),
                      fmt(_get(d, "summary", m, "roi_ratio_mean"), 2), fmt(_get(d, "summary", m, "roi_ratio_median"), 2),
                      _above(d, m), fmt(_get(d, "summary", m, "above_chance_p"), 3),
                      fmt(_get(d, "summary", m, "pointing_game_rate"), 2),
                      fmt(_get(d, "sanity", "summary", m, "spearman_mean"), 2), fmt(t.get("passes_randomization")),
-                     fmt(t.get("trusted")), t.get("reason", "")] for m, t in (d.get("trust") or {}).items()]))
-    lin = (d.get("geometry") or {}).get("linearity") or []
-    blocks += [("h3", "Linearity per layer"),
-               ("table", ["from", "to", "image tokens", "text tokens", "undefined because"],
-                [[s["from"], s["to"], fmt(_get(s, "image")), fmt(_get(s, "text")),
-                  "; ".join(f"{k}: {v}" for k, v in s.get("nan_reasons", {}).items())] for s in lin])]
-    if d.get("top_heads"):
-        blocks += [("h3", "Top heads by log-probability increase"),
-                   ("table", ["layer", "head", "summed increase"],
-                    [[h["layer"], h["head"], fmt(h["increase"])] for h in d["top_heads"]])]
+                     fmt(_get(t, "stability"), 2), _verdict(t), t.get("reason", "")]
+                    for m, t in (d.get("trust") or {}).items()]))
+    blocks += _geometry_blocks(d.get("geometry") or {}, fmt)
+    div = [e["paraphrase_divergence"] for e in d.get("examples", []) if (e.get("paraphrase_divergence") or {}).get("n_variants")]
+    if div:
+        names = sorted({m for x in div for m in x.get("methods", {})})
+        blocks += [("h3", "Maps across rewordings of the question"),
+                   ("p", "Jensen-Shannon distance (base 2; 0 = the same map) between the map of the question and "
+                         "the maps of its rewordings, for the methods read from the shared pass, on the drawn "
+                         "examples: a map that moves with the wording explains the words, not the image."),
+                   ("table", ["method", "examples", "mean JS distance", "max JS distance"],
+                    [[m, sum(1 for x in div if "js_distance_mean" in x["methods"].get(m, {})),
+                      fmt(mean_finite([x["methods"][m].get("js_distance_mean") for x in div if m in x["methods"]])),
+                      fmt(max((x["methods"][m].get("js_distance_max") or float("nan") for x in div
+                               if m in x["methods"]), default=float("nan")))] for m in names])]
+    blocks += probe_head_blocks(d, fmt)
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],
@@ -318,11 +335,46 @@ def _stage_blocks(stage: dict) -> list[tuple]:
     return blocks
 
 
+def _geometry_blocks(geo: dict, fmt) -> list[tuple]:
+    """Per layer, image and text tokens apart: linearity to the next layer, then anisotropy,
+    intrinsic dimension and the three contextualisation measures (Ethayarajh 2019, baseline-adjusted)."""
+    lin = geo.get("linearity") or []
+    blocks: list[tuple] = [("h3", "Linearity per layer"),
+                           ("table", ["from", "to", "image tokens", "text tokens", "undefined because"],
+                            [[s["from"], s["to"], fmt(_get(s, "image")), fmt(_get(s, "text")),
+                              "; ".join(f"{k}: {v}" for k, v in s.get("nan_reasons", {}).items())] for s in lin])]
+    ctx = {e["layer"]: e for e in geo.get("contextualisation") or []}
+    layers = geo.get("layers") or []
+    if not layers:
+        return blocks
+    names = geo.get("layer_names") or [str(e["layer"]) for e in layers]
+    head = ["layer"] + [f"{what} ({g})" for what in ("anisotropy", "intrinsic dim.", "self-sim.", "intra-sent.",
+                                                       "MEV") for g in ("image", "text")]
+    rows = []
+    for e in layers:
+        c = ctx.get(e["layer"], {})
+        rows.append([names[e["layer"]] if e["layer"] < len(names) else e["layer"],
+                     *[fmt(_get(e, g, "anisotropy")) for g in ("image", "text")],
+                     *[fmt(_get(e, g, "intrinsic_dimension"), 1) for g in ("image", "text")],
+                     *[fmt(_get(c, g, key)) for key in ("self_similarity", "intra_sentence", "mev")
+                       for g in ("image", "text")]])
+    blocks += [("h3", "Contextualisation per layer"),
+               ("p", "Anisotropy (share of variance on the first principal component) and intrinsic dimension "
+                     "(TwoNN) of the pooled tokens; self-similarity (one token id, or one image grid position, "
+                     "across examples), intra-sentence similarity (tokens to their example's mean) and maximum "
+                     "explainable variance (Ethayarajh 2019), each minus its value for random tokens of the "
+                     "same group: near 0 means context-specific, near 1 - baseline means fixed."),
+               ("table", head, rows)]
+    return blocks
+
+
 def report_blocks(run: dict) -> list[tuple]:
     blocks: list[tuple] = [("h1", f"Diagnostic report: {run['run_dir'].name}"),
                            ("p", f"Run folder: {run['run_dir']}. Stages: {', '.join(s['name'] for s in run['stages'])}.")]
     for stage in run["stages"]:
         blocks += _stage_blocks(stage)
+    if run.get("heads"):
+        blocks += head_blocks(run["heads"])
     return blocks
 
 

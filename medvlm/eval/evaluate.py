@@ -9,6 +9,11 @@
     metrics.json                  score_records' result (+ robustness, judge and model sections)
     manifest.json                 written last: inputs, options, counts, versions
 
+Under ``accelerate launch`` with N processes every process loads the model and answers its shard
+of the questions (:mod:`medvlm.eval.distributed`); the main process gathers the answers in order,
+and alone scores, judges and writes. ``manifest.json`` (and ``metrics.json``'s ``generation``
+section) records the number of processes, the questions each generated and the batch each used.
+
 Predictions and metrics are written before the judge runs. A judge server that is down or lacks
 the model raises (:func:`~medvlm.eval.judge.check_judge_server`) after ``predictions.jsonl`` and
 ``metrics.json`` are on disk, and no manifest is written: the run is unfinished. ``run_eval.py``
@@ -26,14 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from medvlm.data_curation.spec import load_split
+from medvlm.eval.batching import parse_batch_size
 from medvlm.eval.consistency import DEFAULT_THRESHOLD
-from medvlm.eval.generate import generate_answers
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.judge import judge_open_rows
 from medvlm.eval.paraphrase import paraphrase_records
 from medvlm.eval.run import prediction_rows
 from medvlm.eval.scoring import paraphrase_robustness, score_records, to_jsonable
 from medvlm.models.adapters import AdapterError, check_adapter, family_of, load_with_adapter
 from medvlm.models.inputs import prepare_examples
+from medvlm.utils.distributed import main_process_first, world
 from medvlm.utils.hub import looks_like_missing_folder
 from medvlm.utils.io import atomic_write_json, hash_rows, write_manifest
 from medvlm.utils.io import write_jsonl as io_write_jsonl
@@ -64,7 +71,10 @@ class ModelEvalConfig:
     phantom_patients: int = field(default=4000, metadata={"help": "phantom only: number of patients"})
     phantom_seed: int = field(default=0, metadata={"help": "phantom only: generator seed"})
     max_samples: int | None = field(default=None, metadata={"help": "evaluate the first N questions"})
-    batch_size: int = field(default=32, metadata={"help": "questions per generate call"})
+    batch_size: int | str = field(default="auto", metadata={
+        "help": "questions per generate call, or auto (from the memory budget); halved on out-of-memory"})
+    memory_budget: float | None = field(default=None, metadata={
+        "help": "auto batch: GiB one process may use for generation (default: half its free memory)"})
     max_new_tokens: int = field(default=16, metadata={"help": "answer length budget"})
     consistency: bool = field(default=False, metadata={"help": "sample answers for the consistency check"})
     samples: int = field(default=5, metadata={"help": "sampled answers per question"})
@@ -87,9 +97,15 @@ class ModelEvalConfig:
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
             raise ModelEvalError(f"--max-samples must be >= 1, got {self.max_samples}")
-        if self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
-            raise ModelEvalError("--batch-size, --samples and --max-new-tokens must be >= 1, got "
-                                 f"{self.batch_size}, {self.samples}, {self.max_new_tokens}")
+        try:
+            self.batch_size = parse_batch_size(self.batch_size)
+        except ValueError as e:
+            raise ModelEvalError(f"--batch-size: {e}") from e
+        if self.samples < 1 or self.max_new_tokens < 1:
+            raise ModelEvalError("--samples and --max-new-tokens must be >= 1, got "
+                                 f"{self.samples}, {self.max_new_tokens}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ModelEvalError(f"--memory-budget must be a positive number of GiB, got {self.memory_budget}")
         if bool(self.judge_backend) != bool(self.judge_model):
             raise ModelEvalError("the judge needs both --judge-backend and --judge-model (e.g. --judge-backend "
                                  "ollama --judge-model llama3.1:8b)")
@@ -150,34 +166,40 @@ def load_model(cfg: ModelEvalConfig):
 
 # Generation ------------------------------------------------------------------------------------
 
-def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = False) -> list[dict[str, Any]]:
+def answer_records(loaded, records, cfg: ModelEvalConfig, *, sample: bool = False,
+                   passes: dict[str, Any] | None = None, name: str = "greedy") -> list[dict[str, Any]]:
     """Prediction rows for ``records``: greedy answers with ``latency_s``, plus ``samples`` (one
-    ``generate`` per batch with ``num_return_sequences``) when ``sample``. Extra fields of the records
-    (``group``, ``variant``) are kept."""
+    ``generate`` per batch with ``num_return_sequences``, seeded per question) when ``sample``.
+    Extra fields of the records (``group``, ``variant``) are kept. Every process calls it and gets
+    every row (each generated its shard); ``passes`` collects each pass's
+    :class:`~medvlm.eval.distributed.ShardedAnswers` under ``name`` (and ``samples``)."""
     examples = prepare_examples(records, loaded.processor, loaded.family)
-    images = examples.images()
-    common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    latencies: list[float] = []
-    answers = generate_answers(loaded.model, loaded.processor, loaded.family, images, examples.questions,
-                               latencies=latencies, **common)
-    rows = prediction_rows(records, answers)
-    for row, rec, lat in zip(rows, records, latencies, strict=True):
+    budget = None if cfg.memory_budget is None else int(cfg.memory_budget * 2**30)
+    common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, memory_budget=budget)
+    greedy = generate_sharded(loaded.model, loaded.processor, loaded.family, examples.image, examples.questions,
+                              **common)
+    rows = prediction_rows(records, greedy.answers)
+    for row, rec, lat in zip(rows, records, greedy.latencies, strict=True):
         row["latency_s"] = lat
         for key in ("group", "variant"):
             if rec.get(key) is not None:
                 row[key] = rec[key]
+    if passes is not None:
+        passes[name] = greedy
     if sample:
         k = cfg.samples
-        sampled = generate_answers(loaded.model, loaded.processor, loaded.family, images, examples.questions,
+        sampled = generate_sharded(loaded.model, loaded.processor, loaded.family, examples.image, examples.questions,
                                    do_sample=True, num_return_sequences=k, temperature=cfg.temperature,
                                    top_p=cfg.top_p, seed=cfg.seed, **common)
-        for row, s in zip(rows, sampled, strict=True):
+        for row, s in zip(rows, sampled.answers, strict=True):
             row["samples"] = [s] if k == 1 else list(s)
+        if passes is not None:
+            passes["samples"] = sampled
     return rows
 
 
 def answer_paraphrases(loaded, groups: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
-                       cfg: ModelEvalConfig) -> list[dict[str, Any]]:
+                       cfg: ModelEvalConfig, passes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Prediction rows for paraphrase ``groups`` (:func:`~medvlm.eval.paraphrase.paraphrase_records`).
 
     A wording the main pass already answered (same id, same question: the base wording, and every
@@ -190,7 +212,7 @@ def answer_paraphrases(loaded, groups: Sequence[Mapping[str, Any]], rows: Sequen
         return main if main is not None and main["question"] == g["question"] else None
 
     todo = [g for g in groups if answered(g) is None]
-    new = iter(answer_records(loaded, todo, cfg) if todo else [])
+    new = iter(answer_records(loaded, todo, cfg, passes=passes, name="paraphrases") if todo else [])
     out = []
     for g in groups:
         main = answered(g)
@@ -220,30 +242,41 @@ def scoring_options(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None) -> 
 
 
 def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole model-mode evaluation (see the module docstring); returns the metrics."""
+    """Run the whole model-mode evaluation (see the module docstring); returns the metrics (on the
+    main process; ``{}`` on the others, which only generate their shards)."""
     t0 = time.time()
     check_inputs(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = scoring_options(cfg, scoring)
+    main = world()[0] == 0
 
     # Load data and model
-    records = load_eval_records(cfg)
+    with main_process_first():  # a mix YAML or the phantom is built once
+        records = load_eval_records(cfg)
     loaded = load_model(cfg)
     logger.info("evaluating %s on %d %s questions of %s", cfg.model, len(records), cfg.split, cfg.dataset)
 
-    # Generate and score
-    rows = answer_records(loaded, records, cfg, sample=cfg.consistency)
-    write_jsonl(out / "predictions.jsonl", rows)
-    metrics = score_records(rows, **kwargs)
+    # Generate (every process its shard) and score (the main process)
+    passes: dict[str, Any] = {}
+    rows = answer_records(loaded, records, cfg, sample=cfg.consistency, passes=passes)
+    metrics: dict[str, Any] = {}
+    if main:
+        write_jsonl(out / "predictions.jsonl", rows)
+        metrics = score_records(rows, **kwargs)
     outputs = ["predictions.jsonl", "metrics.json"]
     if cfg.robustness:
         groups, unmatched = paraphrase_records(records, max_variants=cfg.paraphrases)
-        para_rows = answer_paraphrases(loaded, groups, rows, cfg)
-        write_jsonl(out / "predictions_paraphrase.jsonl", para_rows)
-        metrics["robustness"] = paraphrase_robustness(para_rows, bootstrap=kwargs.get("bootstrap", 1000),
-                                                      seed=kwargs.get("seed", 0), unmatched=unmatched)
+        para_rows = answer_paraphrases(loaded, groups, rows, cfg, passes)
+        if main:
+            write_jsonl(out / "predictions_paraphrase.jsonl", para_rows)
+            metrics["robustness"] = paraphrase_robustness(para_rows, bootstrap=kwargs.get("bootstrap", 1000),
+                                                          seed=kwargs.get("seed", 0), unmatched=unmatched)
         outputs.append("predictions_paraphrase.jsonl")
+    if not main:
+        return {}
+    generation = generation_summary(passes)
+    metrics["generation"] = generation
     metrics["model"] = {"model": cfg.model, "adapter": cfg.adapter, "dataset": cfg.dataset, "split": cfg.split,
                         "family": type(loaded.family).__name__, "seconds": round(time.time() - t0, 2)}
     atomic_write_json(out / "metrics.json", to_jsonable(metrics))
@@ -257,6 +290,7 @@ def evaluate_model(cfg: ModelEvalConfig, scoring: Mapping[str, Any] | None = Non
 
     write_manifest(out, step="eval.model", config=asdict(cfg), scoring={k: list(v) if isinstance(v, tuple) else v
                                                                          for k, v in kwargs.items()},
-                   counts=metrics.get("counts", {}), outputs=outputs,
+                   counts=metrics.get("counts", {}), outputs=outputs, world_size=generation["world_size"],
+                   generation=generation,
                    data={"n": len(records), "ids_sha256": hash_rows(str(r) for r in records["id"])})
     return metrics

@@ -9,7 +9,7 @@ into three alternative wordings. :func:`paraphrase_records` turns each record in
     ...
 
 Every other field (image, answer, choices, modality, meta, ...) is copied, so the rows are unified
-records ready for :func:`medvlm.training.data.prepare_examples`, and their predictions are scored by
+records ready for :func:`medvlm.models.inputs.prepare_examples`, and their predictions are scored by
 :func:`medvlm.eval.robustness.robustness_scores` (``variant == "base"`` marks the original wording).
 
 Records that already belong to a paraphrase group (the ``cxr_paraphrase`` source keeps

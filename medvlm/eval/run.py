@@ -2,7 +2,9 @@
 
 Used by the stage recipes (final test-split evaluation), the per-checkpoint callback and
 ``eval/run_eval.py``. Predictions stream to JSONL (one line per record, the file opened once);
-``metrics.json`` is written after, atomically.
+``metrics.json`` is written after, atomically. Under several processes every process calls
+:func:`evaluate_examples`: each answers its shard (:mod:`medvlm.eval.distributed`) and the main
+process scores and writes.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from medvlm.eval.generate import generate_answers
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.scoring import score_records
 from medvlm.models.base import ModelFamily
 from medvlm.models.inputs import PreparedExamples
 from medvlm.records import parse_meta
+from medvlm.utils.distributed import world
 from medvlm.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -43,16 +46,24 @@ def prediction_rows(records, answers: list[str]) -> list[dict]:
 
 def evaluate_examples(
     model, processor, family: ModelFamily, records, examples: PreparedExamples, out_dir: str | Path | None,
-    *, batch_size: int = 32, max_new_tokens: int = 12, name: str = "predictions", bootstrap: int = 1000,
+    *, batch_size: int | str = "auto", max_new_tokens: int = 12, name: str = "predictions", bootstrap: int = 1000,
     progress: bool = True,
 ) -> dict:
-    """Greedy answers for ``examples``, scored; writes ``{name}.jsonl`` into ``out_dir`` if given."""
-    answers = generate_answers(model, processor, family, examples.images(), examples.questions, batch_size=batch_size,
+    """Greedy answers for ``examples``, scored; writes ``{name}.jsonl`` into ``out_dir`` if given.
+
+    Every process of a launch must call it: each generates its shard, the main process gathers
+    the answers in order, scores them and writes; the others return ``{}``. The metrics carry a
+    ``generation`` section (processes, questions per process, the batch each used)."""
+    sharded = generate_sharded(model, processor, family, examples.image, examples.questions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress)
-    rows = prediction_rows(records, answers)
+    if world()[0] != 0:
+        return {}
+    rows = prediction_rows(records, sharded.answers)
     if out_dir is not None:
         write_jsonl(Path(out_dir) / f"{name}.jsonl", rows)
-    return score_records(rows, bootstrap=bootstrap, slice_by=("qtype", "modality", "body_part"))
+    metrics = score_records(rows, bootstrap=bootstrap, slice_by=("qtype", "modality", "body_part"))
+    metrics["generation"] = generation_summary({"greedy": sharded})
+    return metrics
 
 
 def write_metrics(out_dir: str | Path, metrics: dict) -> Path:

@@ -194,15 +194,6 @@ def score_records(
     return to_jsonable(result)
 
 
-def score_file(
-    predictions: str | os.PathLike, *, questions: str | os.PathLike | None = None, **kwargs: Any
-) -> dict[str, Any]:
-    """Load a predictions file (ours or LLaVA-Med's + ``questions``) and :func:`score_records` it."""
-    records, skipped = load_predictions(predictions, questions)
-    logger.info("read %d records from %s (%d skipped while joining)", len(records), predictions, len(skipped))
-    return score_records(records, skipped=skipped, **kwargs)
-
-
 def format_summary(metrics: Mapping[str, Any]) -> str:
     """A short plain-text table of the headline numbers of a :func:`score_records` result."""
 

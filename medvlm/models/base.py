@@ -304,11 +304,37 @@ class ModelFamily:
         cap = getattr(text_config(model), "final_logit_softcapping", None)
         return float(cap) if cap else None
 
-    def lens_logits(self, model: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
+    def frozen_final_norm(self, model: torch.nn.Module, resid: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The final norm of ``resid`` [..., D] with its normalising statistic taken from ``reference``
+        ([..., D], broadcast) instead of from each vector: for an RMS norm g ⊙ x / rms_eps(ref).
+
+        Yu & Ananiadou read a candidate vector this way (zepingyu0512/llava-mechanism @ dd4ed00,
+        Llava_visualize_code.ipynb, ``get_bsvalues``: ``vector * rsqrt(final_var + eps) * norm.weight``
+        with ``final_var`` the mean square of the last layer's output at the last position): the
+        readout is then linear in the vector. Computed as norm(x) · rms_eps(x) / rms_eps(ref), so
+        the norm module's own gain convention (Llama's g, Gemma's 1 + g) is kept. A family whose
+        final norm is not an RMS norm with an epsilon overrides this."""
+        norm = self.final_norm(model)
+        eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps") if getattr(norm, a, None) is not None), None)
+        if eps is None or "rmsnorm" not in type(norm).__name__.lower():
+            raise NotImplementedError(f"{type(self).__name__}: the final norm {type(norm).__name__} is not an RMS "
+                                      "norm with an epsilon; override ModelFamily.frozen_final_norm for it")
+
+        def rms(t: torch.Tensor) -> torch.Tensor:
+            return t.float().pow(2).mean(-1, keepdim=True).add(float(eps)).sqrt()
+
+        return norm(resid).float() * rms(resid) / rms(reference)
+
+    def lens_logits(self, model: torch.nn.Module, resid: torch.Tensor,
+                    reference: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) the model would give residual vectors [..., D]: final norm, unembedding
-        and the final-logit soft-capping when the config sets it, as the model's own head does."""
+        and the final-logit soft-capping when the config sets it, as the model's own head does.
+        ``reference``: hold the final norm's statistic at this residual's (see :meth:`frozen_final_norm`)
+        instead of recomputing it per vector."""
         head = self.unembed(model)
-        logits = head(self.final_norm(model)(resid.to(head.weight.dtype)))
+        x = resid.to(head.weight.dtype)
+        normed = self.final_norm(model)(x) if reference is None else self.frozen_final_norm(model, x, reference)
+        logits = head(normed.to(head.weight.dtype))
         cap = self.logit_softcap(model)
         if cap:
             logits = torch.tanh(logits / cap) * cap

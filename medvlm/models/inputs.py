@@ -5,9 +5,9 @@ keeping every decoded image in RAM grows with the dataset (602 KB per 448-pixel 
 48 GB for ROCOv2 on every rank). So each distinct image of a dataset is prepared once (read,
 resized by :meth:`~medvlm.models.base.ModelFamily.prepare_images` as the family's processor would,
 kept as uint8) and written to one file of concatenated pixels with an index of offsets and
-shapes. Readers memory-map that file: the operating system's page cache is shared by every rank,
-run and DataLoader worker, and a process holds only the pages it touches. Images of different
-sizes (dynamic-resolution families) are stored as they come.
+shapes. Readers read one image at a time from that file: the operating system's page cache is
+shared by every rank, run and DataLoader worker, and a process holds one batch of images, whatever
+the dataset's size. Images of different sizes (dynamic-resolution families) are stored as they come.
 
 The cache folder is ``$MEDVLM_HOME/prepared_images/<fingerprint>/``; the fingerprint covers the
 family, the processor's image settings and each image's path, size and modification time, so a
@@ -18,7 +18,6 @@ an atomic rename, so a crash never leaves a half-written cache behind.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from medvlm.models.base import ModelFamily
+from medvlm.utils.distributed import main_process_first
 from medvlm.utils.images import read_image
 from medvlm.utils.io import atomic_write_json, medvlm_home
 
@@ -45,14 +45,21 @@ CACHE_VERSION = 1
 
 
 class ImageStore:
-    """Prepared images (uint8 HxWx3, any sizes) by index, memory-mapped from ``folder`` or held in a list."""
+    """Prepared images (uint8 HxWx3, any sizes) by index: read from the cache file of ``folder`` (one
+    positioned read per image), or held in a list for a small ad-hoc set.
+
+    Reads go through the operating system's page cache (shared by every process reading the file)
+    into a buffer of one image, instead of memory-mapping the file: mapped pages a process has
+    touched count in its resident memory, which would then grow with every image of an epoch."""
 
     def __init__(self, folder: str | Path | None = None, images: Sequence[np.ndarray] | None = None):
         self.folder = None if folder is None else Path(folder)
         self._images = None if images is None else list(images)
-        self._pixels: np.memmap | None = None
+        self._fd: int | None = None
+        self._pid: int | None = None
         self.index = (np.load(self.folder / "index.npy") if self.folder is not None
                       else np.zeros((len(self._images or []), 4), np.int64))
+        self._rows = self.index.tolist()  # (offset, h, w, c) as Python ints: no numpy call per read
 
     def __len__(self) -> int:
         return len(self._images) if self._images is not None else len(self.index)
@@ -60,13 +67,21 @@ class ImageStore:
     def __getitem__(self, i: int) -> np.ndarray:
         if self._images is not None:
             return self._images[i]
-        if self._pixels is None:
-            self._pixels = np.memmap(self.folder / "pixels.bin", dtype=np.uint8, mode="r")
-        offset, h, w, c = (int(x) for x in self.index[i])
-        return np.asarray(self._pixels[offset:offset + h * w * c]).reshape(h, w, c)
+        if self._fd is None or self._pid != os.getpid():  # a DataLoader worker opens its own
+            self._fd, self._pid = os.open(self.folder / "pixels.bin", os.O_RDONLY), os.getpid()
+        offset, h, w, c = self._rows[i]
+        data = os.pread(self._fd, h * w * c, offset)
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, c)
 
-    def __getstate__(self) -> dict:  # DataLoader workers reopen the file instead of pickling pixels
-        return {**self.__dict__, "_pixels": None}
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the file
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        try:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+        except (AttributeError, TypeError, OSError):  # interpreter shutdown: os may be gone
+            pass
 
 
 def _fingerprint(family: ModelFamily, processor: ProcessorMixin, paths: Sequence[str]) -> str:
@@ -112,22 +127,13 @@ def _write_store(folder: Path, family: ModelFamily, processor: ProcessorMixin, p
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _main_process_first():
-    """accelerate's main-process-first barrier under several processes, else nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState().main_process_first()
-    return contextlib.nullcontext()
-
-
 def prepared_image_store(family: ModelFamily, processor: ProcessorMixin, paths: Sequence[str], *,
                          cache_dir: str | Path | None = None, batch: int = 64) -> ImageStore:
     """The prepared images of ``paths`` (distinct), from the on-disk cache (built when missing).
     ``cache_dir`` defaults to ``$MEDVLM_HOME/prepared_images``."""
     root = Path(cache_dir) if cache_dir is not None else medvlm_home() / "prepared_images"
     folder = root / _fingerprint(family, processor, paths)
-    with _main_process_first():
+    with main_process_first():
         if not (folder / "manifest.json").is_file():
             logger.info("preparing %d images for %s into %s (reused by later runs)", len(paths), family.name, folder)
             folder.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,17 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     model_class = LlavaForConditionalGeneration
     model_types = ("llava",)
+    #: public config.json values of the real checkpoints, for depth-cut test models (:meth:`real_shape_model`)
+    real_shapes = {
+        "llava-1.5-7b-hf": {
+            "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14, projection_dim=768),
+            "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+            "projector": dict(vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              projector_hidden_act="gelu"),
+        },
+    }
 
     @staticmethod
     def _conversation(question: str, answer: str | None = None) -> list[dict]:
@@ -100,6 +111,24 @@ class LlavaFamily(ModelFamily):
             raise ValueError("vision_feature_layer 0 reads the patch embeddings, not an encoder layer; "
                              "Grad-CAM needs a layer output")
         return k if k < 0 else k - 1
+
+    def real_shape_model(self, name: str, tokenizer, layers: int = 2):
+        """A model with the real checkpoint ``name``'s widths, heads, vocabulary, image size and
+        projector reading (``vision_feature_layer: -2``, no class token), its towers cut to ``layers``
+        layers (3 for the vision tower, so that the penultimate layer is not the first), random weights."""
+        shape = self.real_shapes[name]
+        vision = CLIPVisionConfig(**{**shape["vision"], "num_hidden_layers": max(layers, 3)})
+        size = {"height": vision.image_size, "width": vision.image_size}
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": vision.image_size}, crop_size=size,
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
+        text = LlamaConfig(**{**shape["text"], "num_hidden_layers": layers}, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+                             **shape["projector"])
+        return LlavaForConditionalGeneration(config), processor
 
     def tiny_model(self, sizes: TinySizes, tokenizer):
         size = {"height": sizes.image_size, "width": sizes.image_size}

@@ -34,6 +34,16 @@ class PaliGemmaFamily(ModelFamily):
     name = "paligemma"
     model_class = PaliGemmaForConditionalGeneration
     model_types = ("paligemma",)
+    #: public config.json values of the real checkpoints (widths, heads, vocabulary, image grid), for
+    #: depth-cut test models (:meth:`real_shape_model`)
+    real_shapes = {
+        "paligemma-3b-mix-448": {
+            "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=448, patch_size=14),
+            "text": dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                         num_key_value_heads=1, head_dim=256, vocab_size=257216),
+        },
+    }
     #: PaliGemma's task prefix for question answering (big_vision convention)
     prompt_template = "answer en {question}"
 
@@ -55,6 +65,22 @@ class PaliGemmaFamily(ModelFamily):
                           padding_side="left", return_tensors="pt", **self.processor_kwargs(prepared))
         batch.pop("labels", None)  # the processor adds all-ignored labels; generate must not see them
         return batch
+
+    def real_shape_model(self, name: str, tokenizer, layers: int = 2):
+        """A model with the real checkpoint ``name``'s widths, heads, vocabulary and image size, its
+        towers cut to ``layers`` layers, random weights (the real-shape test tier)."""
+        shape = self.real_shapes[name]
+        vision = SiglipVisionConfig(**{**shape["vision"], "num_hidden_layers": layers}, vision_use_head=False)
+        image_processor = SiglipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size},
+                                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor.image_seq_length = (vision.image_size // vision.patch_size) ** 2
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        text = GemmaConfig(**{**shape["text"], "num_hidden_layers": layers}, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                                 vocab_size=text.vocab_size, projection_dim=text.hidden_size,
+                                 hidden_size=text.hidden_size)
+        return PaliGemmaForConditionalGeneration(config), processor
 
     def tiny_model(self, sizes: TinySizes, tokenizer):
         size = {"height": sizes.image_size, "width": sizes.image_size}

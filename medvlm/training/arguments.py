@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from medvlm.data_curation.phantom import BASIC_TYPES
+from medvlm.eval.batching import parse_batch_size
 
 
 @dataclass
@@ -59,6 +60,16 @@ class DataArguments:
     eval_split: str = field(default="test", metadata={"help": "Split of the final evaluation."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluated questions."})
     max_new_tokens: int = field(default=12, metadata={"help": "Generation length at evaluation."})
+    generation_batch_size: str = field(
+        default="auto",
+        metadata={"help": "Questions per generate call at evaluation (final and per checkpoint): auto (as many as "
+                          "fit half the free memory) or a number; halved on out-of-memory; metrics.json says which."})
+
+    def __post_init__(self):
+        try:
+            self.generation_batch_size = parse_batch_size(self.generation_batch_size)
+        except ValueError as err:
+            raise ValueError(f"generation_batch_size: {err}") from err
 
 
 @dataclass

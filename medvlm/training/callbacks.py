@@ -9,11 +9,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from medvlm.eval.generate import generate_answers
+from medvlm.eval.distributed import generate_sharded, generation_summary
 from medvlm.eval.metrics import headline, is_correct
 from medvlm.eval.run import prediction_rows, write_metrics
 from medvlm.eval.scoring import score_records
 from medvlm.models.adapters import write_record
+from medvlm.utils.distributed import world
 from medvlm.utils.io import to_jsonable, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class CheckpointEvalCallback(TrainerCallback):
     """At each save, evaluate ``examples`` (a fixed validation subset) into ``checkpoint-N/metrics.json``
     (and its raw answers into ``checkpoint-N/eval_predictions.jsonl``).
 
-    Runs on the main process only. ``max_samples`` caps the subset, ``closed_metrics``/``open_metrics``
+    Under several processes every process answers its shard of the subset (the Trainer calls
+    ``on_save`` on every process) and the main process gathers, scores, writes and logs.
+    ``batch_size`` is questions per ``generate`` call or ``"auto"``. ``max_samples`` caps the subset, ``closed_metrics``/``open_metrics``
     pick the registered metrics (default: all), ``slice_by`` the slices. When a W&B run is active the
     scalars of :func:`checkpoint_scalars` and a ``wandb.Table`` of ``table_rows`` sample predictions
     with their images are logged at the checkpoint's step; otherwise the scalars go to the attached
@@ -79,7 +82,7 @@ class CheckpointEvalCallback(TrainerCallback):
     """
 
     def __init__(self, family, processor, records, examples, max_new_tokens: int = 12, *,
-                 max_samples: int | None = None, batch_size: int = 32, bootstrap: int = 200,
+                 max_samples: int | None = None, batch_size: int | str = "auto", bootstrap: int = 200,
                  closed_metrics: Sequence[str] | None = None, open_metrics: Sequence[str] | None = None,
                  slice_by: Sequence[str] = CHECKPOINT_SLICES, table_rows: int = 16, prefix: str = "ckpt"):
         if max_samples is not None and max_samples < 1:
@@ -94,16 +97,19 @@ class CheckpointEvalCallback(TrainerCallback):
         self.trainer = None
 
     def evaluate(self, model, folder: Path, step: int) -> tuple[dict, list[dict]]:
-        """Answer the subset with ``model``; write predictions and metrics into ``folder``."""
+        """Answer the subset with ``model`` (this process's shard); on the main process, write
+        predictions and metrics into ``folder`` and return them (``({}, [])`` on the others)."""
         ex = self.examples
-        images = [ex.image(i) for i in range(self.n)]
-        answers = generate_answers(model, self.processor, self.family, images, ex.questions[:self.n],
+        sharded = generate_sharded(model, self.processor, self.family, ex.image, ex.questions[:self.n],
                                    batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, progress=False)
+        if world()[0] != 0:
+            return {}, []
         records = [self.records[i] for i in range(self.n)]
-        rows = prediction_rows(records, answers)
+        rows = prediction_rows(records, sharded.answers)
         write_jsonl(folder / "eval_predictions.jsonl", (to_jsonable(row) for row in rows))
         metrics = score_records(rows, bootstrap=self.bootstrap, **self.score_kwargs)
         metrics["global_step"] = step
+        metrics["generation"] = generation_summary({"greedy": sharded})
         write_metrics(folder, metrics)
         return metrics, rows
 
@@ -121,10 +127,12 @@ class CheckpointEvalCallback(TrainerCallback):
                    "train/global_step": step})
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         metrics, rows = self.evaluate(model, folder, state.global_step)
+        if not state.is_world_process_zero:
+            return
         closed = metrics.get("closed", {})
         logger.info("checkpoint %d: closed accuracy %s (n=%s)", state.global_step, closed.get("accuracy"),
                     closed.get("n"))

@@ -147,6 +147,7 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         sub = eval_records.select(range(n))
         callbacks.append(CheckpointEvalCallback(family, processor, sub, eval_examples.head(n),
                                                 max_new_tokens=data_args.max_new_tokens,
+                                                batch_size=data_args.generation_batch_size,
                                                 closed_metrics=metric_list(args.checkpoint_closed_metrics, "closed"),
                                                 open_metrics=metric_list(args.checkpoint_open_metrics, "open")))
     if args.diagnostics_examples:
@@ -161,19 +162,22 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     train_seconds = time.time() - t0
 
-    # Save and evaluate (main process) -----------------------------------------------------------
-    metrics: dict = {}
-    if trainer.is_world_process_zero():
+    # Save (main process) -----------------------------------------------------------------------
+    main = trainer.is_world_process_zero()
+    if main:
         save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged,
                      image_settings)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        metrics = evaluate_examples(unwrapped, processor, family, eval_records, eval_examples, out,
-                                    max_new_tokens=data_args.max_new_tokens)
-        if args.blank_eval:
-            metrics["blank_image"] = evaluate_examples(
-                unwrapped, processor, family, eval_records, eval_examples.blanked(), out, name="predictions_blank",
-                max_new_tokens=data_args.max_new_tokens)
+
+    # Evaluate (every process answers its shard; the main process scores and writes) -------------
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    gen = dict(max_new_tokens=data_args.max_new_tokens, batch_size=data_args.generation_batch_size)
+    metrics = evaluate_examples(unwrapped, processor, family, eval_records, eval_examples, out, **gen)
+    blank = (evaluate_examples(unwrapped, processor, family, eval_records, eval_examples.blanked(), out,
+                               name="predictions_blank", **gen) if args.blank_eval else None)
+    if main:
+        if blank is not None:
+            metrics["blank_image"] = blank
         metrics["train"] = {"loss": result.training_loss, "steps": result.global_step,
                             "seconds": round(train_seconds, 1), **result.metrics}
         write_metrics(out, metrics)
@@ -182,7 +186,8 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
                        data={"train": len(train_records), "eval": len(eval_records),
                              "train_hash": hash_rows(train_records["id"]),
                              "eval_hash": hash_rows(eval_records["id"])},
-                       trainable_parameters=trainable, world_size=args.world_size)
+                       trainable_parameters=trainable, world_size=args.world_size,
+                       generation=metrics["generation"])
     trainer.accelerator.wait_for_everyone()
     return metrics
 

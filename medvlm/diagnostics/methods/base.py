@@ -90,17 +90,21 @@ class Context:
         self.kinds = set(kinds)
         self.names_filter = names_filter
         self._pass: tuple[Any, Cache] | None = None
+        self._logits: torch.Tensor | None = None
 
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", None)
 
     def _run(self) -> tuple[Any, Cache]:
-        if self._pass is None:
+        if self._pass is None:  # logits at the explained positions only: the unembedding of every
+            # position is the costliest matmul of a large-vocabulary model (257k x 1,045 for PaliGemma-448)
             self._pass = capture(self.model, self.family, self.example.inputs, attention=False,
                                  attention_mean="attention_mean" in self.kinds,
                                  hidden_states="hidden_states" in self.kinds,
-                                 resid_pre="resid_pre" in self.kinds, names_filter=self.names_filter)
+                                 resid_pre="resid_pre" in self.kinds, names_filter=self.names_filter,
+                                 logits_positions=self.positions)
+            self._logits = self._pass[0].logits[0].float()  # [explained positions, vocab]
         return self._pass
 
     @property
@@ -108,8 +112,11 @@ class Context:
         return self._run()[1]
 
     @property
-    def output(self):
-        return self._run()[0]
+    def logits(self) -> torch.Tensor:
+        """The output logits at the explained positions (:attr:`positions`, in that order): [P, vocab]."""
+        if self._logits is None:
+            self._run()
+        return self._logits
 
     @property
     def positions(self) -> list[int]:
@@ -121,10 +128,11 @@ class Context:
         model's prediction at the first target position (from the shared pass)."""
         if self.example.target_ids:
             return self.example.target_ids[0]
-        return int(self.output.logits[0, self.positions[0]].argmax())
+        return int(self.logits[0].argmax())
 
     def release(self) -> None:
-        """Drop the shared pass (its tensors) once every method has read it."""
+        """Drop the shared pass's tensors once every method that reads them has run (the explained
+        positions' logits stay; a later read of the cache runs the pass again)."""
         self._pass = None
 
 

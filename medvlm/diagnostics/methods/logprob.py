@@ -16,13 +16,31 @@ against the final residual a confident model (p(w) near 1) leaves no room to inc
 delta is near 0, whatever the head reads.
 
 Everything comes from ONE forward pass with hooks (attention rows at q, value vectors, the residual
-entering each layer at q; output logits only at q), then one batched readout of every baseline and
-every (layer, head, position) candidate: h + c → final norm → unembedding → log_softmax[w].
+entering each layer at q, each head's output at q, the last layer's output at q; output logits only
+at q), then one batched readout of every baseline and every candidate: h + c → final norm →
+unembedding → log_softmax[w].
+
+The final norm of a candidate (``norm=``): ``"frozen"`` (default) divides by the RMS of the last
+decoder layer's output at q, held fixed for every candidate, as the authors' code does
+(zepingyu0512/llava-mechanism @ dd4ed00, Llava_visualize_code.ipynb: ``get_bsvalues`` scales every
+vector by ``rsqrt(final_var + 1e-6)`` with ``final_var`` the mean square of the last layer's output
+at the last position; :meth:`~medvlm.models.base.ModelFamily.frozen_final_norm`). The readout is
+then linear in the vector, so a head is credited for the direction it writes, not for shrinking
+or growing the residual. ``"recompute"`` normalises each candidate by its own RMS (the logit lens).
 
 Position map: ``reduce="sum"`` (default) adds delta over all layers and heads, the total evidence
 for w carried from a patch; ``"max"`` keeps the strongest single head, which highlights patches
-read by one specialised head. Head scores: delta summed over the image positions; the top 10 heads
-are the (layer, head) pairs with the largest total.
+read by one specialised head.
+
+Two head scores:
+
+- ``head_scores`` / ``top_heads``: the paper's head importance (eq. 6 of Yu & Ananiadou 2024,
+  arXiv 2411.10950; notebook cell "head-level increase"): ONE delta of the head's whole output at q,
+  log p(w | h_{l-1} + o_lh) - log p(w | h_{l-1}), o_lh = Σ_j c_lhj over ALL source positions (read
+  from the head's input to ``o_proj`` at q: :func:`head_outputs`);
+- ``image_head_scores`` / ``image_top_heads``: delta summed over the image positions, what a head
+  carries from the image, position by position (a sum of per-position deltas, not the delta of a
+  sum: the two rank heads differently).
 """
 
 from __future__ import annotations
@@ -57,6 +75,10 @@ class LogProbIncrease:
     delta: np.ndarray
     #: log p(w | h_{l-1}) per chosen layer: the baseline each layer's deltas are measured from
     layer_base_logprob: np.ndarray | None = None
+    #: the paper's head importance [layers, heads]: the delta of each head's whole output at q
+    head_scores: np.ndarray | None = None
+    #: how the final norm read the candidates: "frozen" (the last layer's RMS at q) or "recompute"
+    norm: str = "frozen"
 
     def _image_delta(self) -> np.ndarray:
         idx = [self.positions.index(p) for p in self.image_positions]
@@ -75,16 +97,47 @@ class LogProbIncrease:
         raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'max'")
 
     @property
-    def head_scores(self) -> np.ndarray:
-        """Total increase over image positions per (layer, head): [layers, heads]."""
+    def image_head_scores(self) -> np.ndarray:
+        """Per-position increase summed over the image positions per (layer, head): [layers, heads]."""
         return self._image_delta().sum(-1)
 
     def top_heads(self, n: int = 10) -> list[tuple[int, int, float]]:
-        """The ``n`` (layer, head, total increase) with the largest total over image positions."""
-        scores = self.head_scores
-        order = np.argsort(scores, axis=None)[::-1][:n]
-        return [(self.layers[i // scores.shape[1]], self.heads[i % scores.shape[1]], float(scores.flat[i]))
-                for i in order]
+        """The ``n`` (layer, head, importance) with the largest paper's head importance (``head_scores``)."""
+        return ranked_heads(self.head_scores, self.layers, self.heads, n)
+
+    def image_top_heads(self, n: int = 10) -> list[tuple[int, int, float]]:
+        """The ``n`` (layer, head, total) with the largest increase summed over the image positions."""
+        return ranked_heads(self.image_head_scores, self.layers, self.heads, n)
+
+
+def ranked_heads(scores: np.ndarray, layers: Sequence[int], heads: Sequence[int],
+                 n: int = 10) -> list[tuple[int, int, float]]:
+    """The ``n`` (layer, head, score) of a [layers, heads] score matrix, largest first."""
+    order = np.argsort(scores, axis=None, kind="stable")[::-1][:n]
+    return [(int(layers[i // scores.shape[1]]), int(heads[i % scores.shape[1]]), float(scores.flat[i]))
+            for i in order]
+
+
+def head_outputs(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],
+                 query: int) -> torch.Tensor:
+    """o_lh, each head's whole output at ``query`` in the residual basis: [layers, heads, D].
+
+    The head's slice of ``o_proj``'s input (captured ``head_out``) times that head's slice of W_O;
+    equal to :func:`layer_contributions` summed over every source position (a · v · W_O summed over j)."""
+    n_heads, _, head_dim = family.head_layout(model)
+    qi, blocks = cache.query_index(query), family.decoder_layers(model)
+    z = torch.stack([cache["head_out", layer][0, qi] for layer in layers]).float()  # [L, Hs, d]
+    w_o = torch.stack([effective_weight(family.attention_module(blocks[layer]).o_proj) for layer in layers])
+    w_o = w_o.unflatten(2, (n_heads, head_dim))[:, :, cache.heads]  # [L, D, Hs, d]
+    return torch.einsum("lhd,lDhd->lhD", z, w_o)
+
+
+def target_logprobs(model: torch.nn.Module, family: ModelFamily, vectors: torch.Tensor, target_id: int,
+                    reference: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+    """log p(target | vector) for residual vectors [N, D] through the final norm (its statistic held
+    at ``reference`` when given) and the unembedding, ``chunk`` vectors at a time: [N]."""
+    return torch.cat([torch.log_softmax(family.lens_logits(model, vectors[i:i + chunk], reference), -1)[:, target_id]
+                      for i in range(0, vectors.shape[0], chunk)])
 
 
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -113,27 +166,36 @@ def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache
     return torch.einsum("hp,phd,Dhd->hpD", a, v, w_o)
 
 
+NORMS = ("frozen", "recompute")
+
+
 @torch.no_grad()
 def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer=None, *,
                      layers: Sequence[int] | None = None, positions: str | Sequence[int] = "image",
-                     query_position: int | None = None, target_id: int | None = None,
+                     query_position: int | None = None, target_id: int | None = None, norm: str = "frozen",
                      chunk: int = 512, memory_mb: float = 512) -> LogProbIncrease:
-    """delta for every (layer, head, source position) from one capture pass.
+    """delta for every (layer, head, source position), and each head's importance, from one capture pass.
 
     ``query_position`` defaults to the example's first target position (the last prompt position
     without an answer); ``target_id`` to the example's answer token there, else the model's
     prediction. ``positions``: ``"image"`` (default), ``"all"`` or explicit source positions.
-    ``chunk`` candidates are unembedded at a time (chunk x vocab floats); layers are scored in
-    groups whose candidate vectors fit ``memory_mb``.
+    ``norm``: how the final norm reads a candidate (module docstring). ``chunk`` candidates are
+    unembedded at a time (chunk x vocab floats); layers are scored in groups whose candidate
+    vectors fit ``memory_mb``.
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}; expected one of {NORMS}")
     n_layers = len(family.decoder_layers(model))
     chosen = sorted({x % n_layers for x in layers}) if layers is not None else list(range(n_layers))
     q = example.target_positions[0] if query_position is None else query_position
     seq_len = int(example.inputs["input_ids"].shape[-1])
     q %= seq_len
-    wanted = {f"blocks.{layer}.{kind}" for layer in chosen for kind in ("attn", "v", "resid_pre")}
-    output, cache = capture(model, family, example.inputs, layers=chosen, query_positions=[q], values=True,
-                            resid_pre=True, names_filter=wanted, logits_positions=[q])
+    wanted = {f"blocks.{layer}.{kind}" for layer in chosen for kind in ("attn", "v", "resid_pre", "head_out")}
+    wanted.add(f"blocks.{n_layers - 1}.resid_post")  # the final norm's input: its RMS is held fixed
+    output, cache = capture(model, family, example.inputs, layers=sorted({*chosen, n_layers - 1}),
+                            query_positions=[q], values=True, resid_pre=True, head_outputs=True,
+                            hidden_states=norm == "frozen", names_filter=wanted, logits_positions=[q])
+    reference = cache["resid_post", n_layers - 1][0, q].float() if norm == "frozen" else None
     span = cache.image_span
     image_positions = list(range(span.start, span.end))
     if isinstance(positions, str):
@@ -149,24 +211,30 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
     # layers in groups whose fp32 candidates [g, H, P, D] fit ``memory_mb`` (a 7B LLaVA's whole
     # [L, H, P, D] would be ~10 GB): the tiny demo model scores all layers in one readout
     d_model = cache["resid_pre", chosen[0]].shape[-1]
-    per_layer = 1 + len(cache.heads) * len(src)
+    n_heads = len(cache.heads)
+    per_layer = 1 + n_heads * (len(src) + 1)
     group = max(1, int(memory_mb * 2**20 // (4 * d_model * per_layer)))
-    bases, scores = [], []
+    bases, scores, whole = [], [], []
     for start in range(0, len(chosen), group):
         layers_g = chosen[start:start + group]
         contrib = layer_contributions(model, family, cache, layers_g, q, src)  # [g, H, P, D]
         h = torch.stack([cache["resid_pre", layer][0, q] for layer in layers_g]).float()  # [g, D]
-        candidates = torch.cat([h, (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
-        logp = torch.cat([torch.log_softmax(family.lens_logits(model, candidates[i:i + chunk]), -1)
-                          [:, target_id] for i in range(0, candidates.shape[0], chunk)])
-        bases.append(logp[:len(layers_g)])
-        scores.append(logp[len(layers_g):].reshape(contrib.shape[:3]))
+        o = head_outputs(model, family, cache, layers_g, q)  # [g, H, D]
+        candidates = torch.cat([h, (h[:, None, :] + o).reshape(-1, h.shape[-1]),
+                                (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
+        logp = target_logprobs(model, family, candidates, target_id, reference, chunk)
+        g = len(layers_g)
+        bases.append(logp[:g])
+        whole.append(logp[g:g + g * n_heads].reshape(g, n_heads))
+        scores.append(logp[g + g * n_heads:].reshape(contrib.shape[:3]))
         del contrib, candidates
     base = torch.cat(bases)
     delta = torch.cat(scores) - base[:, None, None]
+    importance = torch.cat(whole) - base[:, None]
     token = tokenizer.decode([target_id]) if tokenizer is not None else str(target_id)
     return LogProbIncrease(int(target_id), token, q, float(final[target_id]), chosen, list(cache.heads), src,
-                           image_positions, span.grid, delta.double().cpu().numpy(), base.double().cpu().numpy())
+                           image_positions, span.grid, delta.double().cpu().numpy(), base.double().cpu().numpy(),
+                           importance.double().cpu().numpy(), norm)
 
 
 def layer_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache, layers: Sequence[int],
@@ -190,11 +258,22 @@ class LogProb(Method):
     eager = True
 
     def cost(self, shape: Shape) -> float:
-        candidates = shape.n_layers * (1 + shape.n_heads * shape.image_tokens)
+        candidates = shape.n_layers * (1 + shape.n_heads * (shape.image_tokens + 1))
         return shape.forward_flops() + shape.unembed_flops(candidates)
 
     def run(self, ctx: Context) -> MethodResult:
+        """The map, and both head scores: ``top_heads`` / ``head_scores`` the paper's head importance
+        (whole output at the last position), ``image_top_heads`` / ``image_head_scores`` the
+        per-position increase summed over the image positions."""
         lpi = logprob_increase(ctx.model, ctx.family, ctx.example, ctx.tokenizer)
-        row = {"top_heads": [{"layer": a, "head": b, "increase": s} for a, b, s in lpi.top_heads(10)],
-               "head_scores": lpi.head_scores.tolist()}
+        image = lpi.image_head_scores
+
+        def rows(ranked: list[tuple[int, int, float]]) -> list[dict]:  # "increase": the ranking's own score
+            return [{"layer": a, "head": b, "increase": s,
+                     "importance": float(lpi.head_scores[lpi.layers.index(a), lpi.heads.index(b)]),
+                     "image_increase": float(image[lpi.layers.index(a), lpi.heads.index(b)])} for a, b, s in ranked]
+
+        row = {"top_heads": rows(lpi.top_heads(10)), "head_scores": lpi.head_scores.tolist(),
+               "image_top_heads": rows(lpi.image_top_heads(10)), "image_head_scores": image.tolist(),
+               "head_norm": lpi.norm}
         return MethodResult(lpi.position_map("sum"), row, lpi)
