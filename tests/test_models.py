@@ -128,6 +128,27 @@ def test_unknown_family_suggests_the_closest():
         get_family("paligema")
 
 
+@pytest.mark.parametrize("model_type", ["idefics3", "medfoo_vl"])  # known to transformers, and not even that
+def test_a_checkpoint_no_family_handles_gets_one_line_naming_the_families_and_the_file(tmp_path, model_type,
+                                                                                       capsys, small_phantom):
+    from medvlm.models import FAMILIES
+    from medvlm.training.cli import main
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    with pytest.raises(ValueError) as err:
+        load_model_and_processor(str(folder))
+    message = str(err.value)
+    assert "\n" not in message and f"model_type {model_type!r}" in message
+    assert f"Registered families: {', '.join(sorted(FAMILIES))}." in message
+    assert "medvlm/models/<family>.py" in message and "medvlm/models/families.py" in message
+    assert main("stage1", ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "run"),
+                           "--phantom_patients", "36", "--report_to", "none"]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()  # data-loading progress bars, then the error
+    assert printed[-1] == f"error: {message}" and not [line for line in printed[:-1] if "error" in line.lower()]
+
+
 def test_loading_a_missing_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_and_processor(str(tmp_path / "nope"))

@@ -54,12 +54,22 @@ def test_a_prepared_image_gives_the_processors_own_pixels_without_resizing_again
 
 
 def test_a_huge_image_is_shrunk_and_a_tiny_one_enlarged_never_refused(tiny):
+    """The processor's rule (transformers, models/qwen2_vl/image_processing_qwen2_vl.py, smart_resize):
+    sides are multiples of F; above max_pixels both sides scale by s = sqrt(max_pixels / (h·w)) and round
+    down to F, below min_pixels by s = sqrt(min_pixels / (h·w)) and round up. 900 x 1400: s = 0.1140,
+    102.6 -> 96, 159.6 -> 152; 10 x 12: s = 5.842, 58.4 -> 64, 70.1 -> 72."""
     model, processor, family = tiny
     huge, small = _noise(900, 1400), _noise(10, 12)
     big_out, small_out = family.prepare_images(processor, [huge, small])
+    assert big_out.shape == (96, 152, 3) and small_out.shape == (64, 72, 3)
     assert big_out.shape[0] * big_out.shape[1] <= MAX_PIXELS
     assert abs(big_out.shape[0] / big_out.shape[1] - 900 / 1400) < 0.1  # the aspect ratio is kept
     assert small_out.shape[0] * small_out.shape[1] >= MIN_PIXELS
+    for raw, out in ((huge, big_out), (small, small_out)):  # the pixels the processor itself makes
+        direct = processor.image_processor([raw], return_tensors="pt")
+        again = processor.image_processor([out], return_tensors="pt", **family.processor_kwargs(prepared=True))
+        assert torch.equal(direct["image_grid_thw"], again["image_grid_thw"])
+        assert torch.allclose(direct["pixel_values"], again["pixel_values"], atol=1e-5)
     ex = prepare_example(model, processor, family, huge, "where is the lesion?", "left lung")
     assert ex.span.grid == (big_out.shape[0] // F, big_out.shape[1] // F)
     assert ex.image.shape == big_out.shape
@@ -214,6 +224,31 @@ def test_a_lesion_in_a_known_cell_of_a_non_square_image_peaks_there_on_its_grid(
     assert gradcam(model, family, ex).shape == (7, 12)
 
 
+def test_every_method_maps_a_non_square_image_on_its_own_grid_with_the_lesion_cell_in_place(tiny):
+    """Each registered method's map is (h/2, w/2) of image_grid_thw, and the lesion mask pooled onto that
+    grid lands in the lesion's cell (row 5 of 7, column 9 of 12), where occlusion points."""
+    from medvlm.diagnostics.attention_quality import mask_to_grid, pointing_game
+    from medvlm.diagnostics.methods import Context, registered
+
+    model, processor, family = tiny
+    cell = (5, 9)
+    image = _with_lesion(7 * F, 12 * F, cell, processor, family)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[cell[0] * F:(cell[0] + 1) * F, cell[1] * F:(cell[1] + 1) * F] = True
+    ex = prepare_example(model, processor, family, image, "where is the lesion?", "left lung")
+    grid = _grid(ex.inputs)
+    assert grid == (7, 12) == ex.span.grid
+    on_grid = mask_to_grid(mask, grid)
+    assert on_grid[cell] == 1 and on_grid.sum() == 1  # the lesion is exactly that cell, nothing else
+    methods = registered()
+    ctx = Context(model, processor, family, ex, kinds={k for m in methods for k in m.shared} | {"hidden_states"})
+    maps = {m.name: m.run(ctx).map for m in methods}
+    for name, grid_map in maps.items():
+        assert grid_map.shape == grid, f"{name}: {grid_map.shape} vs {grid}"
+        assert np.isfinite(grid_map).all(), name
+    assert pointing_game(np.abs(occlusion(model, family, ex, max_side=None, batch_size=28)), mask)
+
+
 def test_gradcam_rows_come_back_from_window_order(tiny):
     """The last vision block's rows are in window order; gradcam_order must undo it exactly as the tower
     undoes it for the merger's output (checked on a grid of several 4x4-cell windows)."""
@@ -340,3 +375,56 @@ def test_the_explorer_draws_and_maps_clicks_on_a_non_square_image(tmp_path, smal
     assert patch_of(x, y, shown.size, a.grid) == (3, 8)
     drops = np.abs(a.maps["occlusion"])  # an 11-wide grid is occluded in 2x2 blocks: the lesion's block peaks
     assert drops[3, 8] == drops.max() > 10 * np.median(drops)
+
+
+# -- an adapter of another family ------------------------------------------------------------------
+@pytest.mark.parametrize("trained, loaded", [("llava", "qwen2_5_vl"), ("qwen2_5_vl", "llava")])
+def test_an_adapter_of_another_family_is_refused_before_any_weights_load(tiny_folders, tmp_path, monkeypatch,
+                                                                         trained, loaded):
+    from peft import get_peft_model
+
+    from medvlm.models.adapters import AdapterError, load_with_adapter, write_record
+
+    source = load_model_and_processor(str(tiny_folders(trained)))
+    peft_model = get_peft_model(source.model, lora_config(source.family, LoraArguments(lora_towers=["language"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    write_record(tmp_path / "adapter", str(tiny_folders(trained)), trained)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the adapter was checked")
+
+    for name in (trained, loaded):
+        monkeypatch.setattr(get_family(name).model_class, "from_pretrained", no_weights)
+    with pytest.raises(AdapterError) as err:
+        load_with_adapter(str(tiny_folders(loaded)), tmp_path / "adapter")
+    message = str(err.value)
+    assert f"was trained on a {trained} model" in message and f"is a {loaded} model" in message
+    assert str(tiny_folders(trained)) in message  # and which base to set instead
+
+
+# -- the real-checkpoint configs ---------------------------------------------------------------------
+def test_the_qwen2_5_vl_3b_configs_train_on_slake_then_anneal_rocov2_qa_toward_medpix(tmp_path):
+    from pathlib import Path
+
+    from medvlm.data_curation.mixing import MixConfig
+    from medvlm.training.cli import parse_stage_config
+
+    root = Path(__file__).parents[1]
+    configs = root / "recipes" / "configs"
+    stages = {}
+    for name in ("qwen2_5_vl_3b_slake_stage1.yaml", "qwen2_5_vl_3b_roco_medpix_stage2.yaml"):
+        stages[name] = parse_stage_config([str(configs / name)])
+    (m1, d1, _, a1), (m2, d2, l2, a2) = stages.values()
+    assert m1.model_name_or_path == m2.model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert (a1.stage, a2.stage) == ("stage1", "stage2")
+    assert l2.init_adapter == f"{a1.output_dir}/adapter"  # stage 2 continues stage 1's adapter
+    # 256 to 1,280 merged tokens of 28 x 28 px, the same in both stages
+    assert m1.image_settings() == m2.image_settings() == {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}
+    slake = MixConfig.from_yaml(root / d1.dataset)
+    assert [s.source for s in slake.sources] == ["slake"] and slake.sources[0].split == "train"
+    mix = MixConfig.from_yaml(root / d2.dataset)
+    kinds = {s.name: s.source for s in mix.sources}
+    assert kinds == {"roco_generated": "json", "medpix": "medpix"}  # QA generated from ROCOv2 captions, MedPix
+    main, anneal = mix.phases
+    assert anneal.name == "anneal" and anneal.weights["medpix"] > main.weights["medpix"]  # toward MedPix
+    assert "slake" in d1.eval_dataset and d1.eval_dataset == d2.eval_dataset  # both scored on SLAKE's test split

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, ProcessorMixin
+from transformers import PretrainedConfig, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
 from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
@@ -20,8 +20,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def detect_family(model_name_or_path: str) -> ModelFamily:
-    cfg = AutoConfig.from_pretrained(model_name_or_path)
-    return get_family(cfg.model_type)
+    """The family of a checkpoint from the ``model_type`` of its ``config.json``, read as a plain dict:
+    a type transformers does not know either gets medvlm's message (the registered families and the
+    file to add), not transformers' advice to upgrade."""
+    config, _ = PretrainedConfig.get_config_dict(model_name_or_path)
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError(f"{model_name_or_path}: its config.json has no model_type, so no family can be chosen; "
+                         "point at a transformers checkpoint folder (config.json with model_type)")
+    return get_family(model_type)
 
 
 @dataclass
