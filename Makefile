@@ -30,8 +30,8 @@ install-browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
-# The whole flow on the embedded default (phantom data, tiny LLaVA-style model; FAMILY=paligemma for
-# the other family), on a CPU, offline.
+# The whole flow on the embedded default (phantom data, tiny LLaVA-style model; FAMILY=paligemma or
+# FAMILY=qwen2_5_vl for the other families), on a CPU, offline.
 demo: install
 	bash recipes/demo.sh
 

@@ -4,7 +4,7 @@
 #   curriculum) → stage 2 (mix annealing toward clean QA) → test-split evaluation → comparison (stage 1 vs 2, per checkpoint) →
 #   diagnostics report and model card of stage 2 (diagnostics run at every checkpoint save; written
 #   offline into $OUT/stage2/report and $OUT/stage2/adapter/README.md, never pushed).
-# FAMILY=paligemma bash recipes/demo.sh runs the PaliGemma family instead.
+# FAMILY=paligemma (or qwen2_5_vl) bash recipes/demo.sh runs the PaliGemma (Qwen2.5-VL) family instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FAMILY=${FAMILY:-llava}

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from medvlm.models.families import FAMILIES  # noqa: E402
+
 TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400, patch_size=16)
 
 
@@ -51,16 +53,28 @@ def _tiny_folder(family: str, root, phantom_cfg):
 
 
 @pytest.fixture(scope="session")
-def tiny_paligemma(tmp_path_factory, small_phantom):
-    return _tiny_folder("paligemma", tmp_path_factory.mktemp("models"), small_phantom)
+def tiny_folders(tmp_path_factory, small_phantom):
+    """``folder(family)``: the random tiny model folder of a family, built once per session."""
+    root, built = tmp_path_factory.mktemp("models"), {}
+
+    def folder(family: str):
+        if family not in built:
+            built[family] = _tiny_folder(family, root, small_phantom)
+        return built[family]
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory, small_phantom):
-    return _tiny_folder("llava", tmp_path_factory.mktemp("models"), small_phantom)
+def tiny_paligemma(tiny_folders):
+    return tiny_folders("paligemma")
 
 
-@pytest.fixture(params=["paligemma", "llava"])
-def tiny_model(request):
-    """Both families, for contract tests run against every family."""
-    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_folders):
+    return tiny_folders("llava")
+
+
+@pytest.fixture(params=list(FAMILIES))
+def tiny_model(request, tiny_folders):
+    """Every registered family, for contract tests run against every family."""
+    return request.param, tiny_folders(request.param)

@@ -26,10 +26,11 @@ from medvlm.diagnostics.explorer import (
 )
 from medvlm.diagnostics.explorer_samples import samples
 from medvlm.diagnostics.methods import method_names, registered
+from medvlm.models.families import FAMILIES
 from medvlm.utils.images import read_mask
 
 
-@pytest.fixture(scope="module", params=["llava", "paligemma"])
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def explorer(request, tmp_path_factory, small_phantom):
     root = tmp_path_factory.mktemp(f"explorer-{request.param}")
     folder, adapters = build_model_with_adapters(root, request.param, small_phantom)

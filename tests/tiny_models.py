@@ -4,11 +4,12 @@ that changes a model cannot leak into another module)."""
 from __future__ import annotations
 
 from medvlm.models.base import TinySizes
+from medvlm.models.registry import FAMILIES as REGISTERED
 from medvlm.models.registry import get_family
 from medvlm.models.tiny import build_tiny, tiny_tokenizer
 
 CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = ["paligemma", "llava"]
+FAMILIES = list(REGISTERED)
 
 
 def eager_tiny(family: str, corpus: list[str] = CORPUS):

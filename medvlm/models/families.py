@@ -12,8 +12,9 @@ import difflib
 from medvlm.models.base import ModelFamily
 from medvlm.models.llava import LlavaFamily
 from medvlm.models.paligemma import PaliGemmaFamily
+from medvlm.models.qwen2_5_vl import Qwen25VLFamily
 
-FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily, "qwen2_5_vl": Qwen25VLFamily}
 
 
 def get_family(name: str) -> ModelFamily:
