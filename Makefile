@@ -31,7 +31,7 @@ install-browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
 # The whole flow on the embedded default (phantom data, tiny LLaVA-style model; FAMILY=paligemma or
-# FAMILY=medgemma for the other families), on a CPU, offline.
+# FAMILY=medgemma or FAMILY=qwen2_5_vl for the other families), on a CPU, offline.
 demo: install
 	bash recipes/demo.sh
 

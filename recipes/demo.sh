@@ -4,7 +4,7 @@
 #   curriculum) → stage 2 (mix annealing toward clean QA) → test-split evaluation → comparison (stage 1 vs 2, per checkpoint) →
 #   diagnostics report and model card of stage 2 (diagnostics run at every checkpoint save; written
 #   offline into $OUT/stage2/report and $OUT/stage2/adapter/README.md, never pushed).
-# FAMILY=paligemma (or medgemma) bash recipes/demo.sh runs the PaliGemma (or MedGemma) family instead.
+# FAMILY=paligemma, medgemma or qwen2_5_vl bash recipes/demo.sh runs that family instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FAMILY=${FAMILY:-llava}

@@ -53,28 +53,28 @@ def _tiny_folder(family: str, root, phantom_cfg):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory, small_phantom):
-    """``tiny_folder(family)``: the folder of a random tiny model of ``family``, built once per session."""
+def tiny_folders(tmp_path_factory, small_phantom):
+    """``folder(family)``: the random tiny model folder of a family, built once per session."""
     root, built = tmp_path_factory.mktemp("models"), {}
 
-    def get(family: str):
+    def folder(family: str):
         if family not in built:
             built[family] = _tiny_folder(family, root, small_phantom)
         return built[family]
-    return get
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_paligemma(tiny_folder):
-    return tiny_folder("paligemma")
+def tiny_paligemma(tiny_folders):
+    return tiny_folders("paligemma")
 
 
 @pytest.fixture(scope="session")
-def tiny_llava(tiny_folder):
-    return tiny_folder("llava")
+def tiny_llava(tiny_folders):
+    return tiny_folders("llava")
 
 
-@pytest.fixture(params=sorted(FAMILIES))
-def tiny_model(request, tiny_folder):
+@pytest.fixture(params=list(FAMILIES))
+def tiny_model(request, tiny_folders):
     """Every registered family, for contract tests run against every family."""
-    return request.param, tiny_folder(request.param)
+    return request.param, tiny_folders(request.param)

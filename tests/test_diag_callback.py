@@ -65,6 +65,7 @@ def test_trainer_run_writes_diagnostics_into_every_checkpoint(tiny_llava, probe_
         data = json.loads((tmp_path / f"checkpoint-{step}" / "diagnostics" / "diagnostics.json").read_text())
         assert data["status"] == "ok" and data["global_step"] == step and data["n_examples"] == 3
         assert set(data["summary"]) == set(method_names())
+        assert "knockout" not in data  # the knockout curves are the final probe's, not a checkpoint's
         assert data["budget"]["skipped"] == [] and data["budget"]["train_seconds_since_last_save"] == 100.0
         assert data["geometry"]["groups"]["image"] > 3 * 16  # more images than the probe set, for geometry
     assert diag.cost and diag.train_seconds == 200.0
@@ -79,9 +80,9 @@ def _state(step: int, main: bool = True) -> TrainerState:
 def test_budget_shrinks_the_probe_and_records_what_was_skipped(paligemma, probe_records, tmp_path):
     clock = FakeClock()
     cb = DiagnosticsCallback(paligemma.family, paligemma.processor, probe_records, clock=clock)
-    # measured per-example costs (s): 1 + 0.5 + 3 + 2 = 6.5; a randomisation test 2x that. Rollout and
-    # occlusion were never measured: their cost comes from the shapes (one forward pass timed by the
-    # fake clock: about nothing), so the costliest measured methods are dropped first
+    # measured per-example costs (s): 1 + 0.5 + 3 + 2 = 6.5; a randomisation test 2x that. Rollout,
+    # occlusion and knockout were never measured: their cost comes from the shapes (one forward pass timed
+    # by the fake clock: about nothing), so the costliest measured methods are dropped first
     cb.cost = {"capture": 1.0, "logit_lens": 0.5, "gradcam": 3.0, "logprob": 2.0, "geometry": 0.0,
                "sanity_ratio": 2.0}
     args, control = SimpleNamespace(output_dir=str(tmp_path)), TrainerControl()

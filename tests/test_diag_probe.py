@@ -9,7 +9,6 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import FAMILIES
 
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.methods import method_names
@@ -20,6 +19,7 @@ from medvlm.diagnostics.probe import (
     trust_verdict,
 )
 from medvlm.diagnostics.probe_summary import summarize_methods
+from medvlm.models.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,13 @@ def phantom_records(small_phantom):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_folder):
+def loaded(tiny_folders):
     from medvlm.models.registry import load_model_and_processor
 
-    return {fam: load_model_and_processor(str(tiny_folder(fam))) for fam in FAMILIES}
+    return {fam: load_model_and_processor(str(tiny_folders(fam))) for fam in FAMILIES}
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", list(FAMILIES))
 def test_probe_writes_json_with_every_methods_roi_numbers(loaded, phantom_records, tmp_path, fam):
     lm = loaded[fam]
     result = run_probe(lm.model, lm.processor, lm.family, phantom_records, tmp_path, max_examples=4)
@@ -125,7 +125,7 @@ def test_trust_rule_needs_consistently_better_than_chance_and_a_passed_randomisa
     assert trust_verdict({"a": consistent}, None)["a"]["trusted"] is None
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", list(FAMILIES))
 def test_probe_reads_the_models_own_first_answer_token(loaded, phantom_records, fam):
     """The probe's prediction, entropy and first-token check come from the position that predicts the first
     answer token: the same token and distribution as the first step of greedy generation."""

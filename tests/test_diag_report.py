@@ -227,6 +227,7 @@ def test_script_probes_the_final_adapter_when_a_run_has_no_diagnostics(lora_stag
     diag = json.loads((run / "stage2" / "diagnostics" / "diagnostics.json").read_text())
     assert diag["status"] == "ok" and diag["n_examples"] == 2 and diag["checkpoint"] == "final adapter"
     assert set(diag["summary"]) == set(method_names())
+    assert diag["knockout"]["n_examples"] == 2  # the final probe computes the knockout section
     assert np.isfinite(diag["summary"]["attention"]["roi_mass_mean"])
     assert (run / "report" / "report.html").is_file() and (run / "stage2" / "adapter" / "README.md").is_file()
     assert calls == []

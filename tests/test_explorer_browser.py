@@ -43,14 +43,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, small_phantom):
+#: the default family, and Qwen2.5-VL, whose preview keeps the upload's aspect ratio (a non-square grid)
+BROWSER_FAMILIES = ["llava", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module", params=BROWSER_FAMILIES)
+def served(request, tmp_path_factory, small_phantom):
     from medvlm.diagnostics.explorer import load_explorer_model
     from medvlm.diagnostics.explorer_app import Server, build_app, launch
     from medvlm.diagnostics.explorer_samples import samples
 
-    root = tmp_path_factory.mktemp("browser")
-    folder, adapters = build_model_with_adapters(root, "llava", small_phantom)
+    root = tmp_path_factory.mktemp(f"browser-{request.param}")
+    folder, adapters = build_model_with_adapters(root, request.param, small_phantom)
     server = Server(load_explorer_model(str(folder), [str(a) for a in adapters]), load_explorer_model,
                     samples(root / "samples"))
     app = build_app(server)
@@ -166,15 +170,20 @@ def test_clicking_a_token_and_a_patch_and_switching_fusion(served, page):
     page.wait_for_selector("#preview img")
     page.fill("#question textarea", "Where is the abnormality?")
     _ask(page)
+    rows, cols = json.loads(Path(next(f for f in _downloads(page, server) if f.endswith("numbers.json")))
+                            .read_text())["analyses"][1]["grid"]
     tokens = page.query_selector_all("#tokens1 .token")
     assert tokens, "the answer of B has no tokens to click"
     tokens[0].click()
     page.wait_for_selector("#tokenmap1 img")
     assert "attention to the image" in page.inner_text("#tokenmap1")
-    # after Ask the preview is the model's own view, so a click maps onto the 4x4 token grid
+    # after Ask the preview is the model's own view (its aspect ratio too), so a click maps onto the
+    # token grid: 4x4 for the fixed-size families (row 1, col 2), 6x9 for Qwen2.5-VL's 320x240 upload
     box = page.query_selector("#preview img").bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.45)  # row 1, col 2
-    page.wait_for_function("document.querySelector('#patch1').innerText.includes('row 1, col 2')")
+    assert abs(box["width"] / box["height"] - cols / rows) < 0.05
+    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.45)
+    cell = f"row {int(0.45 * rows)}, col {int(0.7 * cols)}"
+    page.wait_for_function(f"document.querySelector('#patch1').innerText.includes({json.dumps(cell)})")
     before = _src(page, "#attn1 img")
     page.click("#fusion label:has-text('max')")
     page.wait_for_function(f"document.querySelector('#attn1 img').src !== {json.dumps(before)}")
@@ -217,4 +226,4 @@ def test_errors_show_in_the_page_and_the_app_keeps_serving(served, page, capfd, 
     page.wait_for_function("document.querySelector('#question textarea').value.length > 0")
     _ask(page)  # waits for the new overlays, not for a status text that a progress bar can hold
     assert "Answered" in page.inner_text("#status")
-    assert server.model.name.endswith("demo-arch-llava")
+    assert server.model.name.endswith(f"demo-arch-{server.model.family.name}")

@@ -62,10 +62,11 @@ def test_importance_equals_a_direct_recomputation(setup, fam):
     _, cache = capture(model, family, ex.inputs, query_positions=[q], head_outputs=True, hidden_states=True)
     final = cache["resid_post", -1][0, q]
     norm = family.final_norm(model)
-    gain = norm(torch.ones_like(final)) * (1 + 1e-6) ** 0.5
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))  # 1e-6; Qwen2.5-VL's tiny: 1e-5
+    gain = norm(torch.ones_like(final)) * (1 + eps) ** 0.5
 
     def logp(x):
-        z = family.unembed(model)(x * torch.rsqrt(final.pow(2).mean() + 1e-6) * gain)
+        z = family.unembed(model)(x * torch.rsqrt(final.pow(2).mean() + eps) * gain)
         return float(torch.log_softmax(z, -1)[res.target_id])
 
     assert res.target_id == res.predicted_id == int(out.logits[0, q].argmax())  # no answer: the prediction

@@ -37,7 +37,7 @@ def setup():
 def test_last_layer_matches_the_models_prediction(setup, fam):
     model, family, tok, ex = setup[fam]
     lens = logit_lens(model, family, ex, tok, k=5, chunk=10)
-    span = family.image_span(model, ex.inputs["input_ids"][0])
+    span = family.image_span(model, ex.inputs["input_ids"][0], ex.inputs)
     with torch.no_grad():
         probs = torch.softmax(model(**ex.inputs).logits[0, span.start:span.end].float(), -1)
     top = probs.topk(5, -1)

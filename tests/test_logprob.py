@@ -61,13 +61,14 @@ def test_delta_equals_a_direct_recomputation(setup, fam, norm):
     _, cache = capture(model, family, ex.inputs, query_positions=[q], values=True, hidden_states=True)
     final = cache["resid_post", -1][0, q]  # the last layer's output, before the final norm
     module = family.final_norm(model)
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))  # 1e-6; Qwen2.5-VL's tiny: 1e-5
     with torch.no_grad():  # the norm's gain vector (Llama's w, Gemma's 1 + w): norm(ones) = gain / sqrt(1 + eps)
-        gain = module(torch.ones_like(final)) * (1 + 1e-6) ** 0.5
+        gain = module(torch.ones_like(final)) * (1 + eps) ** 0.5
 
     def logp(resid):
         with torch.no_grad():
             if norm == "frozen":
-                normed = resid * torch.rsqrt(final.pow(2).mean() + 1e-6) * gain
+                normed = resid * torch.rsqrt(final.pow(2).mean() + eps) * gain
             else:
                 normed = module(resid)
             z = family.unembed(model)(normed)

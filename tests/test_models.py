@@ -70,18 +70,21 @@ def test_llava_golden_label_mask(tiny_llava):
 def test_generation_batch_is_left_padded_and_ends_at_the_prompt(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES, ["short?", QUESTIONS[1]], prepared=True)
+    images = loaded.family.prepare_images(loaded.processor, IMAGES)
+    batch = loaded.family.generation_batch(loaded.processor, images, ["short?", QUESTIONS[1]], prepared=True)
     am = batch["attention_mask"]
     assert am[0, 0] == 0 and am[0, -1] == 1 and am[1].all()  # left padding
     assert "labels" not in batch or batch["labels"] is None
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    loaded.family.check_pixels(loaded.model, batch)  # as the processor makes them, not resized again
+    assert [s.grid for s in loaded.family.image_spans(loaded.model, batch)] == [(4, 4)] * 2
 
 
 def test_image_span_comes_from_the_sequence(tiny_model):
     family, folder = tiny_model
     loaded = load_model_and_processor(str(folder))
-    batch = loaded.family.generation_batch(loaded.processor, IMAGES[:1], ["where?"], prepared=True)
-    span = loaded.family.image_span(loaded.model, batch["input_ids"][0])
+    images = loaded.family.prepare_images(loaded.processor, IMAGES[:1])
+    batch = loaded.family.generation_batch(loaded.processor, images, ["where?"], prepared=True)
+    span = loaded.family.image_span(loaded.model, batch["input_ids"][0], batch, 0)
     assert span.grid == (4, 4) and span.end - span.start == N_IMAGE
     with pytest.raises(ValueError, match="no image tokens"):
         loaded.family.image_span(loaded.model, torch.tensor([1, 2, 3]))
@@ -140,6 +143,27 @@ def test_a_fully_trained_module_counts_once(tiny_model):
 def test_unknown_family_suggests_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'paligemma'"):
         get_family("paligema")
+
+
+@pytest.mark.parametrize("model_type", ["idefics3", "medfoo_vl"])  # known to transformers, and not even that
+def test_a_checkpoint_no_family_handles_gets_one_line_naming_the_families_and_the_file(tmp_path, model_type,
+                                                                                       capsys, small_phantom):
+    from medvlm.models import FAMILIES
+    from medvlm.training.cli import main
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    with pytest.raises(ValueError) as err:
+        load_model_and_processor(str(folder))
+    message = str(err.value)
+    assert "\n" not in message and f"model_type {model_type!r}" in message
+    assert f"Registered families: {', '.join(sorted(FAMILIES))}." in message
+    assert "medvlm/models/<family>.py" in message and "medvlm/models/families.py" in message
+    assert main("stage1", ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "run"),
+                           "--phantom_patients", "36", "--report_to", "none"]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()  # data-loading progress bars, then the error
+    assert printed[-1] == f"error: {message}" and not [line for line in printed[:-1] if "error" in line.lower()]
 
 
 def test_loading_a_missing_folder_names_it(tmp_path):

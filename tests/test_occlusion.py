@@ -17,17 +17,22 @@ def tiny(request):
 
 
 @torch.no_grad()
-def _hand_drop(model, ex, rows: slice, cols: slice) -> float:
-    """log p(answer) minus the same with pixel rows x cols replaced by the image mean, by hand."""
-    px = ex.inputs["pixel_values"]
-    hidden = px.clone()
-    hidden[..., rows, cols] = px.mean(dim=(-2, -1), keepdim=True)
+def _hand_drop(model, processor, family, ex, rows: slice, cols: slice) -> float:
+    """log p(answer) minus the same with grid cells rows x cols of the image replaced by the image's
+    per-channel mean, by hand: the pixels hidden in the model-resolution image, which the processor
+    then rescales, normalises (and patchifies) as it does for any prepared image."""
+    image = ex.image.astype(np.float64)
+    ph, pw = image.shape[0] // ex.span.grid[0], image.shape[1] // ex.span.grid[1]
+    hidden = image.copy()
+    hidden[rows.start * ph:rows.stop * ph, cols.start * pw:cols.stop * pw] = image.reshape(-1, 3).mean(0)
+    pixels = processor.image_processor([hidden], return_tensors="pt",
+                                       **family.processor_kwargs(prepared=True))["pixel_values"]
 
     def score(pixels):
         logits = model(**{**ex.inputs, "pixel_values": pixels}).logits[0]
         logp = torch.log_softmax(logits[ex.target_positions].float(), -1)
         return float(logp[torch.arange(len(ex.target_ids)), ex.target_ids].sum())
-    return score(px) - score(hidden)
+    return score(ex.inputs["pixel_values"]) - score(pixels)
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -48,8 +53,7 @@ def test_a_cell_equals_the_drop_computed_by_hand(tiny):
     model, processor, family = tiny
     ex = prepare_example(model, processor, family, _image(1), "where is the lesion?", "left lung")
     grid = occlusion(model, family, ex)
-    ph = ex.inputs["pixel_values"].shape[-1] // 8
-    assert grid[2, 5] == pytest.approx(_hand_drop(model, ex, slice(2 * ph, 3 * ph), slice(5 * ph, 6 * ph)), abs=1e-4)
+    assert grid[2, 5] == pytest.approx(_hand_drop(model, processor, family, ex, slice(2, 3), slice(5, 6)), abs=1e-4)
 
 
 def test_large_grids_hide_blocks_of_cells(tiny):
@@ -59,8 +63,7 @@ def test_large_grids_hide_blocks_of_cells(tiny):
     assert coarse.shape == (8, 8)
     blocks = coarse.reshape(4, 2, 4, 2)
     assert np.allclose(blocks, blocks[:, :1, :, :1])  # each block's cells share its drop
-    ph = ex.inputs["pixel_values"].shape[-1] // 8
-    block = _hand_drop(model, ex, slice(4 * ph, 6 * ph), slice(2 * ph, 4 * ph))  # block (2, 1): cells 4-5 x 2-3
+    block = _hand_drop(model, processor, family, ex, slice(4, 6), slice(2, 4))  # block (2, 1): cells 4-5 x 2-3
     assert coarse[4, 2] == pytest.approx(block, abs=1e-4)
 
 

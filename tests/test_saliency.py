@@ -40,7 +40,7 @@ def setup():
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_single_head_map_is_that_heads_attention_to_the_image(setup, fam):
     model, family, ex, ref = setup[fam]
-    span = family.image_span(model, ex.inputs["input_ids"][0])
+    span = family.image_span(model, ex.inputs["input_ids"][0], ex.inputs)
     got = raw_attention(model, family, ex, layer=0, head=2)
     want = ref[0][2, ex.target_positions, span.start:span.end].mean(0).reshape(8, 8)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-7)
@@ -49,7 +49,7 @@ def test_single_head_map_is_that_heads_attention_to_the_image(setup, fam):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_mean_fusion_averages_the_last_quarter(setup, fam):
     model, family, ex, ref = setup[fam]
-    span = family.image_span(model, ex.inputs["input_ids"][0])
+    span = family.image_span(model, ex.inputs["input_ids"][0], ex.inputs)
     assert last_quarter(2) == [1] and last_quarter(26) == [20, 21, 22, 23, 24, 25]
     got = raw_attention(model, family, ex, fusion="mean")
     want = ref[-1][:, ex.target_positions, span.start:span.end].mean((0, 1)).reshape(8, 8)
@@ -72,7 +72,7 @@ def test_entropy_fusion_ignores_uniform_heads():
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_image_patch_to_response_tokens(setup, fam):
     model, family, ex, ref = setup[fam]
-    span = family.image_span(model, ex.inputs["input_ids"][0])
+    span = family.image_span(model, ex.inputs["input_ids"][0], ex.inputs)
     _, cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
     weights = image_to_response(cache, (2, 5), ex.target_positions, layer=1, head=0)
     want = ref[1][0, ex.target_positions, span.start + 2 * 8 + 5]
@@ -89,7 +89,7 @@ def test_image_patch_to_response_tokens(setup, fam):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_rollout_matches_the_product_of_mixed_head_means(setup, fam):
     model, family, ex, ref = setup[fam]
-    span = family.image_span(model, ex.inputs["input_ids"][0])
+    span = family.image_span(model, ex.inputs["input_ids"][0], ex.inputs)
     joint = np.eye(ref[0].shape[-1])
     for a in ref:
         a_hat = 0.5 * a.mean(0).double().numpy() + 0.5 * np.eye(a.shape[-1])

@@ -57,6 +57,8 @@ def test_stage1_run_folder_holds_everything(stage1_run):
     # the config saved with the run reproduces it
     saved = (out / "config.yaml").read_text()
     assert "max_steps: 6" in saved and "lora_preset: full" in saved
+    record = json.loads((out / "adapter" / "medvlm_adapter.json").read_text())
+    assert record["family"] == "paligemma" and record["image_settings"] == {}
 
 
 @pytest.mark.parametrize("mode", ["continue", "merge"])
@@ -119,6 +121,23 @@ def _the_adapter_reproduces_the_run(out, base, mode):
             torch.testing.assert_close(ckpt.model(**batch).logits, want, rtol=1e-4, atol=1e-4)
             naive = PeftModel.from_pretrained(final.family.model_class.from_pretrained(base), out / "checkpoint-3")
             assert not torch.allclose(naive.eval()(**batch).logits, want, atol=1e-6)  # stage 1 forgotten
+
+
+def test_a_qwen_stage_keeps_its_image_settings_for_stage2_and_every_loader(tiny_folders, tmp_path):
+    """min_pixels / max_pixels reach the processor (the 64-px phantom images are enlarged to 96 px, a 6x6
+    token grid), the adapter record keeps them, stage 2 inherits them, and load_with_adapter reuses them."""
+    from medvlm.models.adapters import load_with_adapter
+
+    base, settings = tiny_folders("qwen2_5_vl"), {"min_pixels": 96 * 96, "max_pixels": 96 * 96}
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main("stage1", _argv(base, s1, "--max_steps", "2", "--min_pixels", "9216", "--max_pixels", "9216")) == 0
+    assert json.loads((s1 / "adapter" / "medvlm_adapter.json").read_text())["image_settings"] == settings
+    assert main("stage2", _argv(base, s2, "--max_steps", "1", "--init_adapter", str(s1 / "adapter"))) == 0
+    assert json.loads((s2 / "adapter" / "medvlm_adapter.json").read_text())["image_settings"] == settings
+    assert json.loads((s2 / "metrics.json").read_text())["closed"]["n"] > 0
+    loaded = load_with_adapter(None, s2 / "adapter")
+    image = loaded.family.prepare_images(loaded.processor, [torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()])[0]
+    assert image.shape == (96, 96, 3)
 
 
 class StopAt(TrainerCallback):
@@ -185,14 +204,23 @@ def test_missing_stage1_adapter(tiny_paligemma, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"paligemma"}))
-def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_folder, tmp_path, capsys, family):
+def test_stage2_on_another_base_than_the_adapter(stage1_run, tiny_folders, tmp_path, capsys, family):
     out = tmp_path / "s2"
-    assert main("stage2", _argv(tiny_folder(family), out, "--max_steps", "1",
+    assert main("stage2", _argv(tiny_folders(family), out, "--max_steps", "1",
                                 "--init_adapter", str(stage1_run / "adapter"))) == 2
     err = capsys.readouterr().err
     assert "was trained on a paligemma model" in err and f"is a {family} model" in err and "model_name_or_path" in err
     assert "Loading weights" not in err  # refused before any weights load
     assert not (out / "manifest.json").exists()
+
+
+def test_image_settings_on_a_fixed_resolution_family_are_refused_before_the_weights_load(tiny_paligemma, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "s1"
+    assert main("stage1", _argv(tiny_paligemma, out, "--max_steps", "1", "--max_pixels", "100000")) == 2
+    err = capsys.readouterr().err
+    assert "max_pixels set, but the paligemma family resizes every image to its fixed input size" in err
+    assert "Loading weights" not in err and not (out / "manifest.json").exists()
 
 
 def test_missing_image_is_named(tiny_paligemma, tmp_path, capsys):

@@ -9,7 +9,7 @@ from medvlm.models.registry import get_family
 from medvlm.models.tiny import build_tiny, tiny_tokenizer
 
 CORPUS = ["where is the lesion? the abnormality is in the left lung, near the liver and the kidney."] * 4
-FAMILIES = sorted(REGISTERED)  # every registered family
+FAMILIES = list(REGISTERED)
 
 
 def eager_tiny(family: str, corpus: list[str] = CORPUS):

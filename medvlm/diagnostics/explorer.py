@@ -141,13 +141,16 @@ def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str 
             detect_family(model)
         except (OSError, ValueError, KeyError) as err:
             raise ExplorerError(f"cannot load model {model!r}: {err}") from err
+    records = []
     for folder in adapters:  # before any weights load
         try:
-            check_adapter(folder, model, family)
+            records.append(check_adapter(folder, model, family))
         except AdapterError as err:
             raise ExplorerError(str(err)) from err
+    settings = records[0].get("image_settings") if records else None  # adapter A's processor settings
     try:
-        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True)
+        loaded = load_model_and_processor(model, dtype=dtype, attn_implementation="eager", for_inference=True,
+                                          image_settings=settings or None)
     except (OSError, ValueError, KeyError) as err:
         raise ExplorerError(f"cannot load model {model!r}: {err}") from err
     labels = {adapter_label(letter, folder): str(folder) for letter, folder in zip("AB", adapters, strict=False)}

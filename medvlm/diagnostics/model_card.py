@@ -111,13 +111,14 @@ def probe_records_for(stage_dir: str | Path, split: str = "validation"):
 
 def compute_final_diagnostics(stage_dir: str | Path, *, max_examples: int = FINAL_PROBE_EXAMPLES,
                               model_name_or_path: str | None = None, records=None) -> dict:
-    """Probe the stage's final adapter into ``stage_dir/diagnostics/`` (for runs trained without it)."""
+    """Probe the stage's final adapter into ``stage_dir/diagnostics/`` (for runs trained without it),
+    with the attention-knockout section (no time budget here, so it always fits)."""
     from medvlm.diagnostics.probe import run_probe
 
     loaded = load_adapter_model(stage_dir, model_name_or_path)
     records = records if records is not None else probe_records_for(stage_dir)
     return run_probe(loaded.model, loaded.processor, loaded.family, records, Path(stage_dir) / "diagnostics",
-                     max_examples=max_examples, extra={"checkpoint": "final adapter"})
+                     max_examples=max_examples, knockout=True, extra={"checkpoint": "final adapter"})
 
 
 # -- the card ------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 
 from medvlm.diagnostics.attention_quality import paraphrase_divergence, score_map
 from medvlm.diagnostics.capture import AttentionNotEagerError, Cache, Example, capture, prepare_example
+from medvlm.diagnostics.knockout_validation import knockout_validation
 from medvlm.diagnostics.methods import Context, registered
 from medvlm.diagnostics.methods.logit_lens import LogitLens, write_lens_html
 from medvlm.diagnostics.overlay import enlarge, save_overlay
@@ -273,7 +274,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
               methods: Sequence[str] | None = None, geometry: bool = True, max_examples: int = 8,
               sanity_examples: int = 2, overlay_examples: int = 2, time_budget: float | None = None,
               clock: Callable[[], float] = time.monotonic, geometry_examples: int = 24, geometry_tokens: int = 256,
-              seed: int = 0,
+              seed: int = 0, knockout: bool = False,
               extra: dict | None = None) -> dict:
     """Probe ``model`` on up to ``max_examples`` lesion records; write ``out_dir/diagnostics.json``.
 
@@ -282,7 +283,12 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     geometry, so that pooled tokens outnumber the model width (else linearity is NaN).
     ``time_budget`` (seconds, optional): before each further example and before the randomisation
     test the measured cost so far is extrapolated; what would overrun is skipped and listed under
-    ``"skipped"`` with the reason. ``extra`` is merged into the JSON (e.g. the budget plan).
+    ``"skipped"`` with the reason. ``knockout``: also the attention-knockout curves and lesion-vs-mirror
+    test over the probed examples (:mod:`~medvlm.diagnostics.knockout_validation`; 3 x layers + 3
+    forwards per example) under ``"knockout"``: the final probe asks for it, the per-checkpoint probe
+    does not (the per-cell knockout map, a registered method, runs there within the budget; the
+    sweep grows with the depth and is read once, on the final adapter). ``extra`` is merged into the
+    JSON (e.g. the budget plan).
     Returns the JSON dict (see the module docstring); raises ValueError when no record has a mask.
     """
     from tqdm.auto import tqdm
@@ -334,7 +340,7 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
                               "settings": {"max_examples": max_examples, "sanity_examples": sanity_examples,
                                            "geometry": geometry, "geometry_extra_examples": geometry_examples,
                                            "geometry_tokens_per_example": geometry_tokens,
-                                           "time_budget_s": time_budget, "seed": seed}}
+                                           "time_budget_s": time_budget, "seed": seed, "knockout": knockout}}
     result["summary"] = summarize_methods(rows, names, seed=seed)
     result["top_heads"] = top_heads(rows)  # the paper's head importance; the image-position sum apart
     result["image_top_heads"] = top_heads(rows, key="image_head_scores")
@@ -342,6 +348,12 @@ def run_probe(model, processor, family: ModelFamily, records: Any, out_dir: str 
     for r in rows:
         lens_counts.update(r.get("logit_lens", {}).get("best_layer_counts", {}))
     result["logit_lens_best_layers"] = dict(sorted(lens_counts.items(), key=lambda kv: int(kv[0])))
+    if knockout and rows:  # within what is left of the budget; records left out are listed in it
+        t, probed = clock(), {r["id"] for r in rows}
+        left = None if time_budget is None else max(time_budget - (t - start), 0.0)
+        result["knockout"] = knockout_validation(model, processor, family, [r for r in chosen if r.get("id") in probed],
+                                                 clock=clock, time_budget=left)
+        timings["knockout_validation"] += clock() - t  # "knockout" is the per-cell map's (a method)
 
     # Geometry: hidden states of the shared capture pass, pooled over the examples, plus
     # hidden-states-only passes over more records so that tokens outnumber dimensions

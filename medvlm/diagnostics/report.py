@@ -5,7 +5,8 @@ A *run* is a stage folder (``checkpoint-N/`` with ``metrics.json`` and ``diagnos
 stage folders (``stage1/``, ``stage2/``). The report holds, per stage: accuracy / ROUGE-L and
 ROI mass per saliency method over training, linearity per layer, which saliency methods the
 maps can be trusted with and how stable each verdict is (:data:`medvlm.diagnostics.probe_summary.TRUST_RULE`:
-trusted, not trusted or unstable, with the share of bootstrap resamples that trust it), the top heads, the probe
+trusted, not trusted or unstable, with the share of bootstrap resamples that trust it), the top heads, the
+attention knockout when the probe computed it (:mod:`medvlm.diagnostics.knockout_validation`), the probe
 examples, and *indicators*: groups of examples (by modality and by body part) where the model is
 likely to fail (rule: :data:`INDICATOR_RULE`).
 
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medvlm.diagnostics.heads_report import HEADS_FILE, head_blocks, probe_head_blocks
+from medvlm.diagnostics.knockout_validation import knockout_blocks
 from medvlm.diagnostics.probe_summary import TRUST_RULE, mean_finite
 from medvlm.eval.metrics import headline
 from medvlm.utils.io import atomic_write_json, atomic_write_text
@@ -309,6 +311,7 @@ def _stage_blocks(stage: dict) -> list[tuple]:
                                if m in x["methods"]), default=float("nan")))] for m in names])]
     blocks += probe_head_blocks(d, fmt)
     blocks += _neuron_section(stage["path"] / "diagnostics")
+    blocks += knockout_blocks(d.get("knockout"))
     blocks += [("h3", "Probe examples"),
                ("table", ["id", "question", "answer", "modality", "body part", "first answer token", "entropy",
                           *[f"ratio {m}" for m in d.get("methods", [])]],

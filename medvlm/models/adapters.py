@@ -6,7 +6,9 @@ Every adapter folder medvlm writes holds peft's ``adapter_config.json`` and
     {"model_name_or_path": "google/paligemma-3b-mix-448",   # the base, as the user named it
      "resolved_path": "...",                                 # the folder it resolved to (demo bases)
      "family": "paligemma",
-     "merged_into_base": []}                                 # adapters merged into the base first
+     "merged_into_base": [],                                 # adapters merged into the base first
+     "image_settings": {}}                                   # processor overrides it was trained with
+                                                             # (min_pixels / max_pixels; loaders reuse them)
 
 An adapter is always relative to the *original* base, so plain transformers + PEFT
 (``PeftModel.from_pretrained(base, folder)``) reproduces the run, as the model card says. A stage
@@ -96,11 +98,13 @@ def check_adapter(folder: str | Path, base_model: str, family: str | None = None
     return record
 
 
-def write_record(folder: str | Path, base_model: str, family: str, merged_into_base: Sequence[str] = ()) -> Path:
+def write_record(folder: str | Path, base_model: str, family: str, merged_into_base: Sequence[str] = (),
+                 image_settings: dict[str, int] | None = None) -> Path:
     """``medvlm_adapter.json`` of an adapter folder (see the module docstring)."""
     return atomic_write_json(Path(folder) / RECORD, {
         "model_name_or_path": base_model, "resolved_path": resolve_model_path(base_model), "family": family,
-        "merged_into_base": [str(Path(p).resolve()) for p in merged_into_base]})
+        "merged_into_base": [str(Path(p).resolve()) for p in merged_into_base],
+        "image_settings": dict(image_settings or {})})
 
 
 def _scaling(cfg: dict[str, Any]) -> float:
@@ -193,7 +197,9 @@ def load_with_adapter(model_name_or_path: str | None, adapter: str | Path | None
                       **load_kwargs) -> LoadedModel:
     """The one loader of a base model with an adapter, used by evaluation, diagnostics, the
     explorer and the model card: the base (``model_name_or_path``, or the one the adapter's record
-    names) loaded with ``load_kwargs``, checked against the adapter before any weights load."""
+    names) loaded with ``load_kwargs``, checked against the adapter before any weights load. The
+    processor gets the image settings the adapter was trained with (its record's ``image_settings``)
+    unless ``load_kwargs`` names them."""
     if model_name_or_path is None:
         if adapter is None:
             raise AdapterError("give a model or an adapter whose medvlm_adapter.json names its base")
@@ -201,7 +207,8 @@ def load_with_adapter(model_name_or_path: str | None, adapter: str | Path | None
         if not model_name_or_path:
             raise AdapterError(f"adapter {adapter} does not name its base model; pass the model")
     if adapter is not None:
-        check_adapter(adapter, model_name_or_path, family_of(model_name_or_path))
+        record = check_adapter(adapter, model_name_or_path, family_of(model_name_or_path))
+        load_kwargs.setdefault("image_settings", record.get("image_settings") or None)
     loaded = load_model_and_processor(model_name_or_path, **load_kwargs)
     if adapter is not None:
         loaded.model = apply_adapter(loaded.model, adapter, merge=merge)

@@ -7,6 +7,8 @@ model's structure. Adding a family (MedGemma, Qwen2.5-VL ...) is one new file th
 
 What a family says about its models:
 
+- **the processor**: how a checkpoint's processor is loaded, with the image settings a config may
+  override (``min_pixels`` / ``max_pixels`` of dynamic-resolution families; :meth:`load_processor`);
 - **inputs**: how images are prepared once for its processor (:meth:`prepare_images`, a fixed
   resolution by default) and fingerprinted for the on-disk cache (:meth:`image_settings`); how a
   training batch is built and which labels are masked (:meth:`train_batch`); how a generation
@@ -16,8 +18,9 @@ What a family says about its models:
 - **structure**: the decoder layers, each layer's attention module and how its output enters the
   residual stream (:meth:`attention_residual`), the head layout, the final
   norm, the unembedding with any logit soft-capping (:meth:`lens_logits`), whether attention
-  weights are returned (:meth:`check_eager`), the vision layer the projector reads and the token
-  grid Grad-CAM maps onto (:meth:`gradcam_layer`, :meth:`gradcam_map`);
+  weights are returned (:meth:`check_eager`), the vision layer the projector reads, the order of
+  its rows when the tower reorders patches, and the token grid Grad-CAM maps onto
+  (:meth:`gradcam_layer`, :meth:`gradcam_order`, :meth:`gradcam_map`);
 - **LoRA**: target names per tower and per preset (:attr:`lora_presets`), parameters LoRA cannot
   reach (:meth:`bare_parameters`), and which tower a parameter belongs to;
 - **the embedded default**: a tiny model of the real class with its real processor class
@@ -40,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from medvlm.models.tokenizer import build_tokenizer
 
@@ -131,6 +134,17 @@ class ModelFamily:
         "lm_head": "lm_head",
     }
     lora_presets: dict[str, dict[str, Any]] = SIGLIP_LLAMA_LORA_PRESETS
+
+    # -- the processor --------------------------------------------------------------------------
+    def load_processor(self, path: str, **image_settings: int) -> ProcessorMixin:
+        """The processor of a checkpoint (hub id or folder). ``image_settings`` (``min_pixels``,
+        ``max_pixels``) override the processor config of dynamic-resolution families; a fixed-resolution
+        family refuses them rather than ignore them."""
+        if image_settings:
+            raise ValueError(f"{', '.join(sorted(image_settings))} set, but the {self.name} family resizes every "
+                             "image to its fixed input size; these keys apply to dynamic-resolution families "
+                             "(Qwen2.5-VL). Remove them from the config")
+        return AutoProcessor.from_pretrained(path)
 
     # -- inputs ---------------------------------------------------------------------------------
     def train_batch(self, processor: ProcessorMixin, images: list, questions: list[str],
@@ -381,10 +395,17 @@ class ModelFamily:
         """The vision layer Grad-CAM hooks: the one whose output the projector reads."""
         return self.vision_layers(model)[self.vision_feature_layer(model)]
 
+    def gradcam_order(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Indices that put the rows of :meth:`gradcam_layer`'s output (the tokens axis) in the order
+        the processor emitted the patches, for towers that reorder patches inside (Qwen2.5-VL's
+        window attention); None: they are in order already."""
+        return None
+
     def gradcam_map(self, acts: torch.Tensor, grads: torch.Tensor, span: ImageSpan,
                     inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Grad-CAM on the span's grid from the hooked layer's output and its gradient
-        ([batch, tokens, C] each): α_c = mean over patches of the gradient, map = ReLU(Σ_c α_c A).
+        ([batch, tokens, C] each, rows in :meth:`gradcam_order`): α_c = mean over patches of the
+        gradient, map = ReLU(Σ_c α_c A).
         Default: the last rows·cols tokens are the patches (CLIP's class token comes first)."""
         n = span.grid[0] * span.grid[1]
         a, g = acts[0, -n:].float(), grads[0, -n:].float()

@@ -13,9 +13,14 @@ from medvlm.models.base import ModelFamily
 from medvlm.models.gemma3 import MedGemmaFamily
 from medvlm.models.llava import LlavaFamily
 from medvlm.models.paligemma import PaliGemmaFamily
+from medvlm.models.qwen2_5_vl import Qwen25VLFamily
 
-FAMILIES: dict[str, type[ModelFamily]] = {"paligemma": PaliGemmaFamily, "llava": LlavaFamily,
-                                          "medgemma": MedGemmaFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    "paligemma": PaliGemmaFamily,
+    "llava": LlavaFamily,
+    "medgemma": MedGemmaFamily,
+    "qwen2_5_vl": Qwen25VLFamily,
+}
 
 
 def get_family(name: str) -> ModelFamily:

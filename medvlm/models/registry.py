@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoProcessor, ProcessorMixin
+from transformers import PretrainedConfig, ProcessorMixin
 
 from medvlm.models.base import ModelFamily
 from medvlm.models.families import FAMILIES, get_family  # noqa: F401 - the registry's public names
@@ -20,8 +20,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def detect_family(model_name_or_path: str) -> ModelFamily:
-    cfg = AutoConfig.from_pretrained(model_name_or_path)
-    return get_family(cfg.model_type)
+    """The family of a checkpoint from the ``model_type`` of its ``config.json``, read as a plain dict:
+    a type transformers does not know either gets medvlm's message (the registered families and the
+    file to add), not transformers' advice to upgrade."""
+    config, _ = PretrainedConfig.get_config_dict(model_name_or_path)
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError(f"{model_name_or_path}: its config.json has no model_type, so no family can be chosen; "
+                         "point at a transformers checkpoint folder (config.json with model_type)")
+    return get_family(model_type)
 
 
 @dataclass
@@ -71,6 +78,7 @@ def load_model_and_processor(
     quantization_bits: int | None = None,
     attn_implementation: str | None = "eager",
     for_inference: bool = False,
+    image_settings: dict[str, int] | None = None,
 ) -> LoadedModel:
     """Load a model of a registered family and its processor.
 
@@ -78,7 +86,8 @@ def load_model_and_processor(
     (sdpa returns none); pass ``"sdpa"`` for faster training when no diagnostics run.
     ``dtype="auto"``: bfloat16 on a GPU, float32 on a CPU. ``for_inference`` (evaluation,
     diagnostics, the explorer) puts an unquantised model on the GPU when there is one; training
-    leaves placement to the Trainer / accelerate.
+    leaves placement to the Trainer / accelerate. ``image_settings`` (``min_pixels``, ``max_pixels``)
+    override the processor config of a dynamic-resolution family (:meth:`ModelFamily.load_processor`).
     """
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -98,11 +107,12 @@ def load_model_and_processor(
         raise ValueError(f"dtype {dtype!r} unknown; expected auto or one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     qconfig = quantization_config(quantization_bits, torch_dtype)
+    # the processor first: bad image settings fail before the weights load
+    processor = family.load_processor(path, **(image_settings or {}))
     model = family.model_class.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation,
         quantization_config=qconfig, device_map=device_map_for(qconfig is not None),
     )
-    processor = AutoProcessor.from_pretrained(path)
     if for_inference and qconfig is None and torch.cuda.is_available():
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return LoadedModel(model, processor, family)

@@ -27,6 +27,18 @@ class ModelArguments:
         default=None, metadata={"help": "4 or 8 to load the base through bitsandbytes (QLoRA); empty for none."})
     attn_implementation: str = field(
         default="eager", metadata={"help": "eager (needed for attention diagnostics) | sdpa."})
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Dynamic-resolution families (Qwen2.5-VL): smallest image area in pixels, "
+                                        "smaller images are enlarged; empty: the checkpoint's processor config."})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Dynamic-resolution families (Qwen2.5-VL): largest image area in pixels, "
+                                        "larger images are shrunk (image tokens = area / 784, and memory, grow "
+                                        "with it); empty: the checkpoint's processor config."})
+
+    def image_settings(self) -> dict[str, int]:
+        """The processor overrides set in the config (``min_pixels``, ``max_pixels``)."""
+        return {k: int(v) for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
+                if v is not None}
 
 
 @dataclass

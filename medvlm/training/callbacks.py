@@ -57,13 +57,15 @@ class AdapterRecordCallback(TrainerCallback):
     checkpoint, so a checkpoint's adapter loads with :func:`~medvlm.models.adapters.load_with_adapter`
     like a final one."""
 
-    def __init__(self, base_model: str, family: str, merged_into_base: Sequence[str] = ()):
+    def __init__(self, base_model: str, family: str, merged_into_base: Sequence[str] = (),
+                 image_settings: dict[str, int] | None = None):
         self.base_model, self.family, self.merged = base_model, family, list(merged_into_base)
+        self.image_settings = dict(image_settings or {})
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             write_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.base_model, self.family,
-                         self.merged)
+                         self.merged, self.image_settings)
 
 
 class CheckpointEvalCallback(TrainerCallback):

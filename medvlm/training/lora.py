@@ -75,3 +75,15 @@ def log_trainable(model, family: ModelFamily) -> dict[str, dict[str, int]]:
     for name, (tower, reason) in family.bare_parameters().items():
         logger.info("%s takes no LoRA (%s); with %r in lora_towers it is trained fully", name, reason, tower)
     return counts
+
+
+def gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors (LoRA and ``modules_to_save``) whole on the CPU, when FSDP shards them
+    (``DTensor`` parameters); ``None`` when they are plain tensors, which ``save_pretrained`` reads
+    itself. Under FSDP this is a collective: every process calls it, in the same order, before the
+    main process saves (a main-process-only save would write one rank's shards, or hang). Only
+    trainable parameters are gathered, so a 27B base is never assembled on one process."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not any(hasattr(p, "full_tensor") for _, p in params):
+        return None
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for name, p in params}

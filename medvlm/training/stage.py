@@ -32,7 +32,7 @@ from medvlm.models.inputs import VLMCollator, prepare_examples
 from medvlm.models.registry import load_model_and_processor
 from medvlm.training.arguments import DataArguments, LoraArguments, ModelArguments, StageArguments
 from medvlm.training.callbacks import AdapterRecordCallback, CheckpointEvalCallback
-from medvlm.training.lora import attach_lora, log_trainable
+from medvlm.training.lora import attach_lora, gathered_adapter_state, log_trainable
 from medvlm.training.trainer import MedVLMTrainer
 from medvlm.utils.io import atomic_write_text, hash_rows, write_manifest
 
@@ -119,12 +119,15 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         eval_records = eval_records.select(range(min(data_args.max_eval_samples, len(eval_records))))
 
     # Load model --------------------------------------------------------------------------------
+    image_settings = model_args.image_settings()
     if lora_args.init_adapter:  # a wrong adapter is refused before any weights load
-        check_adapter(lora_args.init_adapter, model_args.model_name_or_path,
-                      family_of(model_args.model_name_or_path), what="init_adapter")
+        record = check_adapter(lora_args.init_adapter, model_args.model_name_or_path,
+                               family_of(model_args.model_name_or_path), what="init_adapter")
+        image_settings = image_settings or record.get("image_settings") or {}  # else the previous stage's
     loaded = load_model_and_processor(model_args.model_name_or_path, dtype=model_args.dtype,
                                       quantization_bits=model_args.quantization_bits,
-                                      attn_implementation=model_args.attn_implementation)
+                                      attn_implementation=model_args.attn_implementation,
+                                      image_settings=image_settings)
     family, processor = loaded.family, loaded.processor
     model = attach_lora(loaded.model, family, lora_args, model_args.model_name_or_path,
                         quantized=model_args.quantization_bits is not None,
@@ -137,7 +140,8 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(model_args, data_args, lora_args, args))
     merged = [lora_args.init_adapter] if lora_args.init_adapter and lora_args.adapter_mode == "merge" else []
-    callbacks = [AdapterRecordCallback(model_args.model_name_or_path, family.name, merged), *(callbacks or [])]
+    callbacks = [AdapterRecordCallback(model_args.model_name_or_path, family.name, merged, image_settings),
+                 *(callbacks or [])]
     if args.checkpoint_eval_samples:
         n = min(args.checkpoint_eval_samples, len(eval_records))
         sub = eval_records.select(range(n))
@@ -160,8 +164,10 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
 
     # Save (main process) -----------------------------------------------------------------------
     main = trainer.is_world_process_zero()
+    adapter = gathered_adapter_state(trainer.model)  # every process: a collective under FSDP
     if main:
-        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged)
+        save_adapter(trainer.model, out / "adapter", model_args.model_name_or_path, family.name, merged,
+                     image_settings=image_settings, state_dict=adapter)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
 
     # Evaluate (every process answers its shard; the main process scores and writes) -------------
@@ -187,16 +193,18 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, lora_args: L
     return metrics
 
 
-def save_adapter(model, folder: Path, base_model: str, family: str, merged_into_base: list[str]) -> None:
+def save_adapter(model, folder: Path, base_model: str, family: str, merged_into_base: list[str],
+                 image_settings: dict[str, int] | None = None, state_dict: dict | None = None) -> None:
     """The final adapter in safetensors, relative to the original base: a stage that merged its
     previous adapter into the base saves the concatenation of both (see
     :func:`~medvlm.models.adapters.concat_adapters`), so plain PEFT on the base reproduces the run.
-    Written to a temp folder and renamed into place."""
+    ``state_dict``: the trainable tensors gathered from FSDP shards
+    (:func:`~medvlm.training.lora.gathered_adapter_state`). Written to a temp folder and renamed into place."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     for earlier in merged_into_base:
         concat_adapters(earlier, tmp, tmp)
-    write_record(tmp, base_model, family)
+    write_record(tmp, base_model, family, image_settings=image_settings)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

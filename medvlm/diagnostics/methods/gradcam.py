@@ -69,7 +69,12 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     finally:
         handle.remove()
         model.train(was_training)
-    cam = family.gradcam_map(acts[-1].detach(), grads, span, example.inputs)
+    act = acts[-1].detach()
+    order = family.gradcam_order(model, example.inputs)
+    if order is not None:  # a tower that reorders its patches (window attention): the processor's order
+        order = order.to(act.device)
+        act, grads = act.index_select(-2, order), grads.index_select(-2, order)
+    cam = family.gradcam_map(act, grads, span, example.inputs)
     return cam.double().cpu().numpy()
 
 
