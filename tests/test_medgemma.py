@@ -380,3 +380,35 @@ def test_a_262k_vocabulary_is_unembedded_in_bounded_chunks(tiny, monkeypatch):
         want = torch.log_softmax(family.lens_logits(big, vectors), -1)[:, 262_000]
     np.testing.assert_allclose(lens.top_probs[0, :, 0], probs.max(-1).values.numpy(), atol=1e-6)
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_do_pan_and_scan_config_key_reaches_the_processor(tiny, tmp_path):
+    """Off as the checkpoint saved it; the config key turns it on (the stage records it with the adapter,
+    every loader passes it to load_processor); settings of other families are refused, naming them."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    from medvlm.training.cli import parse_stage_config
+
+    _, processor, family, _ = tiny
+    processor.save_pretrained(tmp_path)
+    saved = AutoProcessor.from_pretrained(tmp_path)
+    saved.image_processor.pan_and_scan_min_crop_size = 32  # crops of a 64-px-high image are allowed
+    saved.save_pretrained(tmp_path)
+    off = family.load_processor(str(tmp_path))
+    on = family.load_processor(str(tmp_path), do_pan_and_scan=True)
+    assert family.pan_and_scan(off) == {"do_pan_and_scan": False}
+    assert family.pan_and_scan(on) == {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
+    wide = np.zeros((64, 160, 3), np.uint8)
+    views = [family.generation_batch(p, family.prepare_images(p, [wide]), ["where?"], prepared=True)["pixel_values"]
+             for p in (off, on)]
+    assert views[0].shape[0] == 1 and views[1].shape[0] == 4  # the original view, then plus three crops
+    with pytest.raises(ValueError, match="max_pixels set, but the medgemma family"):
+        family.load_processor(str(tmp_path), max_pixels=10**5)
+    with pytest.raises(ValueError, match="do_pan_and_scan set, but the llava family"):
+        get_family("llava").load_processor(str(tmp_path), do_pan_and_scan=True)
+    config = Path(__file__).parents[1] / "recipes" / "configs" / "demo_medgemma_stage1.yaml"
+    model_args = parse_stage_config([str(config), "--output_dir", str(tmp_path / "o"), "--do_pan_and_scan", "true"])[0]
+    assert model_args.image_settings() == {"do_pan_and_scan": True}
+    assert parse_stage_config([str(config), "--output_dir", str(tmp_path / "o")])[0].image_settings() == {}

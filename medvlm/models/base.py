@@ -138,12 +138,13 @@ class ModelFamily:
     # -- the processor --------------------------------------------------------------------------
     def load_processor(self, path: str, **image_settings: int) -> ProcessorMixin:
         """The processor of a checkpoint (hub id or folder). ``image_settings`` (``min_pixels``,
-        ``max_pixels``) override the processor config of dynamic-resolution families; a fixed-resolution
-        family refuses them rather than ignore them."""
+        ``max_pixels`` of dynamic-resolution families, ``do_pan_and_scan`` of Gemma 3) override its
+        processor config; a family they do not apply to refuses them rather than ignore them."""
         if image_settings:
             raise ValueError(f"{', '.join(sorted(image_settings))} set, but the {self.name} family resizes every "
-                             "image to its fixed input size; these keys apply to dynamic-resolution families "
-                             "(Qwen2.5-VL). Remove them from the config")
+                             "image to its fixed input size; min_pixels / max_pixels apply to dynamic-resolution "
+                             "families (Qwen2.5-VL), do_pan_and_scan to Gemma 3 (MedGemma). Remove them from "
+                             "the config")
         return AutoProcessor.from_pretrained(path)
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ The loss is on the answer and its ``<end_of_turn>`` only: labels run from after 
 ``<eos>`` as its end-of-sequence token, so ``<end_of_turn>`` is also a stop token of generation.
 
 Pan-and-scan (crops of a non-square image, each another 256 tokens after the original view) follows
-the processor's saved settings: ``do_pan_and_scan`` and ``pan_and_scan_*`` in the checkpoint's
-``preprocessor_config.json`` (off in MedGemma's, where they are null). ``Gemma3Processor`` itself
+the processor's settings: ``do_pan_and_scan`` and ``pan_and_scan_*`` in the checkpoint's
+``preprocessor_config.json`` (off in MedGemma's, where they are null), ``do_pan_and_scan`` overridden
+by the config key of that name (:meth:`MedGemmaFamily.load_processor`). ``Gemma3Processor`` itself
 ignores those saved values at call time (its class defaults win), so they are read here and passed
 with every call. With it on, prepared images keep their size (the crops are cut from the original),
 ``num_crops`` is not a model input (the processor drops it), and maps are drawn on the original view.
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    AutoProcessor,
     BatchFeature,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -95,6 +97,20 @@ class MedGemmaFamily(ModelFamily):
     model_class = Gemma3ForConditionalGeneration
     model_types = ("gemma3",)
     lora_presets = GEMMA3_LORA_PRESETS
+
+    # -- the processor --------------------------------------------------------------------------
+    def load_processor(self, path: str, **image_settings: int) -> Gemma3Processor:
+        """The processor of a checkpoint; the ``do_pan_and_scan`` config key overrides its saved setting
+        (the stage records it with the adapter, so every later loader sets it the same way)."""
+        unknown = set(image_settings) - {"do_pan_and_scan"}
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))} set, but the {self.name} family resizes every image "
+                             "(and each pan-and-scan crop) to its fixed input size; of the image settings only "
+                             "do_pan_and_scan applies to it. Remove them from the config")
+        processor = AutoProcessor.from_pretrained(path)
+        if "do_pan_and_scan" in image_settings:
+            processor.image_processor.do_pan_and_scan = bool(image_settings["do_pan_and_scan"])
+        return processor
 
     # -- inputs ---------------------------------------------------------------------------------
     @staticmethod

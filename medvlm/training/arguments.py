@@ -35,10 +35,18 @@ class ModelArguments:
                                         "larger images are shrunk (image tokens = area / 784, and memory, grow "
                                         "with it); empty: the checkpoint's processor config."})
 
+    do_pan_and_scan: bool | None = field(
+        default=None, metadata={"help": "Gemma 3 / MedGemma: true cuts a non-square image into the original view "
+                                        "plus crops, 256 tokens each (memory grows with them); empty: the "
+                                        "checkpoint's processor config (off in MedGemma's)."})
+
     def image_settings(self) -> dict[str, int]:
-        """The processor overrides set in the config (``min_pixels``, ``max_pixels``)."""
-        return {k: int(v) for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
-                if v is not None}
+        """The processor overrides set in the config (``min_pixels``, ``max_pixels``, ``do_pan_and_scan``)."""
+        settings = {k: int(v) for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
+                    if v is not None}
+        if self.do_pan_and_scan is not None:
+            settings["do_pan_and_scan"] = bool(self.do_pan_and_scan)
+        return settings
 
 
 @dataclass
