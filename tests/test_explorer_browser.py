@@ -43,8 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-#: the default family, and Qwen2.5-VL, whose preview keeps the upload's aspect ratio (a non-square grid)
-BROWSER_FAMILIES = ["llava", "qwen2_5_vl"]
+#: the default family, MedGemma (Gemma 3: token_type_ids, <end_of_turn>), and Qwen2.5-VL, whose preview
+#: keeps the upload's aspect ratio (a non-square grid)
+BROWSER_FAMILIES = ["llava", "medgemma", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module", params=BROWSER_FAMILIES)
