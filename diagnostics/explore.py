@@ -56,7 +56,7 @@ def load_demo_or_model(model: str, adapters: list[str], dtype: str):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="hub id, model folder or demo:llava / demo:paligemma")
+    p.add_argument("--model", help="hub id, model folder or demo:<family> (demo:llava, demo:paligemma, ...)")
     p.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder (give twice to compare)")
     p.add_argument("--run", type=Path, help="a medvlm run folder: its base model and stage adapters")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

@@ -119,6 +119,20 @@ def test_image_span_and_grid_come_from_the_inputs(tiny):
         assert (ids[span.start:span.end] == family.image_token_id(model)).all()
 
 
+def test_repeated_inputs_are_a_batch_of_the_same_example(tiny):
+    """Knockout and the neuron checks run n edits of one example as one batch: every row of the
+    repeated inputs must give the single example's logits (Qwen2.5-VL's patches are not batch-first)."""
+    name, model, processor, family, images = tiny
+    ex = prepare_example(model, processor, family, images[0], QUESTIONS[0], ANSWERS[0])
+    inputs = family.model_inputs(ex.inputs)
+    with torch.no_grad():
+        one = model(**inputs, use_cache=False).logits
+        three = model(**family.repeat_inputs(inputs, 3), use_cache=False).logits
+    assert three.shape[0] == 3, name
+    for row in three:
+        torch.testing.assert_close(row, one[0], atol=1e-5, rtol=1e-4)
+
+
 def test_every_registered_method_gives_a_map_on_the_grid(tiny):
     name, model, processor, family, images = tiny
     ex = prepare_example(model, processor, family, images[0], QUESTIONS[0], ANSWERS[0])

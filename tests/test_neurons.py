@@ -130,7 +130,7 @@ def test_edits_change_exactly_the_chosen_units(setup, fam):
         handle = family.mlp_down(layer).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
         try:
             with torch.no_grad():
-                model(**{k: v.expand(3, *v.shape[1:]) for k, v in ex.inputs.items()}, use_cache=False)
+                model(**family.repeat_inputs(ex.inputs, 3), use_cache=False)
         finally:
             handle.remove()
     clean = _mlp_inputs(model, layer, ex)[0]

@@ -50,6 +50,7 @@ from medvlm.models.adapters import (
     check_adapter,
     family_of,
 )
+from medvlm.models.families import FAMILIES
 from medvlm.models.registry import LoadedModel, detect_family, load_model_and_processor
 from medvlm.utils.images import WINDOW_PRESETS, is_dicom
 from medvlm.utils.images import read_image as read_any_image
@@ -132,7 +133,8 @@ def load_explorer_model(model: str, adapters: Sequence[str] = (), *, dtype: str 
     """Load ``model`` (hub id, folder or ``demo:<family>``) with eager attention and up to two
     adapters, labelled A and B. Raises :class:`ExplorerError` with the reason when it cannot."""
     if not model:
-        raise ExplorerError("give a model: a hub id, a model folder or demo:llava / demo:paligemma")
+        raise ExplorerError("give a model: a hub id, a model folder or "
+                            + " / ".join(f"demo:{name}" for name in sorted(FAMILIES)))
     if len(adapters) > 2:
         raise ExplorerError(f"{len(adapters)} adapters given; the explorer compares at most two")
     family = family_of(model) if adapters else None

@@ -269,7 +269,7 @@ def answer_probs(model: torch.nn.Module, family: ModelFamily, inputs: Mapping[st
                  token: int, rows: Sequence[Knockout]) -> np.ndarray:
     """p(token) at ``position`` for each knockout of ``rows`` (one batched forward, float64 array)."""
     seq_len = int(inputs["input_ids"].shape[-1])
-    batch = {k: v.expand(len(rows), *v.shape[1:]) for k, v in inputs.items()}
+    batch = family.repeat_inputs(inputs, len(rows))
     keep = torch.tensor([position % seq_len], dtype=torch.long)
     with blocked_attention(model, family, rows, seq_len):
         logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[:, 0]

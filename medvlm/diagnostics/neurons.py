@@ -126,11 +126,6 @@ def _pre_hooks(model: torch.nn.Module, family: ModelFamily, hooks: Mapping[int, 
             model.train()
 
 
-def repeat_inputs(inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """``n`` copies of a one-example batch (batch-first tensors, as the family's occluded batch makes)."""
-    return {k: v.expand(n, *v.shape[1:]) for k, v in inputs.items()}
-
-
 def _answer_prob(logits: torch.Tensor, target_id: int) -> torch.Tensor:
     """p(target) per row from logits [B, 1, V] kept at the answer-predicting position."""
     return torch.softmax(logits[:, -1].float(), -1)[:, target_id]
@@ -179,7 +174,7 @@ def answer_probs(model: torch.nn.Module, family: ModelFamily, example: Example, 
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         with edit_units(model, family, chunk):
-            logits = model(**repeat_inputs(example.inputs, len(chunk)), use_cache=False,
+            logits = model(**family.repeat_inputs(example.inputs, len(chunk)), use_cache=False,
                            logits_to_keep=torch.tensor([q])).logits
         out.append(_answer_prob(logits, target_id))
     return torch.cat(out).double().cpu().numpy()
@@ -383,7 +378,7 @@ def integrated_gradients(model: torch.nn.Module, family: ModelFamily, example: E
                 return (x, *args[1:])
 
             with _pre_hooks(model, family, {layer: hook}), torch.enable_grad():
-                logits = model(**repeat_inputs(example.inputs, len(chunk)), use_cache=False,
+                logits = model(**family.repeat_inputs(example.inputs, len(chunk)), use_cache=False,
                                logits_to_keep=torch.tensor([q])).logits
                 p = _answer_prob(logits, target_id)
                 (g,) = torch.autograd.grad(p.sum(), s)

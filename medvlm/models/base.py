@@ -249,6 +249,11 @@ class ModelFamily:
         return {k: (occluded if k == "pixel_values" else v.expand(len(cells), *v.shape[1:]))
                 for k, v in inputs.items()}
 
+    def repeat_inputs(self, inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """``n`` copies of a one-example batch, as the processor would batch them (batch-first
+        tensors: a view, no copy). A family whose pixels are not batch-first overrides it."""
+        return {k: v.expand(n, *v.shape[1:]) for k, v in inputs.items()}
+
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The processor's outputs that the model's forward takes (labels kept when present)."""
         return {k: v for k, v in batch.items() if k not in ("num_crops",)}

@@ -250,6 +250,12 @@ class Qwen25VLFamily(ModelFamily):
         grid = inputs.get("image_grid_thw")
         return 0 if grid is None else int(torch.as_tensor(grid)[0].prod())
 
+    def repeat_inputs(self, inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """``n`` copies of a one-example batch: the image's patches concatenated ``n`` times (the
+        processor flattens a batch's patches into one [P, D] tensor), the rest batch-first."""
+        return {k: (v.repeat(n, *([1] * (v.dim() - 1))) if k == "pixel_values" else v.expand(n, *v.shape[1:]))
+                for k, v in inputs.items()}
+
     def occluded_batch(self, inputs: Mapping[str, torch.Tensor], span: ImageSpan,
                        cells: Sequence[tuple[int, int]], block: int) -> dict[str, torch.Tensor]:
         """Copy i hides the merged cells ``cells[i]`` … ``+block`` (their patches: token cell k holds
