@@ -131,6 +131,12 @@ def test_pan_and_scan_adds_crops_of_256_tokens_each_and_maps_stay_on_the_origina
     ex = prepare_example(model, processor, family, wide, "where is the lesion?", "left lung")
     with pytest.raises(ValueError, match="crops still show a cell"):
         occlusion(model, family, ex)
+    batch = family.repeat_inputs(inputs, 3)  # knockout and the neuron checks batch one example this way
+    assert batch["pixel_values"].shape[0] == 3 * n_views
+    with torch.no_grad():
+        one, three = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, model(
+            **{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(three, one.expand_as(three), atol=1e-5, rtol=1e-4)
     assert family.image_settings(processor)["do_pan_and_scan"] is True  # a new image cache when it is turned on
 
 

@@ -204,6 +204,16 @@ class MedGemmaFamily(ModelFamily):
                              f"{rows}x{cols} grid (one per image view)")
         return ImageSpan(start, end, (rows, cols))
 
+    def repeat_inputs(self, inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """As the default, but with pan-and-scan one example holds several pixel views (the original
+        and its crops on dim 0): the copies repeat them whole, as the processor stacks a batch's views."""
+        px = inputs.get("pixel_values")
+        out = super().repeat_inputs({k: v for k, v in inputs.items() if k != "pixel_values"}, n)
+        if px is not None:
+            out["pixel_values"] = (px.expand(n, *px.shape[1:]) if px.shape[0] == 1
+                                   else px.repeat(n, *([1] * (px.dim() - 1))))
+        return out
+
     def occluded_batch(self, inputs: Mapping[str, torch.Tensor], span: ImageSpan,
                        cells: Sequence[tuple[int, int]], block: int) -> dict[str, torch.Tensor]:
         """Token cells of the image hidden as in :meth:`ModelFamily.occluded_batch` (a cell of the
