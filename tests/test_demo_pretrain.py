@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
 
 from medvlm.demo.base import TinyConfig, phantom_corpus
 from medvlm.demo.pretrain import pretrain, vision_lr_factor
 from medvlm.models.families import get_family
 from medvlm.models.tiny import build_tiny, tiny_tokenizer
-
-from conftest import TINY
 
 
 def _towers(model, family) -> dict[str, dict[str, torch.Tensor]]:
