@@ -132,6 +132,11 @@ class ModelFamily:
         "lm_head": "lm_head",
     }
     lora_presets: dict[str, dict[str, Any]] = SIGLIP_LLAMA_LORA_PRESETS
+    #: Share of the tiny demo base's language pre-training (:func:`medvlm.demo.pretrain.pretrain`)
+    #: during which the vision tower and projector, pre-trained just before, are held still (learning
+    #: rate 0) while the randomly initialised language model learns to read them. 0: trained from
+    #: the first step; 1: held for the whole language pre-training.
+    tiny_vision_frozen_share: float = 0.0
 
     # -- the processor --------------------------------------------------------------------------
     def load_processor(self, path: str, **image_settings: int) -> ProcessorMixin:
