@@ -82,5 +82,8 @@ class GradCAM(Method):
     def cost(self, shape: Shape) -> float:
         return 3.0 * shape.forward_flops(logits_at=shape.seq_len)  # forward and backward, every logit
 
+    def memory(self, shape: Shape) -> float:
+        return shape.backward_bytes(logits_at=shape.seq_len)  # every layer kept for the backward, every logit
+
     def run(self, ctx: Context) -> MethodResult:
         return MethodResult(gradcam(ctx.model, ctx.family, ctx.example))

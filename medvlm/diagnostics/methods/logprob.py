@@ -167,13 +167,17 @@ def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache
 
 
 NORMS = ("frozen", "recompute")
+#: candidate vectors unembedded at a time (chunk x vocab float32 logits and their log-softmax)
+CHUNK = 512
+#: the layers' candidate vectors are built in groups whose float32 vectors fit this many MB
+MEMORY_MB = 512
 
 
 @torch.no_grad()
 def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer=None, *,
                      layers: Sequence[int] | None = None, positions: str | Sequence[int] = "image",
                      query_position: int | None = None, target_id: int | None = None, norm: str = "frozen",
-                     chunk: int = 512, memory_mb: float = 512) -> LogProbIncrease:
+                     chunk: int = CHUNK, memory_mb: float = MEMORY_MB) -> LogProbIncrease:
     """delta for every (layer, head, source position), and each head's importance, from one capture pass.
 
     ``query_position`` defaults to the example's first target position (the last prompt position
@@ -260,6 +264,18 @@ class LogProb(Method):
     def cost(self, shape: Shape) -> float:
         candidates = shape.n_layers * (1 + shape.n_heads * (shape.image_tokens + 1))
         return shape.forward_flops() + shape.unembed_flops(candidates)
+
+    def memory(self, shape: Shape) -> float:
+        """Its capture pass (a forward; kept per layer: the value vectors of every position repeated
+        to every query head and the residual entering the layer, 4·L·S·(H·d + D)), then a group of
+        layers' contributions and candidates (each at most MEMORY_MB, or all L·(1 + H·(T + 1))
+        candidate vectors when fewer) and one chunk of candidates' logits with their log-softmax
+        (2 x CHUNK x V floats)."""
+        head_width = shape.n_heads * (shape.head_dim or shape.d_model // max(shape.n_heads, 1))
+        kept = 4 * shape.n_layers * shape.seq_len * (head_width + shape.d_model)
+        candidates = shape.n_layers * (1 + shape.n_heads * (shape.image_tokens + 1))
+        group = min(MEMORY_MB * 2**20, 4 * candidates * shape.d_model)
+        return shape.forward_bytes() + kept + 2 * group + 4 * 2 * min(CHUNK, candidates) * shape.vocab
 
     def run(self, ctx: Context) -> MethodResult:
         """The map, and both head scores: ``top_heads`` / ``head_scores`` the paper's head importance
