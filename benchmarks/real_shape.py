@@ -127,12 +127,13 @@ def main() -> int:
     if wanted("train_step"):
         from medvlm.training.arguments import LoraArguments
         from medvlm.training.lora import attach_lora
+        from medvlm.training.trainer import answer_loss
 
         def step():
             peft_model = attach_lora(model, family, LoraArguments(lora_r=8, lora_alpha=16), "bench")
             batch = family.model_inputs(family.train_batch(processor, images[:1], [question], [answer], prepared=True))
             peft_model.train()
-            peft_model(**batch).loss.backward()
+            answer_loss(peft_model, batch)[0].backward()  # the Trainer's loss
             peft_model.eval()
             peft_model.unload()  # the base model back, without LoRA layers
         room("train_step", step, rows, fwd)
