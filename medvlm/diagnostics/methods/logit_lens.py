@@ -81,7 +81,7 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
             p = torch.softmax(family.lens_logits(model, h[i:i + chunk]), -1)
             tops.append(p.topk(k, dim=-1))
             if target_id is not None:
-                hits.append(p[:, target_id])
+                hits.append(p[:, target_id].clone())  # a view would keep the chunk's [chunk, vocab] alive
         ids.append(torch.cat([t.indices for t in tops]))
         probs.append(torch.cat([t.values for t in tops]))
         if target_id is not None:

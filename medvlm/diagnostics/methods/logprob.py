@@ -55,6 +55,11 @@ from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 
+#: candidate vectors unembedded at a time (chunk x vocab float32 logits and their log-sum-exp)
+CHUNK = 512
+#: the layers' candidate vectors are built in groups whose float32 vectors fit this many MB
+MEMORY_MB = 512
+
 
 @dataclass
 class LogProbIncrease:
@@ -133,11 +138,19 @@ def head_outputs(model: torch.nn.Module, family: ModelFamily, cache: Cache, laye
 
 
 def target_logprobs(model: torch.nn.Module, family: ModelFamily, vectors: torch.Tensor, target_id: int,
-                    reference: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+                    reference: torch.Tensor | None, chunk: int = CHUNK) -> torch.Tensor:
     """log p(target | vector) for residual vectors [N, D] through the final norm (its statistic held
-    at ``reference`` when given) and the unembedding, ``chunk`` vectors at a time: [N]."""
-    return torch.cat([torch.log_softmax(family.lens_logits(model, vectors[i:i + chunk], reference), -1)[:, target_id]
-                      for i in range(0, vectors.shape[0], chunk)])
+    at ``reference`` when given) and the unembedding, ``chunk`` vectors at a time: [N].
+
+    Each chunk's score is a new [chunk] tensor (the target's logit minus the log-sum-exp), so the
+    chunk's [chunk, vocab] logits are freed before the next: a column view of them would keep the
+    whole chunk alive until the end (at a 257k vocabulary, 527 MB per chunk of 512)."""
+    scores = []
+    for i in range(0, vectors.shape[0], chunk):
+        logits = family.lens_logits(model, vectors[i:i + chunk], reference)
+        scores.append(logits[:, target_id] - torch.logsumexp(logits, -1))
+        del logits
+    return torch.cat(scores)
 
 
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -167,10 +180,6 @@ def head_contributions(model: torch.nn.Module, family: ModelFamily, cache: Cache
 
 
 NORMS = ("frozen", "recompute")
-#: candidate vectors unembedded at a time (chunk x vocab float32 logits and their log-softmax)
-CHUNK = 512
-#: the layers' candidate vectors are built in groups whose float32 vectors fit this many MB
-MEMORY_MB = 512
 
 
 @torch.no_grad()
@@ -269,7 +278,7 @@ class LogProb(Method):
         """Its capture pass (a forward; kept per layer: the value vectors of every position repeated
         to every query head and the residual entering the layer, 4·L·S·(H·d + D)), then a group of
         layers' contributions and candidates (each at most MEMORY_MB, or all L·(1 + H·(T + 1))
-        candidate vectors when fewer) and one chunk of candidates' logits with their log-softmax
+        candidate vectors when fewer) and one chunk of candidates' logits and their log-sum-exp
         (2 x CHUNK x V floats)."""
         head_width = shape.n_heads * (shape.head_dim or shape.d_model // max(shape.n_heads, 1))
         kept = 4 * shape.n_layers * shape.seq_len * (head_width + shape.d_model)
