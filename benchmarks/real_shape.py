@@ -8,7 +8,8 @@ plain forward pass, the per-checkpoint budget's estimate and the room's memory b
 Rooms: ``forward`` (one example, logits at the last position), ``generate`` (``--questions``
 questions in one batch, 8 new tokens), ``train_step`` (one LoRA step, batch 1, the Trainer's loss),
 ``checkpoint_eval`` (the per-checkpoint evaluation of ``--questions`` questions, batch "auto"),
-``capture`` (the probe's shared pass), and every registered diagnostic method
+``capture`` (the probe's shared pass), ``geometry`` (one of the probe's hidden-states passes for the
+geometry), and every registered diagnostic method
 (:mod:`medvlm.diagnostics.methods`). Memory is the process's peak resident set size sampled every
 5 ms during the room, minus the resident size before it (what the room held beyond the loaded
 model; :class:`medvlm.utils.memory.PeakRSS`). "estimate" is what the per-checkpoint diagnostics
@@ -31,7 +32,7 @@ import torch
 from medvlm.diagnostics.callback import costs_from_shapes
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.methods import Context, Shape, registered
-from medvlm.diagnostics.probe import _EMBED_AND_RESID
+from medvlm.diagnostics.probe import _EMBED_AND_RESID, hidden_states
 from medvlm.models.families import FAMILIES, get_family
 from medvlm.models.tiny import tiny_tokenizer
 from medvlm.utils.memory import GIB, PeakRSS
@@ -114,7 +115,8 @@ def main() -> int:
 
     fwd = room("forward", forward, rows, None, bound=shape.forward_bytes())
     estimate = costs_from_shapes(model, processor, family, {"image": image, "question": question},
-                                 [m.name for m in registered()], geometry_examples=0)
+                                 [m.name for m in registered()], geometry_examples=1)
+    estimate["geometry_pass"] = estimate["geometry"]  # one geometry example's pass
     print(f"budget's first-save estimates calibrated on a forward of {estimate['forward_s']:.1f} s (all logits)")
     images = family.prepare_images(processor, [image] * args.questions)
     questions = [question] * args.questions
@@ -145,6 +147,10 @@ def main() -> int:
         kept = 4 * ((shape.n_layers + 1) * shape.seq_len * shape.d_model + shape.n_layers * shape.seq_len ** 2)
         room("capture", lambda: ctx.cache, rows, fwd, estimate["capture"],
              shape.forward_bytes(logits_at=len(ctx.positions)) + kept)
+    if wanted("geometry"):
+        kept = 4 * (shape.n_layers + 1) * shape.seq_len * shape.d_model
+        room("geometry", lambda: hidden_states(model, processor, family, {"image": image, "question": question}),
+             rows, fwd, estimate["geometry_pass"], shape.forward_bytes() + kept)
     ctx.cache  # noqa: B018 - methods are measured beyond the shared pass
     for method in registered():
         if wanted(method.name):

@@ -24,22 +24,22 @@ H heads of width d, V vocabulary, L decoder layers, P positions whose logits are
   ``forward_bytes(batch=b)`` plus the key/value cache, 4·2·L·KVheads·d·(S + n)·b;
 - the probe's shared capture: one forward with logits at P positions, plus what it keeps: the
   residual stream after every layer and before the first, 4·(L + 1)·S·D, and head-mean attention
-  rows of every layer, 4·L·S²;
+  rows of every layer, 4·L·S²; a geometry pass of the probe likewise, without attention;
 - each registered diagnostic method: its own declaration, ``Method.memory(shape)`` (what it
   batches, keeps and unembeds), beyond the shared capture.
 
 Every bound gets ``ALLOWANCE`` on top: the interpreter's, the allocator's and the threads' own
 working memory, which no shape predicts.
 
-The rooms listed in ``FULL_ONLY`` take minutes each at these shapes on a CPU; they run with
-``--real-shape=full`` (``python -m pytest -m real_shape --real-shape=full tests/test_real_shape.py``)
-and are skipped, saying so, in the default run.
+The default run keeps the rooms of ``DEFAULT_ROOMS``; the others take minutes each at these shapes
+on a CPU and run with ``--real-shape=full`` (``python -m pytest -m real_shape --real-shape=full
+tests/test_real_shape.py``); the default run skips them, saying so.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -47,7 +47,7 @@ import torch
 
 from medvlm.diagnostics.capture import Example, prepare_example
 from medvlm.diagnostics.methods import Context, Shape, method_names, registered
-from medvlm.diagnostics.probe import _EMBED_AND_RESID
+from medvlm.diagnostics.probe import _EMBED_AND_RESID, hidden_states
 from medvlm.eval.batching import BatchRecord
 from medvlm.eval.generate import generate_answers
 from medvlm.models.families import FAMILIES, get_family
@@ -62,8 +62,10 @@ pytestmark = [pytest.mark.real_shape, pytest.mark.timeout(7200)]
 
 #: resident memory no shape predicts: the interpreter, the allocator's slack, thread stacks and buffers
 ALLOWANCE = 256 * 2**20
-#: rooms that run only with --real-shape=full (minutes each at real shapes on a CPU; see the README)
-FULL_ONLY = {"checkpoint_eval", "gradcam", "logprob", "occlusion", "logit_lens"}
+#: rooms of the default run (one to three forward passes each); every other room, and every method
+#: registered later, runs with --real-shape=full (the evaluation, Grad-CAM, the log-probability
+#: increase, the logit lens and occlusion take minutes each at real shapes on a CPU; see the README)
+DEFAULT_ROOMS = {"lora_step", "generation", "capture", "geometry", "attention", "rollout"}
 CORPUS = ["is there a lesion in the left lung? yes no the abnormality is in the right upper lobe near the liver",
           "which organ is shown? chest abdomen head CT MRI X-ray nodule mass cyst"] * 4
 QUESTIONS = ["Is there a lesion in the left lung?", "Which organ is shown in this image?"]
@@ -72,8 +74,8 @@ CASES = [(name, shape) for name in sorted(FAMILIES) for shape in get_family(name
 
 
 def full_only(room: str):
-    """Marks for a room: skipped without --real-shape=full when it is in FULL_ONLY."""
-    return [pytest.mark.real_shape_full] if room in FULL_ONLY else []
+    """Marks for a room: skipped without --real-shape=full unless it is in DEFAULT_ROOMS."""
+    return [] if room in DEFAULT_ROOMS else [pytest.mark.real_shape_full]
 
 
 @dataclass
@@ -85,11 +87,11 @@ class Real:
     model: torch.nn.Module
     processor: object
     family: object
+    raw: list[np.ndarray]
     images: list[np.ndarray]
     example: Example
     shape: Shape
     ctx: Context | None = None
-    notes: dict = field(default_factory=dict)
 
     def context(self) -> Context:
         """The probe's context (its shared capture kinds and filter), the capture run once."""
@@ -115,7 +117,7 @@ def real(request):
     raw = [rng.integers(0, 255, (448, 448, 3), dtype=np.uint8) for _ in QUESTIONS]
     images = family.prepare_images(processor, raw)
     example = prepare_example(model, processor, family, raw[0], QUESTIONS[0])
-    yield Real(name, shape_name, model, processor, family, images, example, Shape.of(model, family, example))
+    yield Real(name, shape_name, model, processor, family, raw, images, example, Shape.of(model, family, example))
     del model, example
     gc.collect()
     release_freed_memory()
@@ -142,12 +144,11 @@ def test_every_registered_family_has_real_shapes():
                          "(see medvlm/models/base.py and ../shared/REAL_SHAPES.md)")
 
 
-def test_the_model_has_the_real_shapes_and_two_layers(real):
+def test_the_model_has_a_real_checkpoints_scale_and_two_layers(real):
     family, model, shape = real.family, real.model, real.shape
-    assert shape.n_layers == 2 and shape.vocab == get_family(real.family_name).real_shapes[real.shape_name].get(
-        "text", {}).get("vocab_size", shape.vocab)
-    assert shape.image_tokens == shape.grid[0] * shape.grid[1] and shape.image_tokens >= 256
-    assert len(family.vision_layers(model)) <= 3  # two, or three where the projector reads the penultimate
+    assert shape.n_layers == 2 and len(family.vision_layers(model)) <= 3  # three where the projector reads the penultimate
+    assert shape.vocab >= 32000 and shape.d_model >= 2048 and shape.d_mlp >= 2 * shape.d_model  # real widths
+    assert shape.image_tokens == shape.grid[0] * shape.grid[1] >= 256  # a real image grid
 
 
 def test_one_lora_step(real, tmp_path):
@@ -212,6 +213,15 @@ def test_probe_capture(real):
     positions = len(ctx.positions)
     bound = shape.forward_bytes(logits_at=positions) + kept
     check("the probe's shared capture", mem, bound, f"forward_bytes(P={positions}) + 4·((L+1)·S·D + L·S²)")
+
+
+def test_probe_geometry_pass(real):
+    shape = real.shape
+    with PeakRSS() as mem:
+        hidden = hidden_states(real.model, real.processor, real.family, {"image": real.raw[1], "question": QUESTIONS[1]})
+    assert len(hidden["layers"]) == shape.n_layers + 1
+    kept = 4 * (shape.n_layers + 1) * shape.seq_len * shape.d_model
+    check("a geometry pass of the probe", mem, shape.forward_bytes() + kept, "forward_bytes(P=1) + 4·(L+1)·S·D")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=full_only(n)) for n in method_names()])

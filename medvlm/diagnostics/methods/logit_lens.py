@@ -98,7 +98,8 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
 def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer, *, k: int = 5,
                layers: Sequence[int] | None = None, chunk: int = 64) -> LogitLens:
     """Logit lens at the image positions of ``example`` for ``layers`` (default all), from one pass."""
-    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True)
+    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True,
+                       logits_positions=[-1])  # the logits are not read
     return lens_from_cache(model, family, cache, tokenizer, k=k, chunk=chunk)[0]
 
 
