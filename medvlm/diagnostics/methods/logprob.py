@@ -233,14 +233,19 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
         contrib = layer_contributions(model, family, cache, layers_g, q, src)  # [g, H, P, D]
         h = torch.stack([cache["resid_pre", layer][0, q] for layer in layers_g]).float()  # [g, D]
         o = head_outputs(model, family, cache, layers_g, q)  # [g, H, D]
-        candidates = torch.cat([h, (h[:, None, :] + o).reshape(-1, h.shape[-1]),
-                                (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
+        g, grid = len(layers_g), contrib.shape[:3]
+        # the candidates [h; h + o; h + c] written in place: a sum and a concatenation would each hold
+        # another group's worth of vectors (the group's memory would be three times memory_mb)
+        candidates = torch.empty(g * per_layer, d_model, dtype=contrib.dtype, device=contrib.device)
+        candidates[:g] = h
+        torch.add(h[:, None, :], o, out=candidates[g:g + g * n_heads].view(g, n_heads, d_model))
+        torch.add(h[:, None, None, :], contrib, out=candidates[g + g * n_heads:].view(contrib.shape))
+        del contrib, o
         logp = target_logprobs(model, family, candidates, target_id, reference, chunk)
-        g = len(layers_g)
+        del candidates
         bases.append(logp[:g])
         whole.append(logp[g:g + g * n_heads].reshape(g, n_heads))
-        scores.append(logp[g + g * n_heads:].reshape(contrib.shape[:3]))
-        del contrib, candidates
+        scores.append(logp[g + g * n_heads:].reshape(grid))
     base = torch.cat(bases)
     delta = torch.cat(scores) - base[:, None, None]
     importance = torch.cat(whole) - base[:, None]
@@ -276,15 +281,19 @@ class LogProb(Method):
 
     def memory(self, shape: Shape) -> float:
         """Its capture pass (a forward; kept per layer: the value vectors of every position repeated
-        to every query head and the residual entering the layer, 4·L·S·(H·d + D)), then a group of
-        layers' contributions and candidates (each at most MEMORY_MB, or all L·(1 + H·(T + 1))
-        candidate vectors when fewer) and one chunk of candidates' logits and their log-sum-exp
+        to every query head and the residual entering the layer, 4·L·S·(H·d + D)); then per group of
+        g layers (as many as fit MEMORY_MB, at least one) the contributions and the candidates, each
+        4·g·(1 + H·(T + 1))·D bytes, the group's output projections stacked and split by head (four
+        copies of 4·g·D·H·d), and one chunk of candidates' logits with their log-sum-exp
         (2 x CHUNK x V floats)."""
         head_width = shape.n_heads * (shape.head_dim or shape.d_model // max(shape.n_heads, 1))
         kept = 4 * shape.n_layers * shape.seq_len * (head_width + shape.d_model)
-        candidates = shape.n_layers * (1 + shape.n_heads * (shape.image_tokens + 1))
-        group = min(MEMORY_MB * 2**20, 4 * candidates * shape.d_model)
-        return shape.forward_bytes() + kept + 2 * group + 4 * 2 * min(CHUNK, candidates) * shape.vocab
+        per_layer = 1 + shape.n_heads * (shape.image_tokens + 1)
+        layer_bytes = 4 * per_layer * shape.d_model
+        g = min(shape.n_layers, max(1, MEMORY_MB * 2**20 // layer_bytes))
+        weights = 4 * 4 * g * shape.d_model * head_width
+        chunk = 4 * 2 * min(CHUNK, g * per_layer) * shape.vocab
+        return shape.forward_bytes() + kept + 2 * g * layer_bytes + weights + chunk
 
     def run(self, ctx: Context) -> MethodResult:
         """The map, and both head scores: ``top_heads`` / ``head_scores`` the paper's head importance
