@@ -60,8 +60,10 @@ from medvlm.utils.memory import GIB, PeakRSS, release_freed_memory
 
 pytestmark = [pytest.mark.real_shape, pytest.mark.timeout(7200)]
 
-#: resident memory no shape predicts: the interpreter, the allocator's slack, thread stacks and buffers
-ALLOWANCE = 256 * 2**20
+#: resident memory no shape predicts: the interpreter, the allocator's slack, thread stacks and per-thread
+#: buffers (more with more threads). Measured at one thread: up to 0.2 GiB above the shapes' estimate
+#: (LLaVA-1.5's forward 0.32 GiB against 0.28; PaliGemma's logit lens 0.31 against 0.12)
+ALLOWANCE = 384 * 2**20
 #: rooms of the default run (one to three forward passes each); every other room, and every method
 #: registered later, runs with --real-shape=full (the evaluation, Grad-CAM, the log-probability
 #: increase, the logit lens and occlusion take minutes each at real shapes on a CPU; see the README)
