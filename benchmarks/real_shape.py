@@ -1,71 +1,47 @@
 """Every room at a real checkpoint's shape (its widths, heads, vocabulary and image grid; towers cut to
-two layers; random weights; float32 on the CPU): seconds and peak memory per room, and the ratio to a
-plain forward pass.
+two layers; random weights; float32 on the CPU): seconds and peak memory per room, the ratio to a
+plain forward pass, the per-checkpoint budget's estimate and the room's memory bound.
 
     python benchmarks/real_shape.py --family paligemma --shape paligemma-3b-mix-448
     python benchmarks/real_shape.py --family llava --shape llava-1.5-7b-hf --rooms forward capture logprob
 
-Rooms: ``forward`` (one example, logits at the last position), ``generate`` (4 questions, 8 new
-tokens), ``train_step`` (one LoRA step, batch 1), ``checkpoint_eval`` (the per-checkpoint evaluation
-of 4 questions), ``capture`` (the probe's shared pass), and every registered diagnostic method
-(:mod:`medvlm.diagnostics.methods`). Peak memory is the process's resident set size sampled every
-10 ms during the room, minus the resident size before it (what the room held beyond the loaded
-model); "estimate" is the method's cost estimate from the shapes, in seconds, calibrated on the
-timed forward pass (what the per-checkpoint budget plans with before anything ran).
+Rooms: ``forward`` (one example, logits at the last position), ``generate`` (``--questions``
+questions in one batch, 8 new tokens), ``train_step`` (one LoRA step, batch 1, the Trainer's loss),
+``checkpoint_eval`` (the per-checkpoint evaluation of ``--questions`` questions, batch "auto"),
+``capture`` (the probe's shared pass), ``geometry`` (one of the probe's hidden-states passes for the
+geometry), and every registered diagnostic method
+(:mod:`medvlm.diagnostics.methods`). Memory is the process's peak resident set size sampled every
+5 ms during the room, minus the resident size before it (what the room held beyond the loaded
+model; :class:`medvlm.utils.memory.PeakRSS`). "estimate" is what the per-checkpoint diagnostics
+budget plans with at its first save, before anything ran (:func:`medvlm.diagnostics.callback.costs_from_shapes`:
+one timed forward pass and each method's operations from the shapes). "bound" is the room's memory
+bound from the shapes (a method's ``Method.memory``; the formulas are in ``tests/test_real_shape.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
+from medvlm.diagnostics.callback import costs_from_shapes
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.methods import Context, Shape, registered
+from medvlm.diagnostics.probe import _EMBED_AND_RESID, hidden_states
 from medvlm.models.families import FAMILIES, get_family
 from medvlm.models.tiny import tiny_tokenizer
-
-GIB = 2**30
-
-
-class PeakRSS:
-    """Samples this process's resident set size every ``interval`` seconds while inside ``with``."""
-
-    def __init__(self, interval: float = 0.01):
-        self.proc, self.interval = psutil.Process(), interval
-        self.start = self.peak = 0
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def added_gib(self) -> float:
-        return (self.peak - self.start) / GIB
+from medvlm.utils.memory import GIB, PeakRSS
 
 
-def room(name: str, fn: Callable[[], object], rows: list, forward_s: float | None, estimate: float | None = None):
+def room(name: str, fn: Callable[[], object], rows: list, forward_s: float | None, estimate: float | None = None,
+         bound: float | None = None):
+    """Run one room: its seconds, the ratio to the forward pass, the budget's estimate, the memory it
+    held beyond what was resident before it, and its memory bound from the shapes (bytes)."""
     with PeakRSS() as mem:
         t = time.perf_counter()
         try:
@@ -76,11 +52,29 @@ def room(name: str, fn: Callable[[], object], rows: list, forward_s: float | Non
         seconds = time.perf_counter() - t
     ratio = f"{seconds / forward_s:7.1f}x" if forward_s else "      -"
     est = f"{estimate:8.1f}" if estimate is not None else "       -"
-    print(f"{name:<16} {seconds:8.1f} s {ratio} {est} s  +{mem.added_gib:5.2f} GiB  peak {mem.peak / GIB:5.2f} GiB"
-          f"  {error}", flush=True)
+    lim = f"{bound / GIB:6.2f}" if bound is not None else "     -"
+    print(f"{name:<16} {seconds:8.1f} s {ratio} {est} s  +{mem.added_gib:5.2f} GiB  bound {lim} GiB"
+          f"  peak {mem.peak / GIB:5.2f} GiB  {error}", flush=True)
     rows.append({"room": name, "seconds": seconds, "added_gib": mem.added_gib, "peak_gib": mem.peak / GIB,
-                 "estimate_s": estimate, "error": error})
+                 "estimate_s": estimate, "bound_gib": None if bound is None else bound / GIB, "error": error})
     return seconds
+
+
+def checkpoint_eval(model, processor, family, images, questions) -> None:
+    """The per-checkpoint evaluation (:class:`~medvlm.training.callbacks.CheckpointEvalCallback`) of
+    ``questions``, written into a temporary folder."""
+    import tempfile
+
+    from medvlm.models.inputs import ImageStore, PreparedExamples
+    from medvlm.training.callbacks import CheckpointEvalCallback
+
+    n = len(questions)
+    records = [{"id": f"q{i}", "question": q, "answer": "yes", "answer_type": "closed"} for i, q in enumerate(questions)]
+    examples = PreparedExamples(ImageStore(images=images), np.arange(n), list(questions), ["yes"] * n,
+                                [r["id"] for r in records], np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
+    with tempfile.TemporaryDirectory() as folder:
+        CheckpointEvalCallback(family, processor, records, examples, max_new_tokens=8, bootstrap=10).evaluate(
+            model, Path(folder), 1)
 
 
 def main() -> int:
@@ -88,7 +82,8 @@ def main() -> int:
     parser.add_argument("--family", default="paligemma", choices=sorted(FAMILIES))
     parser.add_argument("--shape", help="a real checkpoint name of the family (default: its first)")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rooms", nargs="*", help="rooms to run (default all)")
+    parser.add_argument("--rooms", nargs="*", help="rooms to run (default all; forward always runs)")
+    parser.add_argument("--questions", type=int, default=4, help="questions of generate and checkpoint_eval")
     args = parser.parse_args()
     torch.manual_seed(0)
     family = get_family(args.family)
@@ -107,7 +102,7 @@ def main() -> int:
     ex = prepare_example(model, processor, family, image, question)
     shape = Shape.of(model, family, ex)
     print(f"sequence {shape.seq_len} tokens, image grid {shape.grid}, vocabulary {shape.vocab}")
-    print(f"{'room':<16} {'time':>10} {'/fwd':>8} {'estimate':>10}  {'memory beyond the model':>24}")
+    print(f"{'room':<16} {'time':>10} {'/fwd':>8} {'estimate':>10}  {'memory beyond the model, bound':>32}")
     want = set(args.rooms or [])
     rows: list = []
 
@@ -118,33 +113,48 @@ def main() -> int:
         with torch.no_grad():
             model(**ex.inputs, use_cache=False, logits_to_keep=1)
 
-    fwd = room("forward", forward, rows, None)
-    per_flop = fwd / shape.forward_flops()
+    fwd = room("forward", forward, rows, None, bound=shape.forward_bytes())
+    estimate = costs_from_shapes(model, processor, family, {"image": image, "question": question},
+                                 [m.name for m in registered()], geometry_examples=1)
+    estimate["geometry_pass"] = estimate["geometry"]  # one geometry example's pass
+    print(f"budget's first-save estimates calibrated on a forward of {estimate['forward_s']:.1f} s (all logits)")
+    images = family.prepare_images(processor, [image] * args.questions)
+    questions = [question] * args.questions
     if wanted("generate"):
         from medvlm.eval.generate import generate_answers
 
-        images = family.prepare_images(processor, [image] * 4)
-        room("generate", lambda: generate_answers(model, processor, family, images, [question] * 4, batch_size=4,
-                                                  max_new_tokens=8, progress=False), rows, fwd)
+        room("generate", lambda: generate_answers(model, processor, family, images, questions,
+                                                  batch_size=args.questions, max_new_tokens=8, progress=False),
+             rows, fwd)
     if wanted("train_step"):
         from medvlm.training.arguments import LoraArguments
         from medvlm.training.lora import attach_lora
+        from medvlm.training.trainer import answer_loss
 
         def step():
             peft_model = attach_lora(model, family, LoraArguments(lora_r=8, lora_alpha=16), "bench")
-            batch = family.model_inputs(family.train_batch(processor, family.prepare_images(processor, [image]),
-                                                           [question], [answer], prepared=True))
+            batch = family.model_inputs(family.train_batch(processor, images[:1], [question], [answer], prepared=True))
             peft_model.train()
-            peft_model(**batch).loss.backward()
+            answer_loss(peft_model, batch)[0].backward()  # the Trainer's loss
             peft_model.eval()
             peft_model.unload()  # the base model back, without LoRA layers
         room("train_step", step, rows, fwd)
-    ctx = Context(model, processor, family, ex, kinds={k for m in registered() for k in m.shared} | {"hidden_states"})
+    if wanted("checkpoint_eval"):
+        room("checkpoint_eval", lambda: checkpoint_eval(model, processor, family, images, questions), rows, fwd)
+    kinds = {"hidden_states", "resid_pre"} | {k for m in registered() for k in m.shared}
+    ctx = Context(model, processor, family, ex, kinds=kinds, names_filter=_EMBED_AND_RESID)  # the probe's pass
     if wanted("capture"):
-        room("capture", lambda: ctx.cache, rows, fwd, shape.forward_flops(logits_at=shape.seq_len) * per_flop)
+        kept = 4 * ((shape.n_layers + 1) * shape.seq_len * shape.d_model + shape.n_layers * shape.seq_len ** 2)
+        room("capture", lambda: ctx.cache, rows, fwd, estimate["capture"],
+             shape.forward_bytes(logits_at=len(ctx.positions)) + kept)
+    if wanted("geometry"):
+        kept = 4 * (shape.n_layers + 1) * shape.seq_len * shape.d_model
+        room("geometry", lambda: hidden_states(model, processor, family, {"image": image, "question": question}),
+             rows, fwd, estimate["geometry_pass"], shape.forward_bytes() + kept)
+    ctx.cache  # noqa: B018 - methods are measured beyond the shared pass
     for method in registered():
         if wanted(method.name):
-            room(method.name, lambda m=method: m.run(ctx), rows, fwd, method.cost(shape) * per_flop)
+            room(method.name, lambda m=method: m.run(ctx), rows, fwd, estimate[method.name], method.memory(shape))
     return 0
 
 

@@ -15,6 +15,21 @@ from medvlm.models.families import FAMILIES  # noqa: E402
 TINY = dict(vision_layers=2, text_layers=2, vision_hidden=64, text_hidden=64, vocab_size=400, patch_size=16)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--real-shape", choices=("fast", "full"), default="fast",
+                     help="real-shape tier (tests/test_real_shape.py): 'fast' runs its quick rooms and skips those "
+                          "marked real_shape_full (minutes each on a CPU); 'full' runs every room")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--real-shape") == "full":
+        return
+    skip = pytest.mark.skip(reason="a real-shape room of minutes on a CPU: run with --real-shape=full")
+    for item in items:
+        if "real_shape_full" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def medvlm_home(tmp_path_factory):
     """One MEDVLM_HOME for the session (phantom data and prepared images are built once per config;

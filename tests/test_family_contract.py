@@ -22,6 +22,7 @@ from medvlm.models.families import FAMILIES, get_family
 from medvlm.models.tiny import build_tiny, tiny_tokenizer
 from medvlm.training.arguments import LoraArguments
 from medvlm.training.lora import attach_lora
+from medvlm.training.trainer import answer_loss, answer_positions
 
 CORPUS = ["is there a lesion in the left lung? yes no the abnormality is in the right upper lobe near the liver",
           "which organ is shown? chest abdomen head CT MRI X-ray nodule mass cyst"] * 4
@@ -78,6 +79,25 @@ def test_one_training_step_changes_every_trainable_parameter(tiny):
         opt.zero_grad()
     unchanged = [n for n, p in peft_model.named_parameters() if p.requires_grad and torch.equal(p, trainable[n])]
     assert not unchanged, f"{name}: parameters a step did not change: {unchanged[:5]}"
+
+
+def test_the_trainer_loss_unembeds_only_the_answer_positions_and_equals_the_model_loss(tiny):
+    name, model, processor, family, images = tiny
+    batch = family.model_inputs(family.train_batch(processor, images, QUESTIONS, ANSWERS, prepared=True))
+    positions, targets = answer_positions(batch["labels"])
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert len(positions) < batch["input_ids"].shape[1] and int((targets != IGNORE_INDEX).sum()) == labelled
+    grads = []
+    for loss_of in (lambda: model(**batch).loss, lambda: answer_loss(model, batch)[0],
+                    lambda: answer_loss(model, batch, num_items_in_batch=2 * labelled)[0] * 2):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((float(loss.detach()), model.get_input_embeddings().weight.grad.clone()))
+    (full, g_full), (kept, g_kept), (counted, g_counted) = grads
+    assert kept == pytest.approx(full, rel=1e-5) and counted == pytest.approx(full, rel=1e-5), name
+    assert torch.allclose(g_kept, g_full, atol=1e-6) and torch.allclose(g_counted, g_full, atol=1e-6), name
+    model.zero_grad(set_to_none=True)
 
 
 def test_generation_answers_from_a_left_padded_batch(tiny):

@@ -179,3 +179,32 @@ def test_scoring_layers_in_small_groups_gives_the_same_deltas(setup, fam):
     one_by_one = logprob_increase(model, family, question, memory_mb=1e-6)  # a group of one layer each
     assert np.allclose(together.delta, one_by_one.delta, atol=1e-5)
     assert np.allclose(together.layer_base_logprob, one_by_one.layer_base_logprob, atol=1e-6)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_unembedded_chunks_are_not_kept_until_the_end(setup, fam, monkeypatch):
+    """The log-prob readout and the logit lens keep, per chunk of unembedded vectors, only the numbers
+    they read (a fresh tensor): a column view of a chunk's [chunk, vocab] logits or probabilities would
+    keep the whole chunk alive until the final concatenation (at PaliGemma-3B's 257k vocabulary that
+    held every chunk at once: 15 GB for one example)."""
+    from medvlm.diagnostics.methods.logit_lens import lens_from_cache
+    from medvlm.diagnostics.methods.logprob import target_logprobs
+
+    model, family, tok, ex, _ = setup[fam]
+    views: list[tuple[int, ...]] = []
+    real_cat = torch.cat
+
+    def cat(tensors, *args, **kwargs):
+        views.extend(tuple(t._base.shape) for t in tensors if t._base is not None)
+        return real_cat(tensors, *args, **kwargs)
+
+    _, cache = capture(model, family, ex.inputs, attention=False, hidden_states=True)
+    vectors = cache["resid_post", 0][0]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "cat", cat)
+        scores = target_logprobs(model, family, vectors, 3, None, chunk=5)
+        lens, grid = lens_from_cache(model, family, cache, tok, target_id=3, chunk=5)
+    assert not views, f"{fam}: concatenated views of tensors of shapes {views[:3]}"
+    want = torch.log_softmax(family.lens_logits(model, vectors), -1)[:, 3]
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+    assert grid.shape == cache.grid and lens.top_ids.shape[:2] == (len(cache.layers("resid_post")), len(lens.positions))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medvlm.data_curation.phantom import GENERATOR_VERSION, PhantomConfig, load_phantom
 from medvlm.models.base import TinySizes
+from medvlm.models.families import get_family
 from medvlm.models.tiny import DEMO_SCHEME, build_tiny, current_record, tiny_tokenizer
 from medvlm.utils.distributed import main_process_first
 from medvlm.utils.io import atomic_write_text, medvlm_home, sha256_json, write_manifest
@@ -50,8 +51,17 @@ class TinyConfig:
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 32
     pretrain_lr: float = 1e-3
+    #: share of the language pre-training with the vision tower held still; None: the family's
+    #: ``tiny_vision_frozen_share``
+    vision_frozen_share: float | None = None
     seed: int = 0
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def __post_init__(self):
+        if self.vision_frozen_share is None:
+            self.vision_frozen_share = get_family(self.family).tiny_vision_frozen_share
+        if not 0.0 <= self.vision_frozen_share <= 1.0:
+            raise ValueError(f"TinyConfig.vision_frozen_share must be in [0, 1], got {self.vision_frozen_share}")
 
     def key(self) -> str:
         return sha256_json({**asdict(self), "generator": GENERATOR_VERSION, "recipe": BASE_RECIPE_VERSION})[:16]

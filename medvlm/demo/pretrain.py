@@ -7,6 +7,7 @@ that :mod:`medvlm.models.tiny` builds.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,9 +106,41 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
             "vision_steps": len(losses)}
 
 
+def _cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor of ``lr_scheduler_type: cosine`` with linear warm-up (as the trainer's)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def vision_lr_factor(step: int, cfg: TinyConfig) -> float:
+    """The vision tower's and projector's learning-rate factor at ``step`` of the language
+    pre-training: 0 for the first ``vision_frozen_share`` of it, then the cosine schedule."""
+    total = cfg.pretrain_steps
+    if step < cfg.vision_frozen_share * total:
+        return 0.0
+    return _cosine(step, max(1, total // 20), total)
+
+
+def _optimizer(model, family, cfg: TinyConfig):
+    """AdamW (the trainer's default, no weight decay) with two groups: the language side on the
+    cosine schedule, the vision tower and projector held still for ``cfg.vision_frozen_share``."""
+    vision, language = [], []
+    for name, p in model.named_parameters():
+        (vision if family.tower_of(name) in ("vision", "projector") else language).append(p)
+    opt = torch.optim.AdamW([{"params": language}, {"params": vision}], lr=cfg.pretrain_lr, weight_decay=0.0)
+    warmup = max(1, cfg.pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda step: _cosine(step, warmup, cfg.pretrain_steps), lambda step: vision_lr_factor(step, cfg)])
+    return opt, sched
+
+
 def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
     """Full-parameter pre-training on the phantom train split: captions (which name modality, region,
-    finding, side and place) mixed with general short-answer VQA, as a real base's mixture has both."""
+    finding, side and place) mixed with general short-answer VQA, as a real base's mixture has both.
+    The vision tower and projector keep still for the first ``cfg.vision_frozen_share`` of it (the
+    family's ``tiny_vision_frozen_share``), so the random language model's first gradients do not
+    wash out what :func:`pretrain_vision` taught them before the language model can read it."""
     family = get_family(cfg.family)
     generic = load_phantom(cfg.phantom, kind="generic", split="train")
     # grounding questions (which half, which part, what it looks like) twice: they are the base's
@@ -125,6 +158,7 @@ def pretrain(model, processor, cfg: TinyConfig, work_dir: Path) -> dict:
         disable_tqdm=None,
     )
     trainer = MedVLMTrainer(model=model, args=args, train_dataset=examples,
-                            data_collator=VLMCollator(family, processor))
+                            data_collator=VLMCollator(family, processor),
+                            optimizers=_optimizer(model, family, cfg) if cfg.vision_frozen_share > 0 else (None, None))
     result = trainer.train()
     return {"loss": result.training_loss, "steps": result.global_step, **result.metrics}

@@ -126,13 +126,13 @@ def costs_from_shapes(model, processor, family, record: dict, methods: Sequence[
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # logits at the last position, as the probe's passes compute them
             t = clock()
-            model(**ex.inputs, use_cache=False)
+            model(**ex.inputs, use_cache=False, logits_to_keep=1)
             forward = max(clock() - t, 1e-6)
     finally:
         model.train(was_training)
-    per_flop = forward / shape.forward_flops(logits_at=shape.seq_len)
+    per_flop = forward / shape.forward_flops()
     cost = {"capture": forward, "geometry": geometry_examples * forward, "sanity_ratio": DEFAULT_SANITY_RATIO,
             "forward_s": forward}
     cost.update({m.name: m.cost(shape) * per_flop for m in registered(methods)})

@@ -270,6 +270,7 @@ def capture(
     wanted = {layer: [k for k in kinds if keep is None or keep(f"blocks.{layer}.{k}")] for layer in chosen}
     store: dict[str, torch.Tensor] = {}
     rows_t, heads_t = torch.tensor(rows), torch.tensor(head_idx)
+    all_rows = rows == list(range(seq_len))  # every query row: read the weights without a copy of them
 
     def put(layer: int, kind: str, tensor: torch.Tensor) -> None:
         store[f"blocks.{layer}.{kind}"] = tensor.detach()
@@ -279,7 +280,7 @@ def capture(
             weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
             if weights is None:
                 raise AttentionNotEagerError(f"decoder layer {layer} returned no attention weights; {EAGER_FIX}")
-            picked = weights.index_select(2, rows_t.to(weights.device))  # [B, H, Q, S]
+            picked = weights if all_rows else weights.index_select(2, rows_t.to(weights.device))  # [B, H, Q, S]
             if "attn" in wanted[layer]:
                 put(layer, "attn", picked.index_select(1, heads_t.to(weights.device)))
             if "attn_mean" in wanted[layer]:

@@ -326,7 +326,8 @@ def analyze(em: ExplorerModel, variant: str, image: Image.Image | np.ndarray, qu
         t = time.perf_counter()
         attn_cache = None
         try:  # every layer's and head's attention rows at the answer positions (the page's controls)
-            _, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions)
+            _, attn_cache = capture(model, family, ex.inputs, query_positions=ex.target_positions,
+                                    logits_positions=[-1])  # the logits are not read
         except AttentionNotEagerError as err:  # no eager attention: the other methods still run
             errors.update({m.name: str(err) for m in chosen if m.eager})
             chosen = [m for m in chosen if not m.eager]

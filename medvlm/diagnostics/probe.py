@@ -133,7 +133,7 @@ def hidden_states(model, processor, family: ModelFamily, rec: dict, max_tokens: 
     """A hidden-states-only capture pass over one record (extra geometry examples)."""
     ex = prepare_example(model, processor, family, rec["image"], rec["question"])
     _, cache = capture(model, family, ex.inputs, attention=False, hidden_states=True, resid_pre=True,
-                       names_filter=_EMBED_AND_RESID)
+                       names_filter=_EMBED_AND_RESID, logits_positions=[-1])  # the logits are not read
     return _hidden_from_cache(cache, ex.inputs["input_ids"], max_tokens)
 
 

@@ -139,11 +139,12 @@ def raw_attention(model: torch.nn.Module, family: ModelFamily, example: Example,
     """:func:`attention_map` of ``example``'s response positions, capturing only what it reads."""
     n = len(family.decoder_layers(model))
     chosen = [layer] if layer is not None else list(layers or last_quarter(n))
-    _, cache = capture(model, family, example.inputs, layers=chosen, query_positions=example.target_positions)
+    _, cache = capture(model, family, example.inputs, layers=chosen, query_positions=example.target_positions,
+                       logits_positions=[-1])  # the logits are not read
     return attention_map(cache, example.target_positions, layer=layer, head=head, layers=chosen, fusion=fusion)
 
 
 def attention_rollout(model: torch.nn.Module, family: ModelFamily, example: Example) -> np.ndarray:
     """:func:`rollout` of ``example``'s response positions from one head-mean capture pass."""
-    _, cache = capture(model, family, example.inputs, attention=False, attention_mean=True)
+    _, cache = capture(model, family, example.inputs, attention=False, attention_mean=True, logits_positions=[-1])
     return rollout(cache, example.target_positions)

@@ -24,7 +24,11 @@ What a family says about its models:
 - **LoRA**: target names per tower and per preset (:attr:`lora_presets`), parameters LoRA cannot
   reach (:meth:`bare_parameters`), and which tower a parameter belongs to;
 - **the embedded default**: a tiny model of the real class with its real processor class
-  (:meth:`tiny_model`).
+  (:meth:`tiny_model`);
+- **real shapes**: the public configurations of the checkpoints users fine-tune
+  (:attr:`real_shapes`) and a model of each with its towers cut to a few layers
+  (:meth:`real_shape_model`), which the real-shape test tier (``tests/test_real_shape.py``) and
+  ``benchmarks/real_shape.py`` build for every registered family.
 
 Canonical parts (names used across medvlm), each a dotted path in the HF module tree::
 
@@ -134,6 +138,16 @@ class ModelFamily:
         "lm_head": "lm_head",
     }
     lora_presets: dict[str, dict[str, Any]] = SIGLIP_LLAMA_LORA_PRESETS
+    #: Share of the tiny demo base's language pre-training (:func:`medvlm.demo.pretrain.pretrain`)
+    #: during which the vision tower and projector, pre-trained just before, are held still (learning
+    #: rate 0) while the randomly initialised language model learns to read them. 0: trained from
+    #: the first step; 1: held for the whole language pre-training.
+    tiny_vision_frozen_share: float = 0.0
+
+    #: checkpoint name → the public ``config.json`` values :meth:`real_shape_model` builds from
+    #: (widths, heads, vocabulary, image size, projector reading); empty: the family has no
+    #: real-shape models yet, and the real-shape tier says so instead of testing it
+    real_shapes: dict[str, dict[str, Any]] = {}
 
     # -- the processor --------------------------------------------------------------------------
     def load_processor(self, path: str, **image_settings: int) -> ProcessorMixin:
@@ -304,12 +318,17 @@ class ModelFamily:
         return n_heads, n_kv, head_dim
 
     def dimensions(self, model: torch.nn.Module) -> dict[str, int]:
-        """Widths a cost estimate needs: ``d_model``, ``d_mlp``, ``vocab`` (language model) and
-        ``d_vision`` (vision tower)."""
+        """Widths a cost or memory estimate needs: ``d_model``, ``d_mlp``, ``vocab`` (language model),
+        ``d_vision``, ``d_vision_mlp`` and ``vision_heads`` (vision tower; SigLIP / CLIP name them
+        ``intermediate_size`` and ``num_attention_heads``, Qwen2.5-VL's tower ``num_heads``)."""
         tc = text_config(model)
         vc = getattr(model.config, "vision_config", None)
+        d_vision = int(getattr(vc, "hidden_size", 0) or 0)
+        heads = getattr(vc, "num_attention_heads", None) or getattr(vc, "num_heads", None)
         return {"d_model": int(tc.hidden_size), "d_mlp": int(getattr(tc, "intermediate_size", 4 * tc.hidden_size)),
-                "vocab": int(tc.vocab_size), "d_vision": int(getattr(vc, "hidden_size", 0) or 0)}
+                "vocab": int(tc.vocab_size), "d_vision": d_vision,
+                "d_vision_mlp": int(getattr(vc, "intermediate_size", 0) or 4 * d_vision),
+                "vision_heads": int(heads or max(1, d_vision // 64))}
 
     def vision_tokens(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> int:
         """Tokens the vision tower processes for the batch's first image (its patches)."""
@@ -465,6 +484,15 @@ class ModelFamily:
         """A tokenizer for the family's tiny model, trained on ``corpus``, with the special tokens its
         processor and chat template need (default: pad, eos, bos, unk and ``<image>``)."""
         return build_tokenizer(corpus, vocab_size)
+
+    def real_shape_model(self, name: str, tokenizer, layers: int = 2) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """``(model, processor)`` of the real checkpoint ``name`` (a key of :attr:`real_shapes`): its
+        real class and processor class, widths, heads, vocabulary, image resolution and the layer
+        the projector reads, each tower cut to ``layers`` layers (more where a real setting needs
+        them, e.g. a penultimate feature layer), random weights, float32; ``tokenizer`` is the
+        family's tiny tokenizer (:meth:`tiny_tokenizer`)."""
+        raise NotImplementedError(f"{type(self).__name__} lists real shapes {sorted(self.real_shapes)} but does not "
+                                  "build them; define real_shape_model(name, tokenizer, layers=2)")
 
     def tiny_model(self, sizes: TinySizes, tokenizer) -> tuple[PreTrainedModel, ProcessorMixin]:
         """A tiny model of the family's real class with random weights and its real processor

@@ -46,6 +46,14 @@ class PaliGemmaFamily(ModelFamily):
     }
     #: PaliGemma's task prefix for question answering (big_vision convention)
     prompt_template = "answer en {question}"
+    #: The tiny base's vision tower is held still during its language pre-training. PaliGemma's own
+    #: Stage 1 protects its pre-trained SigLIP "from bad gradients coming from the LLM" with a slow
+    #: warm-up of the image encoder's learning rate (Beyer et al. 2024, "PaliGemma: A versatile 3B VLM
+    #: for transfer", arXiv:2407.07726, Stage 1). Trained from the first step, the tiny tower lost
+    #: the lesion's side (lesion-token left-right separation 0.69 → 0.26 of the feature norm) before
+    #: the Gemma decoder learnt to read it: the base named the side in captions at chance, and its
+    #: "left"/"right" embeddings merged (cosine 0.97), so no LoRA stage learnt "is it in the left lung?".
+    tiny_vision_frozen_share = 1.0
 
     def _prompts(self, processor, questions: list[str]) -> list[str]:
         return [processor.image_token + self.prompt_template.format(question=q) for q in questions]

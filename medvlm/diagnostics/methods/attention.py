@@ -21,6 +21,9 @@ class Attention(Method):
     def cost(self, shape: Shape) -> float:
         return 0.0  # read from the shared pass
 
+    def memory(self, shape: Shape) -> float:
+        return float(4 * shape.n_layers * shape.seq_len * shape.image_tokens)  # the image rows it stacks
+
     def run(self, ctx: Context) -> MethodResult:
         cache = ctx.cache
         span = cache.image_span

@@ -58,13 +58,18 @@ class Shape:
     vision_tokens: int = 0
     vision_layers: int = 0
     d_vision: int = 0
+    d_vision_mlp: int = 0
+    vision_heads: int = 1
+    n_kv_heads: int = 0   # 0: as many as query heads
+    head_dim: int = 0     # 0: d_model / n_heads
 
     @classmethod
     def of(cls, model: torch.nn.Module, family: ModelFamily, example: Example) -> Shape:
         span = example.span or family.image_spans(model, example.inputs)[0]
+        n_heads, n_kv, head_dim = family.head_layout(model)
         return cls(seq_len=int(example.inputs["input_ids"].shape[-1]), image_tokens=span.end - span.start,
-                   grid=span.grid, n_layers=len(family.decoder_layers(model)), n_heads=family.head_layout(model)[0],
-                   vision_tokens=family.vision_tokens(model, example.inputs),
+                   grid=span.grid, n_layers=len(family.decoder_layers(model)), n_heads=n_heads,
+                   n_kv_heads=n_kv, head_dim=head_dim, vision_tokens=family.vision_tokens(model, example.inputs),
                    vision_layers=len(family.vision_layers(model)), **family.dimensions(model))
 
     def forward_flops(self, positions: int | None = None, logits_at: int = 1) -> float:
@@ -81,6 +86,45 @@ class Shape:
     def unembed_flops(self, vectors: int) -> float:
         """Final norm and unembedding of ``vectors`` residual vectors."""
         return float(2 * vectors * self.vocab * self.d_model)
+
+    def decoder_layer_bytes(self, batch: int = 1, positions: int | None = None) -> float:
+        """Float32 bytes of one decoder layer's activations over ``batch`` sequences of ``positions``
+        tokens (default the sequence): 4·S·(4·D + 4·F + 4·H·d) + 4·2·H·S² (four model-width tensors:
+        the residual, its norm, the attention and MLP outputs; four MLP-width ones: gate, up,
+        activation, product; four of all heads' width: q, and k and v repeated to every head, the
+        heads' output; eager attention's score and probability matrices), times ``batch``. The
+        attention's and the MLP's tensors are counted as if alive together: an upper estimate."""
+        s = self.seq_len if positions is None else positions
+        head_width = self.n_heads * (self.head_dim or self.d_model // max(self.n_heads, 1))
+        return float(4 * batch * (s * (4 * self.d_model + 4 * self.d_mlp + 4 * head_width) + 2 * self.n_heads * s * s))
+
+    def vision_layer_bytes(self, batch: int = 1) -> float:
+        """Float32 bytes of one vision layer's activations over its T patches, counted as a decoder
+        layer's: 4·T·(4·Dv + 4·Fv + 4·Dv) + 4·2·Hv·T², times ``batch``."""
+        t, dv = self.vision_tokens, self.d_vision
+        return float(4 * batch * (t * (8 * dv + 4 * (self.d_vision_mlp or 4 * dv)) + 2 * self.vision_heads * t * t))
+
+    def forward_bytes(self, batch: int = 1, positions: int | None = None, logits_at: int = 1) -> float:
+        """Float32 bytes one forward pass holds at its peak beyond the weights, without autograd:
+        the wider of one decoder layer and one vision layer (layers run one after the other and
+        free their activations), the embedded sequence and the residual stream (2·S·D), eager
+        attention's additive mask (S²), and the logits at ``logits_at`` positions with one float
+        copy (2·P·V), all times 4 bytes and ``batch``."""
+        s = self.seq_len if positions is None else positions
+        rest = 2 * s * self.d_model + s * s + 2 * logits_at * self.vocab
+        layer = max(self.decoder_layer_bytes(batch, s), self.vision_layer_bytes(batch))
+        return layer + float(4 * batch * rest)
+
+    def backward_bytes(self, batch: int = 1, logits_at: int = 1, factor: float = 1.0) -> float:
+        """Float32 bytes a forward and backward pass through every layer holds at its peak: autograd
+        keeps each layer's activations for the backward (``factor`` x :meth:`decoder_layer_bytes`
+        per decoder layer and :meth:`vision_layer_bytes` per vision layer; ``factor`` > 1 where more
+        is kept, e.g. LoRA's dropped-out copy of each adapted module's input), the backward of one
+        layer holds as much again for its gradients, and the logits at ``logits_at`` positions are
+        kept with their log-softmax and their gradient (3·P·V)."""
+        kept = factor * (self.n_layers * self.decoder_layer_bytes(batch)
+                         + self.vision_layers * self.vision_layer_bytes(batch))
+        return kept + self.forward_bytes(batch) + float(4 * batch * 3 * logits_at * self.vocab)
 
 
 @dataclass
@@ -161,6 +205,14 @@ class Method:
     def cost(self, shape: Shape) -> float:
         """Floating-point operations beyond the shared pass on an example of ``shape``."""
         return 0.0
+
+    def memory(self, shape: Shape) -> float:
+        """Bytes the method may hold at its peak beyond the loaded model and the shared pass's
+        tensors, on an example of ``shape``: what it asked for (its batch, the tensors it keeps)
+        and the forward passes it runs. The real-shape test tier asserts it (measured as peak
+        resident memory). Default: one forward pass of the example (:meth:`Shape.forward_bytes`);
+        a method that batches, keeps more or unembeds many vectors says so here."""
+        return shape.forward_bytes()
 
     def run(self, ctx: Context) -> MethodResult:
         raise NotImplementedError

@@ -45,7 +45,8 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
     """
     targets = target_ids if target_ids is not None or positions is not None else (example.target_ids or None)
     positions = list(positions) if positions is not None else example.target_positions
-    check_length(model, family, int(example.inputs["input_ids"].shape[-1]))
+    seq_len = int(example.inputs["input_ids"].shape[-1])
+    check_length(model, family, seq_len)
     if "pixel_values" not in example.inputs:
         raise KeyError(f"Grad-CAM needs 'pixel_values' in the inputs; found {sorted(example.inputs)}")
     family.check_pixels(model, example.inputs)
@@ -63,8 +64,11 @@ def gradcam(model: torch.nn.Module, family: ModelFamily, example: Example,
             # pixels that take grads keep A in the graph even when the tower is frozen (LoRA on the LM)
             inputs = {**example.inputs, "pixel_values": example.inputs["pixel_values"].detach().clone()
                       .to(next(model.parameters()).dtype).requires_grad_(True)}
-            out = model(**inputs, use_cache=False)
-            score, _ = target_logprob(out.logits, positions, targets)
+            # logits at the scored positions only: the unembedding of every position (and its
+            # gradient) is the largest tensor of the pass at a large vocabulary
+            keep = sorted({p % seq_len for p in positions})
+            out = model(**inputs, use_cache=False, logits_to_keep=torch.tensor(keep, dtype=torch.long))
+            score, _ = target_logprob(out.logits, [keep.index(p % seq_len) for p in positions], targets)
             (grads,) = torch.autograd.grad(score, acts[-1])
     finally:
         handle.remove()
@@ -85,7 +89,10 @@ class GradCAM(Method):
     order = 30
 
     def cost(self, shape: Shape) -> float:
-        return 3.0 * shape.forward_flops(logits_at=shape.seq_len)  # forward and backward, every logit
+        return 3.0 * shape.forward_flops()  # forward and backward, logits at the scored position
+
+    def memory(self, shape: Shape) -> float:
+        return shape.backward_bytes()  # every layer kept for the backward, logits at the scored position
 
     def run(self, ctx: Context) -> MethodResult:
         return MethodResult(gradcam(ctx.model, ctx.family, ctx.example))

@@ -25,6 +25,9 @@ from medvlm.models.base import ModelFamily
 from medvlm.utils.io import atomic_write_text
 from medvlm.utils.render import render_page
 
+#: image positions unembedded at a time (chunk x vocab float32 logits: 66 MB at a 257k vocabulary)
+LENS_CHUNK = 64
+
 
 @dataclass
 class LogitLens:
@@ -61,7 +64,7 @@ class LogitLens:
 
 @torch.no_grad()
 def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, tokenizer=None, *, k: int = 5,
-                    target_id: int | None = None, chunk: int = 64) -> tuple[LogitLens, np.ndarray | None]:
+                    target_id: int | None = None, chunk: int = LENS_CHUNK) -> tuple[LogitLens, np.ndarray | None]:
     """Logit lens at the image positions from a capture's ``resid_post`` (every captured layer),
     and with ``target_id`` the map of p(target token) per patch, maxed over layers (else None).
 
@@ -80,7 +83,7 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
             p = torch.softmax(family.lens_logits(model, h[i:i + chunk]), -1)
             tops.append(p.topk(k, dim=-1))
             if target_id is not None:
-                hits.append(p[:, target_id])
+                hits.append(p[:, target_id].clone())  # a view would keep the chunk's [chunk, vocab] alive
         ids.append(torch.cat([t.indices for t in tops]))
         probs.append(torch.cat([t.values for t in tops]))
         if target_id is not None:
@@ -97,7 +100,8 @@ def lens_from_cache(model: torch.nn.Module, family: ModelFamily, cache: Cache, t
 def logit_lens(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer, *, k: int = 5,
                layers: Sequence[int] | None = None, chunk: int = 64) -> LogitLens:
     """Logit lens at the image positions of ``example`` for ``layers`` (default all), from one pass."""
-    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True)
+    _, cache = capture(model, family, example.inputs, layers=layers, attention=False, hidden_states=True,
+                       logits_positions=[-1])  # the logits are not read
     return lens_from_cache(model, family, cache, tokenizer, k=k, chunk=chunk)[0]
 
 
@@ -151,6 +155,11 @@ class LogitLensMethod(Method):
 
     def cost(self, shape: Shape) -> float:
         return shape.unembed_flops(shape.n_layers * shape.image_tokens)
+
+    def memory(self, shape: Shape) -> float:
+        """A chunk of image positions unembedded at a time: logits and probabilities (2 x chunk x
+        vocab floats), and the top tokens and target probabilities it keeps per layer and patch."""
+        return float(4 * (2 * LENS_CHUNK * shape.vocab + 3 * shape.n_layers * shape.image_tokens * 5))
 
     def run(self, ctx: Context) -> MethodResult:
         lens, grid = lens_from_cache(ctx.model, ctx.family, ctx.cache, ctx.tokenizer, target_id=ctx.target_id)

@@ -57,6 +57,11 @@ from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register, unembed_rows
 from medvlm.models.base import ModelFamily
 
+#: candidate vectors unembedded at a time (chunk x vocab float32 logits and their log-sum-exp)
+CHUNK = 512
+#: the layers' candidate vectors are built in groups whose float32 vectors fit this many MB
+MEMORY_MB = 512
+
 
 @dataclass
 class LogProbIncrease:
@@ -144,13 +149,21 @@ def head_outputs(model: torch.nn.Module, family: ModelFamily, cache: Cache, laye
 
 
 def target_logprobs(model: torch.nn.Module, family: ModelFamily, vectors: torch.Tensor, target_id: int,
-                    reference: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+                    reference: torch.Tensor | None, chunk: int = CHUNK) -> torch.Tensor:
     """log p(target | vector) for residual vectors [N, D] through the final norm (its statistic held
     at ``reference`` when given) and the unembedding, at most ``chunk`` vectors at a time (fewer on a
-    large vocabulary: :func:`~medvlm.diagnostics.methods.base.unembed_rows`): [N]."""
+    large vocabulary: :func:`~medvlm.diagnostics.methods.base.unembed_rows`): [N].
+
+    Each chunk's score is a new [chunk] tensor (the target's logit minus the log-sum-exp), so the
+    chunk's [chunk, vocab] logits are freed before the next: a column view of them would keep the
+    whole chunk alive until the end."""
     chunk = unembed_rows(model, family, chunk)
-    return torch.cat([torch.log_softmax(family.lens_logits(model, vectors[i:i + chunk], reference), -1)[:, target_id]
-                      for i in range(0, vectors.shape[0], chunk)])
+    scores = []
+    for i in range(0, vectors.shape[0], chunk):
+        logits = family.lens_logits(model, vectors[i:i + chunk], reference)
+        scores.append(logits[:, target_id] - torch.logsumexp(logits, -1))
+        del logits
+    return torch.cat(scores)
 
 
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -181,7 +194,7 @@ NORMS = ("frozen", "recompute")
 def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Example, tokenizer=None, *,
                      layers: Sequence[int] | None = None, positions: str | Sequence[int] = "image",
                      query_position: int | None = None, target_id: int | None = None, norm: str = "frozen",
-                     chunk: int = 512, memory_mb: float = 512) -> LogProbIncrease:
+                     chunk: int = CHUNK, memory_mb: float = MEMORY_MB) -> LogProbIncrease:
     """delta for every (layer, head, source position), and each head's importance, from one capture pass.
 
     ``query_position`` defaults to the example's first target position (the last prompt position
@@ -228,14 +241,19 @@ def logprob_increase(model: torch.nn.Module, family: ModelFamily, example: Examp
         contrib = layer_contributions(model, family, cache, layers_g, q, src)  # [g, H, P, D]
         h = torch.stack([cache["resid_pre", layer][0, q] for layer in layers_g]).float()  # [g, D]
         o = head_outputs(model, family, cache, layers_g, q)  # [g, H, D]
-        candidates = torch.cat([h, (h[:, None, :] + o).reshape(-1, h.shape[-1]),
-                                (h[:, None, None, :] + contrib).reshape(-1, h.shape[-1])])
+        g, grid = len(layers_g), contrib.shape[:3]
+        # the candidates [h; h + o; h + c] written in place: a sum and a concatenation would each hold
+        # another group's worth of vectors (the group's memory would be three times memory_mb)
+        candidates = torch.empty(g * per_layer, d_model, dtype=contrib.dtype, device=contrib.device)
+        candidates[:g] = h
+        torch.add(h[:, None, :], o, out=candidates[g:g + g * n_heads].view(g, n_heads, d_model))
+        torch.add(h[:, None, None, :], contrib, out=candidates[g + g * n_heads:].view(contrib.shape))
+        del contrib, o
         logp = target_logprobs(model, family, candidates, target_id, reference, chunk)
-        g = len(layers_g)
+        del candidates
         bases.append(logp[:g])
         whole.append(logp[g:g + g * n_heads].reshape(g, n_heads))
-        scores.append(logp[g + g * n_heads:].reshape(contrib.shape[:3]))
-        del contrib, candidates
+        scores.append(logp[g + g * n_heads:].reshape(grid))
     base = torch.cat(bases)
     delta = torch.cat(scores) - base[:, None, None]
     importance = torch.cat(whole) - base[:, None]
@@ -281,6 +299,22 @@ class LogProb(Method):
     def cost(self, shape: Shape) -> float:
         candidates = shape.n_layers * (1 + shape.n_heads * (shape.image_tokens + 1))
         return shape.forward_flops() + shape.unembed_flops(candidates)
+
+    def memory(self, shape: Shape) -> float:
+        """Its capture pass (a forward; kept per layer: the value vectors of every position repeated
+        to every query head and the residual entering the layer, 4·L·S·(H·d + D)); then per group of
+        g layers (as many as fit MEMORY_MB, at least one) the contributions and the candidates, each
+        4·g·(1 + H·(T + 1))·D bytes, the group's output projections stacked and split by head (four
+        copies of 4·g·D·H·d), and one chunk of candidates' logits with their log-sum-exp
+        (2 x CHUNK x V floats)."""
+        head_width = shape.n_heads * (shape.head_dim or shape.d_model // max(shape.n_heads, 1))
+        kept = 4 * shape.n_layers * shape.seq_len * (head_width + shape.d_model)
+        per_layer = 1 + shape.n_heads * (shape.image_tokens + 1)
+        layer_bytes = 4 * per_layer * shape.d_model
+        g = min(shape.n_layers, max(1, MEMORY_MB * 2**20 // layer_bytes))
+        weights = 4 * 4 * g * shape.d_model * head_width
+        chunk = 4 * 2 * min(CHUNK, g * per_layer) * shape.vocab
+        return shape.forward_bytes() + kept + 2 * g * layer_bytes + weights + chunk
 
     def run(self, ctx: Context) -> MethodResult:
         """The map, and both head scores: ``top_heads`` / ``head_scores`` the paper's head importance

@@ -29,6 +29,9 @@ from medvlm.diagnostics.capture import Example, check_length
 from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
 from medvlm.models.base import ModelFamily
 
+#: occluded copies per forward pass
+BATCH = 16
+
 
 def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Sequence[int]) -> torch.Tensor:
     """Summed log-probability of ``targets`` at ``positions`` for each batch row: [B]."""
@@ -40,7 +43,7 @@ def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Seque
 @torch.no_grad()
 def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
               target_ids: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-              batch_size: int = 16, max_side: int | None = 8) -> np.ndarray:
+              batch_size: int = BATCH, max_side: int | None = 8) -> np.ndarray:
     """Occlusion map (rows, cols) of ``example`` (see the module docstring).
 
     ``target_ids`` / ``positions`` default to the example's answer tokens and the positions that
@@ -93,6 +96,12 @@ class Occlusion(Method):
         block = max(1, -(-max(shape.grid) // max_side))
         n_blocks = -(-shape.grid[0] // block) * -(-shape.grid[1] // block)
         return (n_blocks + 1) * shape.forward_flops()
+
+    def memory(self, shape: Shape) -> float:
+        """One batch of :data:`BATCH` occluded copies through the model, logits at the scored
+        position (the probe explains the predicted token); the copies' pixels (a few MB) are
+        within the forward pass's upper estimate."""
+        return shape.forward_bytes(batch=BATCH)
 
     def run(self, ctx: Context) -> MethodResult:
         return MethodResult(occlusion(ctx.model, ctx.family, ctx.example))

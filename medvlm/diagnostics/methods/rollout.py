@@ -18,5 +18,8 @@ class Rollout(Method):
     def cost(self, shape: Shape) -> float:
         return float(2 * shape.n_layers * shape.seq_len**3)  # the product of per-layer S x S matrices
 
+    def memory(self, shape: Shape) -> float:
+        return float(4 * 5 * shape.seq_len**2)  # S x S float32: A, the identity, Â, the product and its result
+
     def run(self, ctx: Context) -> MethodResult:
         return MethodResult(rollout(ctx.cache, ctx.positions))
