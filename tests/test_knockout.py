@@ -37,9 +37,10 @@ from medvlm.diagnostics.knockout_validation import (
     mirrored_cells,
     paired_test,
 )
+from medvlm.models.families import FAMILIES as REGISTERED
 from medvlm.utils.render import render_markdown
 
-FAMILIES = ["llava", "paligemma"]
+FAMILIES = sorted(REGISTERED)
 
 
 def _example(model, processor, family, seed: int = 0):
@@ -57,14 +58,21 @@ def tiny(request):
     return request.param, {"eager": model, "sdpa": sdpa}, processor, family, _example(model, processor, family)
 
 
-def _hand_mask(inputs, edges: EdgeSet) -> torch.Tensor:
-    """The 4-D additive mask written from the families' rules: causal, and with ``token_type_ids``
-    (PaliGemma) a bidirectional prefix where the type is 0; then the blocked edges."""
+def _hand_mask(name: str, inputs, edges: EdgeSet) -> torch.Tensor:
+    """The 4-D additive mask written from each family's published rule (a test may name families; the
+    package may not): causal; PaliGemma's prefix (``token_type_ids`` 0) attends both ways; Gemma 3's
+    tokens of one image (``token_type_ids`` 1, one contiguous run per image) attend to each other both
+    ways; then the blocked edges."""
     seq = int(inputs["input_ids"].shape[-1])
     allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
-    if "token_type_ids" in inputs:
+    if name == "paligemma":
         prefix = inputs["token_type_ids"][0] == 0
         allowed |= prefix[:, None] & prefix[None, :]
+    elif name == "medgemma":
+        image = inputs["token_type_ids"][0] == 1
+        starts = image & ~torch.cat([torch.zeros(1, dtype=torch.bool), image[:-1]])
+        block = torch.where(image, torch.cumsum(starts.long(), 0), torch.full_like(image, -1, dtype=torch.long))
+        allowed |= image[:, None] & image[None, :] & (block[:, None] == block[None, :])
     for t in edges.targets:
         for s in edges.sources:
             allowed[t, s] = False
@@ -127,14 +135,17 @@ def test_question_positions_hold_the_question_and_no_image_bos_or_last_token(tin
 # -- the mask ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_blocking_edges_in_every_layer_equals_a_hand_masked_forward(tiny, impl):
-    _, models, _, family, ex = tiny
+    name, models, _, family, ex = tiny
+    if name == "qwen2_5_vl":
+        pytest.skip("Qwen2.5-VL computes its 3-D positions from a 2-D attention_mask, so a hand-written 4-D "
+                    "mask cannot be passed to its forward; its mask is checked by the tests below")
     model = models[impl]
     sets = named_edge_sets(model, family, ex)
     base = base_prediction(model, family, ex)
     for edges in sets.values():
         hooked = knockout_delta(model, family, ex, edges, base=base)
         with torch.no_grad():
-            inputs = {**ex.inputs, "attention_mask": _hand_mask(ex.inputs, edges)}  # used as-is by every layer
+            inputs = {**ex.inputs, "attention_mask": _hand_mask(name, ex.inputs, edges)}  # used as-is by every layer
             logits = model(**inputs, use_cache=False).logits
         p = float(torch.softmax(logits[0, base.position].float(), -1)[base.token])
         assert hooked == pytest.approx((p - base.p) / base.p * 100, abs=1e-4), edges.name
