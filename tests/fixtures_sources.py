@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def image_bytes(color: tuple[int, int, int] = (120, 60, 30), fmt: str = "PNG") -> bytes:
@@ -336,3 +339,22 @@ def write_vqa_rad_hf(root: Path) -> Path:
             "image": [img, img], "question": ["Is there a mass?", "Where is it?"],
             "answer": ["Yes", "left lobe"]}, "image")
     return root
+
+
+def write_ct(path, hu_row, center=0.0, width=2000.0):
+    """A 1×N CT slice storing HU + 1024 as uint16 with RescaleIntercept -1024."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = 1, len(hu_row)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.WindowCenter, ds.WindowWidth = center, width
+    ds.PixelData = (np.asarray(hu_row) + 1024).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

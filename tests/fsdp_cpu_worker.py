@@ -2,7 +2,7 @@
 
 ``python tests/fsdp_cpu_worker.py OUT.json ADAPTER_DIR`` under ``accelerate launch --config_file
 recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no`` (see
-``tests/test_fsdp_cpu.py``). On a CPU machine accelerate 1.16 never selects FSDP (its
+``tests/training/test_fsdp_cpu.py``). On a CPU machine accelerate 1.16 never selects FSDP (its
 ``AcceleratorState.__init__`` sets ``DistributedType.FSDP`` only for accelerator device types; a CPU
 launch is ``MULTI_CPU``, i.e. DDP), so this worker records what accelerate chose, then hands the
 plugin that the launcher built from the YAML to accelerate's own FSDP2 preparation

@@ -1,6 +1,6 @@
 """A stage (``recipes/stage1.py``'s ``run_stage``) with a callback that records, after the first step,
 what accelerate and the Trainer set up: ``python tests/stage_probe_worker.py PROBE.json <stage args>``
-under ``accelerate launch`` (see ``tests/test_deepspeed_cpu.py``)."""
+under ``accelerate launch`` (see ``tests/training/test_deepspeed_cpu.py``)."""
 
 from __future__ import annotations
 

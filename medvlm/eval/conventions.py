@@ -3,7 +3,7 @@
 A convention named after a harness gives every (prediction, reference) pair the score that harness
 gives it, quirks included; medvlm's own rules live in :mod:`medvlm.eval.metrics` under names of their
 own. Each rule below was read from the harness's code (repository, commit, file and function are
-quoted next to it) and written again here; ``tests/test_harness_conventions.py`` holds the tables of
+quoted next to it) and written again here; ``tests/eval/test_harness_conventions.py`` holds the tables of
 cases derived from that reading.
 
 * lmms-eval's SLAKE task (:func:`slake_normalize`, :func:`lmms_eval_slake_match`);

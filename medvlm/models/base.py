@@ -3,7 +3,7 @@
 Training, eval and diagnostics call these methods and never branch on the family or guess the
 model's structure. Adding a family (MedGemma, Qwen2.5-VL ...) is one new file that subclasses
 ``ModelFamily``, plus one line in :mod:`medvlm.models.families`; the family contract test
-(``tests/test_family_contract.py``) then runs over it.
+(``tests/models/test_family_contract.py``) then runs over it.
 
 What a family says about its models:
 

@@ -237,7 +237,7 @@ def test_missing_image_is_named(tiny_paligemma, tmp_path, capsys):
     assert not (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("config", sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes" / "configs")
+@pytest.mark.parametrize("config", sorted((__import__("pathlib").Path(__file__).parents[2] / "recipes" / "configs")
                                           .glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(config, tmp_path):
     model_args, data_args, lora_args, args = parse_stage_config([str(config), "--output_dir", str(tmp_path)])

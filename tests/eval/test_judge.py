@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import socket
 
 import pytest
+from llm_responders import judge_responder
 from ollama_stub import OllamaStub, StubHTTPError
 
 from medvlm.eval.judge import judge_records, parse_judgement
@@ -21,16 +21,6 @@ ITEMS = [
      "caption": "Axial CT of the abdomen showing the liver."},
     {"id": "q4", "question": "What modality?", "answer": "MRI", "prediction": "MRI"},
 ]
-
-
-def judge_responder(prompt: str, request: dict) -> str:
-    """Scores by a rule the tests know: predictions containing the reference get 9/yes, else 2/no."""
-    ref = re.search(r"Reference answer: (.*)", prompt).group(1).lower()
-    pred = re.search(r"Model answer: (.*)", prompt).group(1).lower()
-    if "hepatic" in pred:
-        return json.dumps({"score": 8, "verdict": "yes", "reason": "synonym"})
-    good = ref in pred
-    return json.dumps({"score": 9 if good else 2, "verdict": "yes" if good else "no", "reason": "rule"})
 
 
 @pytest.mark.parametrize(

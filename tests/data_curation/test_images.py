@@ -8,8 +8,6 @@ import fixtures_sources as fx
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medvlm.data_curation import load_source
 from medvlm.data_curation.images import cache_image_bytes, default_cache_dir, image_to_path, safe_join
@@ -85,27 +83,11 @@ def test_safe_join_and_hf_bytes_cache(tmp_path, monkeypatch):
         image_to_path("a.png", None, tmp_path / "cache")
 
 
-def _write_ct(path, hu_row, center=0.0, width=2000.0):
-    """A 1×N CT slice storing HU + 1024 as uint16 with RescaleIntercept -1024."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = 1, len(hu_row)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.WindowCenter, ds.WindowWidth = center, width
-    ds.PixelData = (np.asarray(hu_row) + 1024).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+
 
 
 def test_dicom_window_maps_hounsfield_range_to_8_bit(tmp_path):
-    path = _write_ct(tmp_path / "ct.dcm", [-1024, -1000, -500, 0, 500, 1000])
+    path = fx.write_ct(tmp_path / "ct.dcm", [-1024, -1000, -500, 0, 500, 1000])
     gray = np.asarray(load_image(path))[0, :, 0]
     assert gray.tolist() == [0, 0, 64, 128, 191, 255]
     assert verify_image(path) == ""
@@ -121,7 +103,7 @@ def test_dicom_window_maps_hounsfield_range_to_8_bit(tmp_path):
 
 def test_dicom_images_load_through_a_source(tmp_path):
     root = _vqa_rad_with(tmp_path / "v", [("scan.dcm", "yes")])
-    _write_ct(root / "VQA_RAD Image Folder" / "scan.dcm", [0, 100])
+    fx.write_ct(root / "VQA_RAD Image Folder" / "scan.dcm", [0, 100])
     res = load_source("vqa_rad", root, image_cache_dir=tmp_path / "c")
     assert res.skipped == [] and res.dataset["image"][0].endswith("scan.dcm")
     assert isinstance(pydicom.dcmread(res.dataset["image"][0]).pixel_array, np.ndarray)

@@ -15,14 +15,14 @@ import datasets
 import pytest
 import yaml
 from fixtures_sources import write_slake
+from llm_responders import caption_records, qa_responder, write_jsonl
 from ollama_stub import OllamaStub, StubHTTPError
-from test_qa_generation import caption_records, qa_responder, write_jsonl
 
 from medvlm.data_curation.mixing import build_mix
 from medvlm.data_curation.qa_generation import QAGenConfig, generate_qa
 from medvlm.utils.io import hash_rows, sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHANTOM = {"n_patients": 30, "kind": "qa"}
 
 

@@ -14,7 +14,7 @@ from medvlm.data_curation.mix_sources import source_kinds
 from medvlm.data_curation.mixing import MixError, build_mix
 from medvlm.records import make_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,9 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
+from llm_responders import caption_records, judge_responder, qa_responder, write_jsonl
 from openai_stub import DROP, OpenAIStub, fault
 from scripts import load_script
-from test_judge import judge_responder
-from test_qa_generation import caption_records, qa_responder, write_jsonl
 
 from medvlm.data_curation.mixing import build_mix
 from medvlm.records import make_record

@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from fixtures_sources import write_ct as _write_ct
 from PIL import Image
-from test_images import _write_ct
 
 from medvlm.utils.images import ImageError, read_image, read_mask
 

@@ -414,7 +414,7 @@ def test_the_do_pan_and_scan_config_key_reaches_the_processor(tiny, tmp_path):
         family.load_processor(str(tmp_path), max_pixels=10**5)
     with pytest.raises(ValueError, match="do_pan_and_scan set, but the llava family"):
         get_family("llava").load_processor(str(tmp_path), do_pan_and_scan=True)
-    config = Path(__file__).parents[1] / "recipes" / "configs" / "demo_medgemma_stage1.yaml"
+    config = Path(__file__).parents[2] / "recipes" / "configs" / "demo_medgemma_stage1.yaml"
     model_args = parse_stage_config([str(config), "--output_dir", str(tmp_path / "o"), "--do_pan_and_scan", "true"])[0]
     assert model_args.image_settings() == {"do_pan_and_scan": True}
     assert parse_stage_config([str(config), "--output_dir", str(tmp_path / "o")])[0].image_settings() == {}

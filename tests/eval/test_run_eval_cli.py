@@ -61,7 +61,7 @@ def test_cli_llava_med_with_questions_and_suite(run_eval, tmp_path):
     questions = tmp_path / "test.json"
     questions.write_text(json.dumps([{"id": 7, "conversations": [
         {"from": "human", "value": "<image>\nIs there a mass?"}, {"from": "gpt", "value": "no"}]}]), encoding="utf-8")
-    suite = Path(__file__).resolve().parents[1] / "eval" / "suites" / "llava_med_vqa.yaml"
+    suite = Path(__file__).resolve().parents[2] / "eval" / "suites" / "llava_med_vqa.yaml"
     out = tmp_path / "eval"
     run_eval.main(["--predictions", str(answers), "--questions", str(questions), "--suite", str(suite),
                    "--output", str(out), "--bootstrap", "10", "--quiet"])

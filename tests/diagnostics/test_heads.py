@@ -78,7 +78,7 @@ def test_importance_equals_a_direct_recomputation(setup, fam):
         with torch.no_grad():
             o_proj = family.decoder_layers(model)[layer].self_attn.o_proj
             # what the head adds to the residual: its o_proj share, through any norm the layer applies to
-            # the whole attention output (Gemma's post_attention_layernorm; tests/test_logprob.py checks
+            # the whole attention output (Gemma's post_attention_layernorm; tests/diagnostics/test_logprob.py checks
             # that the shares of every head sum to what the layer adds)
             o = family.attention_residual(model, layer, o_proj((z * mask).flatten()[None])[0],
                                           o_proj(z.flatten()[None])[0])

@@ -87,7 +87,7 @@ def test_read_point_takes_D_rank_and_trainable_parameters_from_the_run_folder(tm
 def test_fit_on_fake_runs_writes_the_json_figures_and_predicts_the_held_out_run(tmp_path):
     """Noise-free losses from known laws: the plumbing (folders → points → fits → JSON, figures,
     report) must give the laws back to optimiser precision; recovery under noise is
-    tests/test_scaling.py's job."""
+    tests/diagnostics/test_scaling.py's job."""
     runs = tmp_path / "runs"
     points = [read_point(fake_run(runs, d, r)) for d in (250, 500, 1000, 2000, 4000) for r in (2, 4, 8, 16)]
     holdout = read_point(fake_run(runs, 16000, 16))

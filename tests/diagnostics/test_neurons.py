@@ -69,7 +69,7 @@ def test_direct_score_is_activation_times_wdown_t_wu(setup, fam):
     for li, layer in enumerate(layers):
         a = _mlp_inputs(model, layer, ex)[0, image]  # [N, F]
         w_down = layer.mlp.down_proj.weight.detach()  # [D, F]
-        post = family.mlp_output_gain(model, li)  # a norm on the MLP output (tests/test_neuron_seam.py)
+        post = family.mlp_output_gain(model, li)  # a norm on the MLP output (tests/models/test_neuron_seam.py)
         w_down = w_down if post is None else post[:, None] * w_down
         m = w_down.T @ (gain * head.weight.detach()[target])  # (W_down^T W_U^T)[:, c], W_U with the gain folded in
         torch.testing.assert_close(torch.from_numpy(ns.scores[li]).float(), (a * m).sum(0), atol=1e-5, rtol=1e-4)

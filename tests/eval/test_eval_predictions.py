@@ -17,7 +17,7 @@ from medvlm.eval.predictions import (
 )
 from medvlm.eval.scoring import load_suite, score_records
 
-SUITES = Path(__file__).resolve().parents[1] / "eval" / "suites"
+SUITES = Path(__file__).resolve().parents[2] / "eval" / "suites"
 
 
 def _write_jsonl(path, rows):

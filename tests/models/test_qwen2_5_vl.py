@@ -409,7 +409,7 @@ def test_the_qwen2_5_vl_3b_configs_train_on_slake_then_anneal_rocov2_qa_toward_m
     from medvlm.data_curation.mixing import MixConfig
     from medvlm.training.cli import parse_stage_config
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     configs = root / "recipes" / "configs"
     stages = {}
     for name in ("qwen2_5_vl_3b_slake_stage1.yaml", "qwen2_5_vl_3b_roco_medpix_stage2.yaml"):

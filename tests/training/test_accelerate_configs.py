@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 
 
 def launch(name: str, monkeypatch) -> tuple[object, dict[str, str]]:
