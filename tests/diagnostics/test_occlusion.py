@@ -84,15 +84,20 @@ def test_bad_input(tiny):
 
 
 def test_a_lesion_drawn_in_one_cell_lands_on_that_cell_of_the_map(tiny):
-    """A bright square filling token cell (5, 2) of a dark image: the map has the token grid's shape, hiding
+    """A bright square filling the token cell at (5/8, 2/8) of the family grid of a dark image: the map has the grid's shape, hiding
     that cell is exactly hiding the lesion's pixels, and it is the cell whose hiding changes the answer most
     (every other cell is already close to the image mean)."""
     model, processor, family = tiny
+    blank = prepare_example(model, processor, family, np.zeros((64, 64, 3), np.uint8), "where is the lesion?",
+                            "left lung")
+    rows, cols = blank.span.grid  # the family's token grid of a 64-pixel image
+    r, c = rows * 5 // 8, cols * 2 // 8
+    ch, cw = 64 // rows, 64 // cols
     img = np.zeros((64, 64, 3), np.uint8)
-    img[5 * 8:6 * 8, 2 * 8:3 * 8] = 255  # 64-pixel images, an 8x8 token grid: 8-pixel cells
+    img[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = 255
     ex = prepare_example(model, processor, family, img, "where is the lesion?", "left lung")
     grid = occlusion(model, family, ex)
-    assert grid.shape == ex.span.grid == (8, 8)
-    assert np.unravel_index(np.abs(grid).argmax(), grid.shape) == (5, 2)
-    ph = ex.inputs["pixel_values"].shape[-1] // 8
-    assert grid[5, 2] == pytest.approx(_hand_drop(model, ex, slice(5 * ph, 6 * ph), slice(2 * ph, 3 * ph)), abs=1e-4)
+    assert grid.shape == ex.span.grid == (rows, cols)
+    assert np.unravel_index(np.abs(grid).argmax(), grid.shape) == (r, c)
+    assert grid[r, c] == pytest.approx(_hand_drop(model, processor, family, ex, slice(r, r + 1), slice(c, c + 1)),
+                                       abs=1e-4)

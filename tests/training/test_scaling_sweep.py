@@ -20,20 +20,20 @@ FAST = dict(exponent_grid=(0.0, 0.5, 1.0), intercept_grid=(1.0,), floor_grid=(0.
 PER_RANK = 11040  # trainable parameters per unit of rank (LoRA's count is linear in the rank)
 
 
-def _examples(processor, n: int, seed: int = 0) -> list[dict]:
-    size = processor.image_processor.size
-    side = size.height or size.shortest_edge
+def _examples(processor, family, n: int, seed: int = 0) -> list[dict]:
+    """n 64-pixel images prepared by the family as training prepares them (a dynamic-resolution
+    processor has no fixed size to draw them at), with short questions and answers."""
     rng = np.random.default_rng(seed)
+    images = family.prepare_images(processor, [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)])
     qa = [("where is the lesion?", "left lung"), ("is it near the liver?", "yes"), ("which organ?", "the kidney")]
-    return [{"image": rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "question": qa[i % 3][0],
-             "answer": qa[i % 3][1]} for i in range(n)]
+    return [{"image": images[i], "question": qa[i % 3][0], "answer": qa[i % 3][1]} for i in range(n)]
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_answer_nll_is_the_models_own_loss_over_answer_tokens(fam):
     model, processor, family = eager_tiny(fam)
     collator = VLMCollator(family, processor)
-    examples = _examples(processor, 5)
+    examples = _examples(processor, family, 5)
     labels = ["open", "closed", "open", "open", "closed"]
     got = answer_nll(model, collator, examples, labels, batch_size=2)  # batches of 2, 2, 1
     with torch.no_grad():
