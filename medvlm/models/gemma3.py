@@ -278,6 +278,41 @@ class MedGemmaFamily(ModelFamily):
         return build_tokenizer(corpus + ["user model"], vocab_size, SPECIALS, boi_token="<start_of_image>",
                                eoi_token="<end_of_image>", image_token="<image_soft_token>")
 
+    #: public config.json values of the real checkpoint (google/medgemma-4b-it = Gemma 3 4B), for depth-cut
+    #: test models (:meth:`real_shape_model`): 896-px images, 64x64 SigLIP patches pooled 4x4 to 256 tokens
+    real_shapes = {
+        "medgemma-4b-it": {
+            "vision": dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=896,
+                           patch_size=14, vision_use_head=False),
+            "text": dict(hidden_size=2560, intermediate_size=10240, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=256, query_pre_attn_scalar=256, vocab_size=262208, sliding_window=1024,
+                         max_position_embeddings=131072),
+            "mm_tokens_per_image": 256,
+        },
+    }
+
+    def real_shape_model(self, name: str, tokenizer, layers: int = 2):
+        """A model with the real checkpoint ``name``'s widths, heads, vocabulary, 896-px images and 4x4
+        pooling to 256 tokens, its towers cut to ``layers`` layers (the last decoder layer global, the
+        others sliding-window, as every sixth layer of the 4B is), random weights."""
+        shape = self.real_shapes[name]
+        vision = SiglipVisionConfig(**{**shape["vision"], "num_hidden_layers": layers})
+        size = {"height": vision.image_size, "width": vision.image_size}
+        image_processor = Gemma3ImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=shape["mm_tokens_per_image"])
+        text = Gemma3TextConfig(**shape["text"], num_hidden_layers=layers,
+                                layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                bos_token_id=tokenizer.bos_token_id)
+        config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=shape["mm_tokens_per_image"],
+                              boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                              image_token_index=tokenizer.image_token_id)
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # as the tiny model: a random projection passes the image on
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, config.initializer_range)
+        return model, processor
+
     def tiny_model(self, sizes: TinySizes, tokenizer):
         """``sizes.patch_size`` is the pixel side of one image token, as for the other families (token grid
         ``image_size / patch_size``: 4×4 in the demo); the SigLIP patches are half that and pooled 2×2 into

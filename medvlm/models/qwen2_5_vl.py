@@ -339,6 +339,40 @@ class Qwen25VLFamily(ModelFamily):
         tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
         return tok
 
+    #: public config.json values of the real checkpoint (Qwen/Qwen2.5-VL-3B-Instruct), for depth-cut test
+    #: models (:meth:`real_shape_model`); images of 448 px (min = max pixels) give 32x32 patches, 16x16 tokens
+    real_shapes = {
+        "qwen2.5-vl-3b-instruct": {
+            "vision": dict(hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, out_hidden_size=2048, tokens_per_second=2),
+            "text": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
+                         vocab_size=151936, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+            "pixels": 448 * 448,
+        },
+    }
+
+    def real_shape_model(self, name: str, tokenizer, layers: int = 2):
+        """A model with the real checkpoint ``name``'s widths, heads, vocabulary (tied embeddings), window
+        attention (the last kept vision block attends fully, as blocks 7, 15, 23 and 31 do) and 14-px
+        patches merged 2x2, its towers cut to ``layers`` blocks, random weights; the processor's pixel
+        bounds are one 448-px image (256 tokens)."""
+        shape = self.real_shapes[name]
+        vision_cfg = shape["vision"]
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=shape["pixels"], max_pixels=shape["pixels"],
+                                                   patch_size=vision_cfg["patch_size"], merge_size=2,
+                                                   temporal_patch_size=2)
+        processor = Qwen25VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                               chat_template=QWEN_CHAT_TEMPLATE)
+        ids = tokenizer.convert_tokens_to_ids
+        text = {**shape["text"], "num_hidden_layers": layers, "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.pad_token_id}
+        vision = {**vision_cfg, "depth": layers, "fullatt_block_indexes": [layers - 1]}
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                                  vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+        return Qwen2_5_VLForConditionalGeneration(config), processor
+
     def tiny_model(self, sizes: TinySizes, tokenizer):
         """A token grid of ``image_size / patch_size`` cells a side, each cell 2×2 patches of half that
         size (the demo: 64-px phantom images, 8-px patches, 8×8 patches merged into 4×4 tokens, the other
