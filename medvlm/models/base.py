@@ -162,6 +162,15 @@ class ModelFamily:
         return AutoProcessor.from_pretrained(path)
 
     # -- inputs ---------------------------------------------------------------------------------
+    @staticmethod
+    def _conversation(question: str, answer: str | None = None) -> list[dict]:
+        """One image and the question as the user's turn (and the answer as the assistant's): the
+        message list chat-template families (LLaVA, Gemma 3, Qwen2.5-VL) render."""
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if answer is not None:
+            conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return conv
+
     def train_batch(self, processor: ProcessorMixin, images: list, questions: list[str],
                     answers: list[str], *, prepared: bool = False) -> BatchFeature:
         """Right-padded training batch with ``labels`` (IGNORE_INDEX on image, prompt, padding).

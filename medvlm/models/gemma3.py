@@ -125,13 +125,6 @@ class MedGemmaFamily(ModelFamily):
         scan = self.pan_and_scan(processor)
         return {**({} if scan["do_pan_and_scan"] else self.processor_kwargs(prepared)), **scan}
 
-    @staticmethod
-    def _conversation(question: str, answer: str | None = None) -> list[dict]:
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return conv
-
     def _batch(self, processor, images, texts: list[str], side: str, prepared: bool) -> BatchFeature:
         # the template renders <bos> itself: the tokenizer must not add another
         return processor(images=[[im] for im in images], text=texts, padding="longest", padding_side=side,

@@ -60,13 +60,6 @@ class LlavaFamily(ModelFamily):
         },
     }
 
-    @staticmethod
-    def _conversation(question: str, answer: str | None = None) -> list[dict]:
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return conv
-
     def _prompt_texts(self, processor, questions):
         return [processor.apply_chat_template(self._conversation(q), add_generation_prompt=True,
                                               tokenize=False) for q in questions]

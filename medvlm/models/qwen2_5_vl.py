@@ -64,7 +64,14 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from medvlm.models.base import IGNORE_INDEX, ImageSpan, ModelFamily, TinySizes, unwrap
+from medvlm.models.base import (
+    IGNORE_INDEX,
+    SIGLIP_LLAMA_LORA_PRESETS,
+    ImageSpan,
+    ModelFamily,
+    TinySizes,
+    unwrap,
+)
 from medvlm.models.tokenizer import SPECIALS, build_tokenizer
 
 #: ``Qwen/Qwen2.5-VL-3B-Instruct`` chat_template.json (identical in Qwen2-VL-7B-Instruct; transformers'
@@ -94,12 +101,7 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 #: the language model. Names are matched as dotted suffixes inside each tower (``attn.proj``, not the
 #: patch embedding's ``proj`` convolution).
 QWEN_LORA_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "r": 12, "alpha": 32,
-        "names": {"vision": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                  "projector": [],
-                  "language": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
-    },
+    "paper": SIGLIP_LLAMA_LORA_PRESETS["paper"],  # the same names on every tower
     "full": {
         "r": 12, "alpha": 32,
         "names": {"vision": ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
@@ -159,13 +161,6 @@ class Qwen25VLFamily(ModelFamily):
         return processor
 
     # -- inputs ---------------------------------------------------------------------------------
-    @staticmethod
-    def _conversation(question: str, answer: str | None = None) -> list[dict]:
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return conv
-
     def _prompt_texts(self, processor, questions):
         return [processor.apply_chat_template(self._conversation(q), add_generation_prompt=True, tokenize=False)
                 for q in questions]
