@@ -20,25 +20,21 @@ the fallback only covers refused allocations.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import torch
 from accelerate.utils import find_executable_batch_size
 
 from medvlm.models.base import ModelFamily
+from medvlm.utils.memory import memory_budget
 
 logger = logging.getLogger(__name__)
 
 #: Largest batch ``auto`` starts from (questions per generate call): beyond it a GPU gains little
 #: and a CPU nothing, while a failed attempt costs a whole batch.
 MAX_AUTO_BATCH = 64
-#: Share of the free memory ``auto`` plans to use (the rest: allocator slack, fragmentation, and
-#: what the estimate leaves out).
-BUDGET_FRACTION = 0.5
 
 
 def parse_batch_size(value: int | str) -> int | str:
@@ -80,20 +76,11 @@ def row_bytes(model: torch.nn.Module, family: ModelFamily, prompt_tokens: int, i
     return int(kv_cache + prefill + vision + logits)
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes this process may plan for: free memory of its GPU, or on a CPU the machine's
-    available memory divided among the processes of this node (``LOCAL_WORLD_SIZE``)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return int(psutil.virtual_memory().available // local)
-
-
 def auto_batch_size(model: torch.nn.Module, processor, family: ModelFamily, images: Sequence[Any],
                     questions: Sequence[str], *, rows_per_question: int, max_new_tokens: int,
                     budget_bytes: int | None = None, resized: bool = True) -> tuple[int, dict[str, Any]]:
-    """Questions per ``generate`` call that fit ``budget_bytes`` (default: :data:`BUDGET_FRACTION`
-    of :func:`free_memory`), and the numbers behind it. The longest question is the one measured
+    """Questions per ``generate`` call that fit ``budget_bytes`` (default: :func:`medvlm.utils.memory.memory_budget`,
+    half the free memory), and the numbers behind it. The longest question is the one measured
     (its prompt, image tokens included, built by the family)."""
     longest = max(range(len(questions)), key=lambda i: len(questions[i]))
     batch = family.generation_batch(processor, [images[longest]], [questions[longest]], prepared=resized)
@@ -101,7 +88,7 @@ def auto_batch_size(model: torch.nn.Module, processor, family: ModelFamily, imag
     image_tokens = family.vision_tokens(model, batch)
     per_row = row_bytes(model, family, prompt_tokens, image_tokens, max_new_tokens)
     device = next(model.parameters()).device
-    budget = int(BUDGET_FRACTION * free_memory(device)) if budget_bytes is None else int(budget_bytes)
+    budget = memory_budget(device) if budget_bytes is None else int(budget_bytes)
     fits = budget // max(1, per_row * rows_per_question)
     chosen = int(max(1, min(fits, MAX_AUTO_BATCH, len(questions))))
     if fits < 1:
@@ -128,7 +115,8 @@ class BatchRecord:
 
 
 def run_batches(n: int, start: int, run_batch: Callable[[int, int], int], record: BatchRecord,
-                progress: Callable[[int], None] | None = None) -> None:
+                progress: Callable[[int], None] | None = None, *, what: str = "generation",
+                unit: str = "questions") -> None:
     """Call ``run_batch(lo, hi)`` over ``[0, n)`` in batches of ``start``; on an out-of-memory
     error (see the module docstring for which) the failed batch is redone at half the size and the
     work continues from there. Finished batches are kept. ``run_batch`` returns how many
@@ -139,7 +127,7 @@ def run_batches(n: int, start: int, run_batch: Callable[[int, int], int], record
     def halve() -> int:
         nonlocal size
         record.halvings.append(size)
-        logger.warning("generation ran out of memory at %d questions per batch; retrying at %d", size, size // 2)
+        logger.warning("%s ran out of memory at %d %s per batch; retrying at %d", what, size, unit, size // 2)
         size //= 2
         return size
 

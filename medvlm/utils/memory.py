@@ -15,11 +15,30 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import threading
 
 import psutil
+import torch
 
 GIB = 2**30
+#: Share of the free memory a batch sized to memory plans to use (the rest: allocator slack,
+#: fragmentation, and what the estimate leaves out).
+BUDGET_FRACTION = 0.5
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may plan for: free memory of its GPU, or on a CPU the machine's
+    available memory divided among the processes of this node (``LOCAL_WORLD_SIZE``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(psutil.virtual_memory().available // local)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one batch sized to memory may plan for: :data:`BUDGET_FRACTION` of :func:`free_memory`."""
+    return int(BUDGET_FRACTION * free_memory(device))
 
 
 def release_freed_memory() -> None:

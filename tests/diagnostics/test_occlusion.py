@@ -8,7 +8,9 @@ import torch
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
-from medvlm.diagnostics.methods.occlusion import occlusion
+from medvlm.diagnostics.methods import Context, Shape, get_method
+from medvlm.diagnostics.methods.occlusion import MAX_BATCH, n_forwards, occlusion, occlusion_batch
+from medvlm.eval.batching import BatchRecord
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -101,3 +103,50 @@ def test_a_lesion_drawn_in_one_cell_lands_on_that_cell_of_the_map(tiny):
     assert np.unravel_index(np.abs(grid).argmax(), grid.shape) == (r, c)
     assert grid[r, c] == pytest.approx(_hand_drop(model, processor, family, ex, slice(r, r + 1), slice(c, c + 1)),
                                        abs=1e-4)
+
+
+def test_the_batch_is_what_fits_the_memory_budget(tiny):
+    """Each occluded copy holds one forward pass of the example: the batch is the budget over one
+    copy's bytes, at least one, at most MAX_BATCH and the number of forwards; the map is the same."""
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(3), "where is the lesion?", "left lung")
+    shape = Shape.of(model, family, ex)
+    copy = shape.forward_bytes(batch=1)
+    assert shape.forward_bytes(batch=5) == pytest.approx(5 * copy)  # linear in the batch
+    assert occlusion_batch(shape, int(3.5 * copy)) == 3
+    assert occlusion_batch(shape, int(0.5 * copy)) == 1  # nothing fits: one copy at a time
+    assert occlusion_batch(shape, 10**15) == min(MAX_BATCH, n_forwards(shape.grid)) == MAX_BATCH
+    assert occlusion_batch(shape, 10**15, max_side=2) == n_forwards(shape.grid, max_side=2) == 4
+    record = BatchRecord(requested="auto")
+    sized = occlusion(model, family, ex, budget_bytes=int(3.5 * copy), record=record)
+    assert (record.start, record.used, record.halvings) == (3, 3, [])
+    assert record.estimate["copy_mb"] == pytest.approx(copy / 2**20, abs=0.05)
+    assert np.allclose(sized, occlusion(model, family, ex, batch_size=1), atol=1e-4)
+    # the method's memory declaration is the batch it plans at that budget
+    method = get_method("occlusion")
+    assert method.memory(shape, budget_bytes=int(3.5 * copy)) == pytest.approx(3 * copy)
+    result = method.run(Context(model, processor, family, ex))
+    assert result.row["occlusion_batch"] == occlusion_batch(shape, 10**15) and result.row["occlusion_oom_halvings"] == []
+
+
+def test_a_refused_allocation_halves_the_batch_and_the_map_stays_the_same(tiny, monkeypatch):
+    model, processor, family = tiny
+    ex = prepare_example(model, processor, family, _image(4), "where is the lesion?", "left lung")
+    expected = occlusion(model, family, ex, batch_size=1)
+    original = type(model).forward
+    sizes: list[int] = []
+
+    def needs_memory_per_copy(self, *args, **kwargs):
+        rows = int(kwargs["input_ids"].shape[0])
+        sizes.append(rows)
+        if rows > 5:  # a request no machine grants: torch's CPU allocator raises, as on a real OOM
+            torch.empty(rows << 44, dtype=torch.uint8)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", needs_memory_per_copy)
+    record = BatchRecord(requested=12)
+    drops = occlusion(model, family, ex, batch_size=12, record=record)
+    assert np.allclose(drops, expected, atol=1e-4)
+    assert (record.start, record.used, record.halvings) == (12, 3, [12, 6])
+    # the unoccluded pass, two refused batches, then 64 cells in batches of three
+    assert sizes == [1, 12, 6] + [3] * 21 + [1]

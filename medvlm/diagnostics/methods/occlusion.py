@@ -13,7 +13,12 @@ Positive cells support the answer. It needs no attention weights and no gradient
 faithful by construction (it measures the model's output, not an internal proxy), which makes it
 the reference the other maps are compared with. Its price is one forward pass per cell:
 ``batch_size`` cells share one batched forward, and logits are computed at the answer positions
-only (``logits_to_keep``), not over the whole sequence and vocabulary. On grids wider than
+only (``logits_to_keep``), not over the whole sequence and vocabulary. The batch is sized to
+memory (:func:`occlusion_batch`): one occluded copy holds a whole forward pass, which at a real
+checkpoint's shape is a vision tower over all its patches (MedGemma's eager SigLIP keeps a
+4,096 x 4,096 score matrix per head, about 2 GB a copy), so a fixed batch that is free on the
+demo's 16 tokens would ask for tens of GB there. An out-of-memory error the allocator raises
+halves the batch and redoes the failed chunk (:func:`medvlm.eval.batching.run_batches`). On grids wider than
 ``max_side`` (a real checkpoint's 16x16 to 32x32) blocks of cells are hidden together, so at
 most ``max_side**2`` forwards run; every cell of a block gets the block's drop.
 """
@@ -27,10 +32,31 @@ import torch
 
 from medvlm.diagnostics.capture import Example, check_length
 from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.eval.batching import BatchRecord, run_batches
 from medvlm.models.base import ModelFamily
+from medvlm.utils.memory import memory_budget
 
-#: occluded copies per forward pass
-BATCH = 16
+#: most occluded copies per forward pass: beyond it a GPU gains little and a CPU nothing
+MAX_BATCH = 16
+
+
+def _block(grid: tuple[int, int], max_side: int | None) -> int:
+    """Cells a side hidden together: 1, or ``ceil(side / max_side)`` on grids wider than ``max_side``."""
+    return 1 if max_side is None else max(1, -(-max(grid) // max_side))
+
+
+def n_forwards(grid: tuple[int, int], max_side: int | None = 8) -> int:
+    """Occluded forward passes a map of ``grid`` takes (one per block of cells)."""
+    block = _block(grid, max_side)
+    return -(-grid[0] // block) * -(-grid[1] // block)
+
+
+def occlusion_batch(shape: Shape, budget_bytes: int, max_side: int | None = 8) -> int:
+    """Occluded copies per forward pass that fit ``budget_bytes``: each copy holds one forward pass
+    of the example (:meth:`Shape.forward_bytes`, linear in the batch); at most :data:`MAX_BATCH`
+    and the number of forwards, at least one."""
+    per_copy = shape.forward_bytes(batch=1)
+    return int(max(1, min(MAX_BATCH, n_forwards(shape.grid, max_side), budget_bytes // max(1.0, per_copy))))
 
 
 def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Sequence[int]) -> torch.Tensor:
@@ -43,15 +69,18 @@ def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Seque
 @torch.no_grad()
 def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
               target_ids: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-              batch_size: int = BATCH, max_side: int | None = 8) -> np.ndarray:
+              batch_size: int | None = None, max_side: int | None = 8, budget_bytes: int | None = None,
+              record: BatchRecord | None = None) -> np.ndarray:
     """Occlusion map (rows, cols) of ``example`` (see the module docstring).
 
     ``target_ids`` / ``positions`` default to the example's answer tokens and the positions that
     predict them, else the model's predicted token at the last position. ``batch_size`` occluded
-    images go through the model at a time (1 = one forward per cell). ``max_side``: hide blocks of
-    ``ceil(side / max_side)`` cells on larger grids (None: always one cell).
+    images go through the model at a time (1 = one forward per cell; None: as many as fit
+    ``budget_bytes``, by default half the free memory, see :func:`occlusion_batch`). ``max_side``:
+    hide blocks of ``ceil(side / max_side)`` cells on larger grids (None: always one cell).
+    ``record`` (if given) is filled with the batch asked for, the one that finished and any halving.
     """
-    if batch_size < 1 or (max_side is not None and max_side < 1):
+    if (batch_size is not None and batch_size < 1) or (max_side is not None and max_side < 1):
         raise ValueError(f"batch_size={batch_size}, max_side={max_side}; expected at least 1")
     inputs = example.inputs
     if "pixel_values" not in inputs:
@@ -64,7 +93,14 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     seq_len = int(inputs["input_ids"].shape[-1])
     keep = torch.tensor([p % seq_len for p in positions], dtype=torch.long)  # logits only where scored
     rows_at = list(range(len(positions)))  # the kept logits' rows, in the order of ``positions``
-    block = 1 if max_side is None else max(1, -(-max(rows, cols) // max_side))
+    block = _block((rows, cols), max_side)
+    record = record if record is not None else BatchRecord(requested="auto" if batch_size is None else batch_size)
+    if batch_size is None:
+        budget = memory_budget(next(model.parameters()).device) if budget_bytes is None else int(budget_bytes)
+        shape = Shape.of(model, family, example)
+        batch_size = occlusion_batch(shape, budget, max_side)
+        record.estimate = {"budget_mb": round(budget / 2**20, 1),
+                           "copy_mb": round(shape.forward_bytes(batch=1) / 2**20, 1)}
     was_training = model.training
     model.eval()
     try:
@@ -74,13 +110,18 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
         base = float(_answer_score(base_logits, rows_at, target_ids)[0])
         blocks = [(r, c) for r in range(0, rows, block) for c in range(0, cols, block)]
         drops = np.zeros((rows, cols))
-        for start in range(0, len(blocks), batch_size):
-            chunk = blocks[start:start + batch_size]
+
+        def run_chunk(lo: int, hi: int) -> int:
+            chunk = blocks[lo:hi]
             batch = family.occluded_batch(inputs, span, chunk, block)
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
             scores = base - _answer_score(logits, rows_at, target_ids).double().cpu().numpy()
             for (r, c), drop in zip(chunk, scores, strict=True):
                 drops[r:r + block, c:c + block] = drop
+            return hi - lo
+
+        run_batches(len(blocks), min(batch_size, len(blocks)), run_chunk, record, what="occlusion",
+                    unit="occluded copies")
     finally:
         model.train(was_training)
     return drops
@@ -93,15 +134,17 @@ class Occlusion(Method):
     order = 60
 
     def cost(self, shape: Shape, max_side: int = 8) -> float:
-        block = max(1, -(-max(shape.grid) // max_side))
-        n_blocks = -(-shape.grid[0] // block) * -(-shape.grid[1] // block)
-        return (n_blocks + 1) * shape.forward_flops()
+        return (n_forwards(shape.grid, max_side) + 1) * shape.forward_flops()
 
-    def memory(self, shape: Shape) -> float:
-        """One batch of :data:`BATCH` occluded copies through the model, logits at the scored
-        position (the probe explains the predicted token); the copies' pixels (a few MB) are
-        within the forward pass's upper estimate."""
-        return shape.forward_bytes(batch=BATCH)
+    def memory(self, shape: Shape, budget_bytes: int | None = None) -> float:
+        """One batch of occluded copies through the model, sized to ``budget_bytes`` (default: what
+        :func:`occlusion` plans with, half the free memory) by :func:`occlusion_batch`, logits at
+        the scored position (the probe explains the predicted token); the copies' pixels (a few MB)
+        are within the forward pass's upper estimate."""
+        budget = memory_budget(torch.device("cpu")) if budget_bytes is None else budget_bytes
+        return shape.forward_bytes(batch=occlusion_batch(shape, budget))
 
     def run(self, ctx: Context) -> MethodResult:
-        return MethodResult(occlusion(ctx.model, ctx.family, ctx.example))
+        record = BatchRecord(requested="auto")
+        drops = occlusion(ctx.model, ctx.family, ctx.example, record=record)
+        return MethodResult(drops, row={"occlusion_batch": record.used, "occlusion_oom_halvings": list(record.halvings)})
