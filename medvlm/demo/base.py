@@ -46,7 +46,8 @@ class TinyConfig:
     text_layers: int = 3
     text_heads: int = 4
     vocab_size: int = 800
-    vision_pretrain_steps: int = 3000
+    #: None: the family's ``tiny_vision_pretrain_steps``
+    vision_pretrain_steps: int | None = None
     vision_pretrain_lr: float = 1e-3
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 32
@@ -60,6 +61,8 @@ class TinyConfig:
     def __post_init__(self):
         if self.vision_frozen_share is None:
             self.vision_frozen_share = get_family(self.family).tiny_vision_frozen_share
+        if self.vision_pretrain_steps is None:
+            self.vision_pretrain_steps = get_family(self.family).tiny_vision_pretrain_steps
         if not 0.0 <= self.vision_frozen_share <= 1.0:
             raise ValueError(f"TinyConfig.vision_frozen_share must be in [0, 1], got {self.vision_frozen_share}")
 

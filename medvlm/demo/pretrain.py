@@ -7,7 +7,9 @@ that :mod:`medvlm.models.tiny` builds.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,8 @@ from medvlm.utils.images import read_mask
 
 if TYPE_CHECKING:
     from medvlm.demo.base import TinyConfig
+
+logger = logging.getLogger(__name__)
 
 
 #: Image-level labels of the vision-tower pre-training: (meta key, classes). "none" = no lesion.
@@ -83,7 +87,8 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
     ce = torch.nn.functional.cross_entropy
     model.train()
     losses = []
-    for _ in range(cfg.vision_pretrain_steps):
+    start = time.perf_counter()
+    for step in range(cfg.vision_pretrain_steps):
         idx = torch.randint(len(examples), (cfg.pretrain_batch_size,), generator=gen)
         feats, grid = family.image_features(model, processor, [examples.image(int(i)) for i in idx])  # [B, T, D]
         if coverage is None:
@@ -102,6 +107,10 @@ def pretrain_vision(model, processor, cfg: TinyConfig) -> dict:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if (step + 1) % 250 == 0 or step + 1 == cfg.vision_pretrain_steps:
+            logger.info("vision pre-training: step %d / %d, loss %.3f (mean of the last 20), %.0f s",
+                        step + 1, cfg.vision_pretrain_steps, sum(losses[-20:]) / len(losses[-20:]),
+                        time.perf_counter() - start)
     return {"vision_loss_first": losses[0], "vision_loss_last": sum(losses[-20:]) / len(losses[-20:]),
             "vision_steps": len(losses)}
 

@@ -143,6 +143,10 @@ class ModelFamily:
     #: rate 0) while the randomly initialised language model learns to read them. 0: trained from
     #: the first step; 1: held for the whole language pre-training.
     tiny_vision_frozen_share: float = 0.0
+    #: Steps of the tiny demo base's supervised vision-tower pre-training
+    #: (:func:`medvlm.demo.pretrain.pretrain_vision`, batch 32). Families whose tower is dearer per
+    #: step take fewer: the demo is timed end to end on a 2-core CPU.
+    tiny_vision_pretrain_steps: int = 3000
 
     #: checkpoint name → the public ``config.json`` values :meth:`real_shape_model` builds from
     #: (widths, heads, vocabulary, image size, projector reading); empty: the family has no

@@ -56,3 +56,13 @@ def test_vision_factor_is_zero_for_the_frozen_share_then_follows_the_cosine():
     assert TinyConfig(family="llava", vision_frozen_share=0.5).key() != TinyConfig(family="llava").key()
     with pytest.raises(ValueError, match="vision_frozen_share must be in \\[0, 1\\], got 1.5"):
         TinyConfig(family="llava", vision_frozen_share=1.5)
+
+
+def test_vision_pretraining_steps_come_from_the_family_unless_set():
+    """A family whose tower is dearer per step takes fewer steps (the demo is timed end to end); the
+    others keep 3,000, and their cached bases keep their key (the resolved value is what is hashed)."""
+    for name in ("llava", "paligemma", "medgemma", "qwen2_5_vl"):
+        assert TinyConfig(family=name).vision_pretrain_steps == get_family(name).tiny_vision_pretrain_steps
+    assert TinyConfig(family="llava").key() == TinyConfig(family="llava", vision_pretrain_steps=3000).key()
+    assert TinyConfig(family="medgemma").vision_pretrain_steps == 1500
+    assert TinyConfig(family="medgemma", vision_pretrain_steps=10).vision_pretrain_steps == 10
