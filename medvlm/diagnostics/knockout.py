@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Example, check_length
+from medvlm.eval.batching import BatchRecord, run_batches
 from medvlm.models.base import ModelFamily, text_config
 
 #: The paper's window (Geva et al. 2023, section 4: k = 9 layers).
@@ -304,12 +305,24 @@ def base_prediction(model: torch.nn.Module, family: ModelFamily, example: Exampl
     return Base(position, int(token), float(torch.softmax(logits, -1)[token]))
 
 
-def _batched(model, family, example: Example, base: Base, rows: Sequence[Knockout], batch_size: int) -> np.ndarray:
+def _batched(model, family, example: Example, base: Base, rows: Sequence[Knockout], batch_size: int,
+             record: BatchRecord | None = None) -> np.ndarray:
+    """p of the explained token under each knockout of ``rows``, ``batch_size`` copies of the example
+    per forward pass; an out-of-memory error the allocator raises halves the batch and redoes the
+    failed chunk (:func:`medvlm.eval.batching.run_batches`, which ``record`` tells of)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected at least 1")
-    out = [answer_probs(model, family, example.inputs, base.position, base.token, rows[i:i + batch_size])
-           for i in range(0, len(rows), batch_size)]
-    return np.concatenate(out) if out else np.zeros(0)
+    out = np.zeros(len(rows))
+
+    def run_chunk(lo: int, hi: int) -> int:
+        out[lo:hi] = answer_probs(model, family, example.inputs, base.position, base.token, rows[lo:hi])
+        return hi - lo
+
+    if rows:
+        run_batches(len(rows), min(batch_size, len(rows)), run_chunk,
+                    record if record is not None else BatchRecord(requested=batch_size),
+                    what="attention knockout", unit="knocked-out copies")
+    return out
 
 
 @contextlib.contextmanager
@@ -367,12 +380,13 @@ def map_blocks(grid: tuple[int, int], max_side: int | None) -> tuple[int, list[t
 
 
 def knockout_map(model: torch.nn.Module, family: ModelFamily, example: Example, *, layers: Sequence[int] | None = None,
-                 max_side: int | None = 8, batch_size: int = 16) -> np.ndarray:
+                 max_side: int | None = 8, batch_size: int = 16, record: BatchRecord | None = None) -> np.ndarray:
     """The relative drop of p(answer), in percent, when the last position may not read one image
     cell (or one block of cells) in ``layers`` (default every decoder layer): a map (rows, cols)
     whose cell (r, c) is -delta% of the knockout of that cell's tokens -> last position. Positive
     cells are read by the last position and support the answer; every cell of a block gets the
-    block's value."""
+    block's value. ``batch_size`` copies of the example go through one forward pass (each runs the
+    vision tower again: the registered method sizes it to memory); ``record`` tells of any halving."""
     span = example.span or family.image_spans(model, example.inputs)[0]
     chosen = frozenset(_check_layers(layers, len(family.decoder_layers(model))))
     block, tops = map_blocks(span.grid, max_side)
@@ -385,7 +399,7 @@ def knockout_map(model: torch.nn.Module, family: ModelFamily, example: Example, 
                                   chosen))
     with eval_mode(model):
         base = base_prediction(model, family, example)
-        drops = -relative_change(_batched(model, family, example, base, knockouts, batch_size), base.p)
+        drops = -relative_change(_batched(model, family, example, base, knockouts, batch_size, record), base.p)
     out = np.zeros(span.grid)
     for (r, c), drop in zip(tops, drops, strict=True):
         out[r:r + block, c:c + block] = drop

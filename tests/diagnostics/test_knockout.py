@@ -37,6 +37,8 @@ from medvlm.diagnostics.knockout_validation import (
     mirrored_cells,
     paired_test,
 )
+from medvlm.diagnostics.methods import Context, Shape, get_method
+from medvlm.eval.batching import BatchRecord
 from medvlm.models.families import FAMILIES as REGISTERED
 from medvlm.utils.render import render_markdown
 
@@ -237,6 +239,40 @@ def test_each_block_of_the_map_is_the_drop_of_knocking_out_that_block_alone(tiny
         drop = -knockout_delta(model, family, ex, edges, base=base)
         assert grid_map[r:r + 2, c:c + 2] == pytest.approx(np.full((2, 2), drop), abs=1e-4)
     assert len(np.unique(grid_map.round(8))) > 1
+
+
+def test_the_map_is_batched_to_memory_and_a_refused_allocation_halves_the_batch(tiny, monkeypatch):
+    """Each knocked-out copy runs a whole forward pass (the vision tower again): the registered method
+    takes as many as fit its budget, declares that batch as its memory, and a batch the allocator
+    refuses is redone at half the size, giving the same map."""
+    _, models, processor, family, ex = tiny
+    model = models["eager"]
+    method = get_method("knockout")
+    shape = Shape.of(model, family, ex)
+    copy = shape.forward_bytes(batch=1)
+    expected = knockout_map(model, family, ex, batch_size=1)
+    small = method.run(Context(model, processor, family, ex), budget_bytes=int(2.5 * copy))
+    assert small.row == {"knockout_batch": 2, "knockout_oom_halvings": []}
+    np.testing.assert_allclose(small.map, expected, atol=1e-4)
+    assert method.memory(shape, budget_bytes=int(2.5 * copy)) == pytest.approx(2 * copy)
+    assert method.run(Context(model, processor, family, ex)).row["knockout_batch"] == 16  # the demo's tiny copies
+
+    original = type(model).forward
+    sizes: list[int] = []
+
+    def needs_memory_per_copy(self, *args, **kwargs):
+        rows = int(kwargs["input_ids"].shape[0])
+        sizes.append(rows)
+        if rows > 5:  # a request no machine grants: torch's CPU allocator raises, as on a real OOM
+            torch.empty(rows << 44, dtype=torch.uint8)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", needs_memory_per_copy)
+    record = BatchRecord(requested=16)
+    halved = knockout_map(model, family, ex, batch_size=16, record=record)
+    np.testing.assert_allclose(halved, expected, atol=1e-4)
+    assert (record.start, record.used, record.halvings) == (16, 4, [16, 8])
+    assert sizes == [1, 16, 8] + [4] * 16  # the unblocked pass, two refused batches, 64 cells by four
 
 
 # -- the validation ---------------------------------------------------------------------------------

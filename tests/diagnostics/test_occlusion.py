@@ -9,7 +9,8 @@ from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
 from medvlm.diagnostics.methods import Context, Shape, get_method
-from medvlm.diagnostics.methods.occlusion import MAX_BATCH, n_forwards, occlusion, occlusion_batch
+from medvlm.diagnostics.methods.base import MAX_COPIES, copies_per_forward
+from medvlm.diagnostics.methods.occlusion import n_forwards, occlusion
 from medvlm.eval.batching import BatchRecord
 
 
@@ -107,16 +108,18 @@ def test_a_lesion_drawn_in_one_cell_lands_on_that_cell_of_the_map(tiny):
 
 def test_the_batch_is_what_fits_the_memory_budget(tiny):
     """Each occluded copy holds one forward pass of the example: the batch is the budget over one
-    copy's bytes, at least one, at most MAX_BATCH and the number of forwards; the map is the same."""
+    copy's bytes, at least one, at most MAX_COPIES and the number of forwards; the map is the same."""
     model, processor, family = tiny
     ex = prepare_example(model, processor, family, _image(3), "where is the lesion?", "left lung")
     shape = Shape.of(model, family, ex)
     copy = shape.forward_bytes(batch=1)
     assert shape.forward_bytes(batch=5) == pytest.approx(5 * copy)  # linear in the batch
-    assert occlusion_batch(shape, int(3.5 * copy)) == 3
-    assert occlusion_batch(shape, int(0.5 * copy)) == 1  # nothing fits: one copy at a time
-    assert occlusion_batch(shape, 10**15) == min(MAX_BATCH, n_forwards(shape.grid)) == MAX_BATCH
-    assert occlusion_batch(shape, 10**15, max_side=2) == n_forwards(shape.grid, max_side=2) == 4
+    n = n_forwards(shape.grid)
+    assert n == 64 and n_forwards(shape.grid, max_side=2) == 4
+    assert copies_per_forward(shape, int(3.5 * copy), n) == 3
+    assert copies_per_forward(shape, int(0.5 * copy), n) == 1  # nothing fits: one copy at a time
+    assert copies_per_forward(shape, 10**15, n) == MAX_COPIES
+    assert copies_per_forward(shape, 10**15, 4) == 4  # never more copies than forwards
     record = BatchRecord(requested="auto")
     sized = occlusion(model, family, ex, budget_bytes=int(3.5 * copy), record=record)
     assert (record.start, record.used, record.halvings) == (3, 3, [])
@@ -126,7 +129,7 @@ def test_the_batch_is_what_fits_the_memory_budget(tiny):
     method = get_method("occlusion")
     assert method.memory(shape, budget_bytes=int(3.5 * copy)) == pytest.approx(3 * copy)
     result = method.run(Context(model, processor, family, ex))
-    assert result.row["occlusion_batch"] == occlusion_batch(shape, 10**15) and result.row["occlusion_oom_halvings"] == []
+    assert result.row["occlusion_batch"] == MAX_COPIES and result.row["occlusion_oom_halvings"] == []
 
 
 def test_a_refused_allocation_halves_the_batch_and_the_map_stays_the_same(tiny, monkeypatch):

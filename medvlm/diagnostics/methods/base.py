@@ -29,6 +29,7 @@ import torch
 
 from medvlm.diagnostics.capture import Cache, Example, capture
 from medvlm.models.base import ModelFamily
+from medvlm.utils.memory import memory_budget
 
 #: float32 logits one unembedding chunk may hold ([rows, vocab]): 64 MiB is 63 rows of Gemma 3's
 #: 262,208-token vocabulary (65 of PaliGemma's 257,216), 523 of LLaVA-1.5's 32,064
@@ -125,6 +126,27 @@ class Shape:
         kept = factor * (self.n_layers * self.decoder_layer_bytes(batch)
                          + self.vision_layers * self.vision_layer_bytes(batch))
         return kept + self.forward_bytes(batch) + float(4 * batch * 3 * logits_at * self.vocab)
+
+
+#: most copies of one example a batched method (occlusion, attention knockout) puts through one
+#: forward pass: beyond it a GPU gains little and a CPU nothing
+MAX_COPIES = 16
+
+
+def copies_per_forward(shape: Shape, budget_bytes: int, n: int) -> int:
+    """Copies of an example of ``shape`` per forward pass that fit ``budget_bytes``, for ``n`` copies
+    in all: each copy holds one forward pass (:meth:`Shape.forward_bytes`, linear in the batch), and
+    at real shapes that is mostly the vision tower over all its patches (MedGemma's eager SigLIP keeps
+    a 4,096 x 4,096 score matrix per head, about 2.6 GB a copy), so a fixed batch that costs nothing
+    on the demo's 16 tokens asks for tens of GB there. At most :data:`MAX_COPIES` and ``n``, at least one."""
+    per_copy = shape.forward_bytes(batch=1)
+    return int(max(1, min(MAX_COPIES, n, budget_bytes // max(1.0, per_copy))))
+
+
+def plan_budget(model: torch.nn.Module, budget_bytes: int | None = None) -> int:
+    """``budget_bytes``, or what a batch sized to memory plans with on the model's device (half the
+    free memory, :func:`medvlm.utils.memory.memory_budget`)."""
+    return memory_budget(next(model.parameters()).device) if budget_bytes is None else int(budget_bytes)
 
 
 @dataclass

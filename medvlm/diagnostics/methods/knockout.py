@@ -9,13 +9,27 @@ the relative drop of the explained token's probability in percent, ``(p - p_knoc
 Positive cells are read directly by the position that answers and support the answer. Unlike
 occlusion the image itself is untouched: the other tokens still see the cell, so a cell whose
 evidence reaches the answer through other positions scores near 0. One batched forward per
-``batch_size`` cells; eager or sdpa attention, on top of each family's own mask.
+``batch_size`` cells, as many as fit half the free memory (each copy of the example holds a whole
+forward pass, vision tower included: :func:`~medvlm.diagnostics.methods.base.copies_per_forward`);
+eager or sdpa attention, on top of each family's own mask.
 """
 
 from __future__ import annotations
 
+import torch
+
 from medvlm.diagnostics.knockout import knockout_map, map_blocks
-from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.diagnostics.methods.base import (
+    Context,
+    Method,
+    MethodResult,
+    Shape,
+    copies_per_forward,
+    plan_budget,
+    register,
+)
+from medvlm.eval.batching import BatchRecord
+from medvlm.utils.memory import memory_budget
 
 
 @register
@@ -28,5 +42,17 @@ class AttentionKnockout(Method):
         _, tops = map_blocks(shape.grid, max_side)
         return (len(tops) + 1) * shape.forward_flops()
 
-    def run(self, ctx: Context) -> MethodResult:
-        return MethodResult(knockout_map(ctx.model, ctx.family, ctx.example))
+    def _batch(self, shape: Shape, budget_bytes: int) -> int:
+        return copies_per_forward(shape, budget_bytes, len(map_blocks(shape.grid, 8)[1]))
+
+    def memory(self, shape: Shape, budget_bytes: int | None = None) -> float:
+        """One batch of knocked-out copies of the example through the model (each with its own
+        edited attention mask, within the forward pass's S² term), sized as :meth:`run` sizes it."""
+        budget = memory_budget(torch.device("cpu")) if budget_bytes is None else budget_bytes
+        return shape.forward_bytes(batch=self._batch(shape, budget))
+
+    def run(self, ctx: Context, budget_bytes: int | None = None) -> MethodResult:
+        batch = self._batch(Shape.of(ctx.model, ctx.family, ctx.example), plan_budget(ctx.model, budget_bytes))
+        record = BatchRecord(requested=batch)
+        drops = knockout_map(ctx.model, ctx.family, ctx.example, batch_size=batch, record=record)
+        return MethodResult(drops, row={"knockout_batch": record.used, "knockout_oom_halvings": list(record.halvings)})

@@ -14,11 +14,9 @@ faithful by construction (it measures the model's output, not an internal proxy)
 the reference the other maps are compared with. Its price is one forward pass per cell:
 ``batch_size`` cells share one batched forward, and logits are computed at the answer positions
 only (``logits_to_keep``), not over the whole sequence and vocabulary. The batch is sized to
-memory (:func:`occlusion_batch`): one occluded copy holds a whole forward pass, which at a real
-checkpoint's shape is a vision tower over all its patches (MedGemma's eager SigLIP keeps a
-4,096 x 4,096 score matrix per head, about 2 GB a copy), so a fixed batch that is free on the
-demo's 16 tokens would ask for tens of GB there. An out-of-memory error the allocator raises
-halves the batch and redoes the failed chunk (:func:`medvlm.eval.batching.run_batches`). On grids wider than
+memory (:func:`~medvlm.diagnostics.methods.base.copies_per_forward`: one occluded copy holds a
+whole forward pass); an out-of-memory error the allocator raises halves the batch and redoes the
+failed chunk (:func:`medvlm.eval.batching.run_batches`). On grids wider than
 ``max_side`` (a real checkpoint's 16x16 to 32x32) blocks of cells are hidden together, so at
 most ``max_side**2`` forwards run; every cell of a block gets the block's drop.
 """
@@ -31,13 +29,18 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Example, check_length
-from medvlm.diagnostics.methods.base import Context, Method, MethodResult, Shape, register
+from medvlm.diagnostics.methods.base import (
+    Context,
+    Method,
+    MethodResult,
+    Shape,
+    copies_per_forward,
+    plan_budget,
+    register,
+)
 from medvlm.eval.batching import BatchRecord, run_batches
 from medvlm.models.base import ModelFamily
 from medvlm.utils.memory import memory_budget
-
-#: most occluded copies per forward pass: beyond it a GPU gains little and a CPU nothing
-MAX_BATCH = 16
 
 
 def _block(grid: tuple[int, int], max_side: int | None) -> int:
@@ -49,14 +52,6 @@ def n_forwards(grid: tuple[int, int], max_side: int | None = 8) -> int:
     """Occluded forward passes a map of ``grid`` takes (one per block of cells)."""
     block = _block(grid, max_side)
     return -(-grid[0] // block) * -(-grid[1] // block)
-
-
-def occlusion_batch(shape: Shape, budget_bytes: int, max_side: int | None = 8) -> int:
-    """Occluded copies per forward pass that fit ``budget_bytes``: each copy holds one forward pass
-    of the example (:meth:`Shape.forward_bytes`, linear in the batch); at most :data:`MAX_BATCH`
-    and the number of forwards, at least one."""
-    per_copy = shape.forward_bytes(batch=1)
-    return int(max(1, min(MAX_BATCH, n_forwards(shape.grid, max_side), budget_bytes // max(1.0, per_copy))))
 
 
 def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Sequence[int]) -> torch.Tensor:
@@ -76,7 +71,8 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     ``target_ids`` / ``positions`` default to the example's answer tokens and the positions that
     predict them, else the model's predicted token at the last position. ``batch_size`` occluded
     images go through the model at a time (1 = one forward per cell; None: as many as fit
-    ``budget_bytes``, by default half the free memory, see :func:`occlusion_batch`). ``max_side``:
+    ``budget_bytes``, by default half the free memory, see
+    :func:`~medvlm.diagnostics.methods.base.copies_per_forward`). ``max_side``:
     hide blocks of ``ceil(side / max_side)`` cells on larger grids (None: always one cell).
     ``record`` (if given) is filled with the batch asked for, the one that finished and any halving.
     """
@@ -96,9 +92,9 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     block = _block((rows, cols), max_side)
     record = record if record is not None else BatchRecord(requested="auto" if batch_size is None else batch_size)
     if batch_size is None:
-        budget = memory_budget(next(model.parameters()).device) if budget_bytes is None else int(budget_bytes)
+        budget = plan_budget(model, budget_bytes)
         shape = Shape.of(model, family, example)
-        batch_size = occlusion_batch(shape, budget, max_side)
+        batch_size = copies_per_forward(shape, budget, n_forwards(shape.grid, max_side))
         record.estimate = {"budget_mb": round(budget / 2**20, 1),
                            "copy_mb": round(shape.forward_bytes(batch=1) / 2**20, 1)}
     was_training = model.training
@@ -138,11 +134,12 @@ class Occlusion(Method):
 
     def memory(self, shape: Shape, budget_bytes: int | None = None) -> float:
         """One batch of occluded copies through the model, sized to ``budget_bytes`` (default: what
-        :func:`occlusion` plans with, half the free memory) by :func:`occlusion_batch`, logits at
-        the scored position (the probe explains the predicted token); the copies' pixels (a few MB)
-        are within the forward pass's upper estimate."""
+        :func:`occlusion` plans with on a CPU, half the free memory) by
+        :func:`~medvlm.diagnostics.methods.base.copies_per_forward`, logits at the scored position
+        (the probe explains the predicted token); the copies' pixels (a few MB) are within the
+        forward pass's upper estimate."""
         budget = memory_budget(torch.device("cpu")) if budget_bytes is None else budget_bytes
-        return shape.forward_bytes(batch=occlusion_batch(shape, budget))
+        return shape.forward_bytes(batch=copies_per_forward(shape, budget, n_forwards(shape.grid)))
 
     def run(self, ctx: Context) -> MethodResult:
         record = BatchRecord(requested="auto")
