@@ -371,7 +371,7 @@ def layer_sweep(model: torch.nn.Module, family: ModelFamily, example: Example, *
 
 def map_blocks(grid: tuple[int, int], max_side: int | None) -> tuple[int, list[tuple[int, int]]]:
     """(block side, top-left cells): one cell at a time, or blocks of ``ceil(side / max_side)`` cells
-    on grids wider than ``max_side``, as occlusion does."""
+    on grids wider than ``max_side`` (occlusion's blocks too)."""
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side={max_side}; expected at least 1 (or None: one cell at a time)")
     rows, cols = grid

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from medvlm.diagnostics.capture import Example, check_length
+from medvlm.diagnostics.knockout import map_blocks
 from medvlm.diagnostics.methods.base import (
     Context,
     Method,
@@ -43,15 +44,9 @@ from medvlm.models.base import ModelFamily
 from medvlm.utils.memory import memory_budget
 
 
-def _block(grid: tuple[int, int], max_side: int | None) -> int:
-    """Cells a side hidden together: 1, or ``ceil(side / max_side)`` on grids wider than ``max_side``."""
-    return 1 if max_side is None else max(1, -(-max(grid) // max_side))
-
-
 def n_forwards(grid: tuple[int, int], max_side: int | None = 8) -> int:
     """Occluded forward passes a map of ``grid`` takes (one per block of cells)."""
-    block = _block(grid, max_side)
-    return -(-grid[0] // block) * -(-grid[1] // block)
+    return len(map_blocks(grid, max_side)[1])
 
 
 def _answer_score(logits: torch.Tensor, positions: Sequence[int], targets: Sequence[int]) -> torch.Tensor:
@@ -89,7 +84,7 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
     seq_len = int(inputs["input_ids"].shape[-1])
     keep = torch.tensor([p % seq_len for p in positions], dtype=torch.long)  # logits only where scored
     rows_at = list(range(len(positions)))  # the kept logits' rows, in the order of ``positions``
-    block = _block((rows, cols), max_side)
+    block, blocks = map_blocks((rows, cols), max_side)
     record = record if record is not None else BatchRecord(requested="auto" if batch_size is None else batch_size)
     if batch_size is None:
         budget = plan_budget(model, budget_bytes)
@@ -104,7 +99,6 @@ def occlusion(model: torch.nn.Module, family: ModelFamily, example: Example, *,
         if target_ids is None:
             target_ids = example.target_ids or base_logits[0, rows_at].argmax(-1).tolist()
         base = float(_answer_score(base_logits, rows_at, target_ids)[0])
-        blocks = [(r, c) for r in range(0, rows, block) for c in range(0, cols, block)]
         drops = np.zeros((rows, cols))
 
         def run_chunk(lo: int, hi: int) -> int:
