@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from refused_allocation import refuse_batches_above
 from tiny_models import eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
@@ -257,17 +258,7 @@ def test_the_map_is_batched_to_memory_and_a_refused_allocation_halves_the_batch(
     assert method.memory(shape, budget_bytes=int(2.5 * copy)) == pytest.approx(2 * copy)
     assert method.run(Context(model, processor, family, ex)).row["knockout_batch"] == 16  # the demo's tiny copies
 
-    original = type(model).forward
-    sizes: list[int] = []
-
-    def needs_memory_per_copy(self, *args, **kwargs):
-        rows = int(kwargs["input_ids"].shape[0])
-        sizes.append(rows)
-        if rows > 5:  # a request no machine grants: torch's CPU allocator raises, as on a real OOM
-            torch.empty(rows << 44, dtype=torch.uint8)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", needs_memory_per_copy)
+    sizes = refuse_batches_above(monkeypatch, type(model), "forward", 5)
     record = BatchRecord(requested=16)
     halved = knockout_map(model, family, ex, batch_size=16, record=record)
     np.testing.assert_allclose(halved, expected, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from refused_allocation import refuse_batches_above
 from tiny_models import FAMILIES, eager_tiny
 
 from medvlm.diagnostics.capture import prepare_example
@@ -136,17 +137,7 @@ def test_a_refused_allocation_halves_the_batch_and_the_map_stays_the_same(tiny, 
     model, processor, family = tiny
     ex = prepare_example(model, processor, family, _image(4), "where is the lesion?", "left lung")
     expected = occlusion(model, family, ex, batch_size=1)
-    original = type(model).forward
-    sizes: list[int] = []
-
-    def needs_memory_per_copy(self, *args, **kwargs):
-        rows = int(kwargs["input_ids"].shape[0])
-        sizes.append(rows)
-        if rows > 5:  # a request no machine grants: torch's CPU allocator raises, as on a real OOM
-            torch.empty(rows << 44, dtype=torch.uint8)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", needs_memory_per_copy)
+    sizes = refuse_batches_above(monkeypatch, type(model), "forward", 5)
     record = BatchRecord(requested=12)
     drops = occlusion(model, family, ex, batch_size=12, record=record)
     assert np.allclose(drops, expected, atol=1e-4)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from refused_allocation import refuse_batches_above
 
 from medvlm.eval.batching import BatchRecord, auto_batch_size, parse_batch_size, row_bytes
 from medvlm.eval.distributed import generation_summary, shard_bounds
@@ -58,17 +59,7 @@ def test_greedy_and_sampled_answers_do_not_depend_on_the_batch_or_the_shard(fami
 
 def test_a_refused_allocation_halves_the_batch_and_the_answers_stay_the_same(family_setup, monkeypatch):
     loaded, _, _, expected, _ = family_setup
-    original = type(loaded.model).generate
-    sizes: list[int] = []
-
-    def needs_memory_per_row(self, *args, **kwargs):
-        rows = int(kwargs["input_ids"].shape[0])
-        sizes.append(rows)
-        if rows > 2:  # a request no machine grants: torch's CPU allocator raises, as on a real OOM
-            torch.empty(rows << 44, dtype=torch.uint8)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(loaded.model), "generate", needs_memory_per_row)
+    sizes = refuse_batches_above(monkeypatch, type(loaded.model), "generate", 2)
     record = BatchRecord(requested=8)
     assert _gen(family_setup, batch_size=8, batch_record=record) == expected
     assert record.as_dict() == {"requested": 8, "start": N, "used": 1, "oom_halvings": [N, 3]}

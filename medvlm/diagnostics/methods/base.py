@@ -143,10 +143,12 @@ def copies_per_forward(shape: Shape, budget_bytes: int, n: int) -> int:
     return int(max(1, min(MAX_COPIES, n, budget_bytes // max(1.0, per_copy))))
 
 
-def plan_budget(model: torch.nn.Module, budget_bytes: int | None = None) -> int:
-    """``budget_bytes``, or what a batch sized to memory plans with on the model's device (half the
-    free memory, :func:`medvlm.utils.memory.memory_budget`)."""
-    return memory_budget(next(model.parameters()).device) if budget_bytes is None else int(budget_bytes)
+def plan_budget(model: torch.nn.Module | None, budget_bytes: int | None = None) -> int:
+    """``budget_bytes``, or what a batch sized to memory plans with on the model's device (None: a
+    CPU; half the free memory, :func:`medvlm.utils.memory.memory_budget`)."""
+    if budget_bytes is not None:
+        return int(budget_bytes)
+    return memory_budget(torch.device("cpu") if model is None else next(model.parameters()).device)
 
 
 @dataclass

@@ -16,8 +16,6 @@ eager or sdpa attention, on top of each family's own mask.
 
 from __future__ import annotations
 
-import torch
-
 from medvlm.diagnostics.knockout import knockout_map, map_blocks
 from medvlm.diagnostics.methods.base import (
     Context,
@@ -29,7 +27,6 @@ from medvlm.diagnostics.methods.base import (
     register,
 )
 from medvlm.eval.batching import BatchRecord
-from medvlm.utils.memory import memory_budget
 
 
 @register
@@ -48,7 +45,7 @@ class AttentionKnockout(Method):
     def memory(self, shape: Shape, budget_bytes: int | None = None) -> float:
         """One batch of knocked-out copies of the example through the model (each with its own
         edited attention mask, within the forward pass's S² term), sized as :meth:`run` sizes it."""
-        budget = memory_budget(torch.device("cpu")) if budget_bytes is None else budget_bytes
+        budget = plan_budget(None, budget_bytes)
         return shape.forward_bytes(batch=self._batch(shape, budget))
 
     def run(self, ctx: Context, budget_bytes: int | None = None) -> MethodResult:

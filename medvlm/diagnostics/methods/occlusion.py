@@ -41,7 +41,6 @@ from medvlm.diagnostics.methods.base import (
 )
 from medvlm.eval.batching import BatchRecord, run_batches
 from medvlm.models.base import ModelFamily
-from medvlm.utils.memory import memory_budget
 
 
 def n_forwards(grid: tuple[int, int], max_side: int | None = 8) -> int:
@@ -132,7 +131,7 @@ class Occlusion(Method):
         :func:`~medvlm.diagnostics.methods.base.copies_per_forward`, logits at the scored position
         (the probe explains the predicted token); the copies' pixels (a few MB) are within the
         forward pass's upper estimate."""
-        budget = memory_budget(torch.device("cpu")) if budget_bytes is None else budget_bytes
+        budget = plan_budget(None, budget_bytes)
         return shape.forward_bytes(batch=copies_per_forward(shape, budget, n_forwards(shape.grid)))
 
     def run(self, ctx: Context) -> MethodResult:
